@@ -1,0 +1,364 @@
+"""One typed, validated, immutable run configuration.
+
+YAML files and dotted command-line overrides (`optim.lr=0.05`) map onto frozen dataclasses; an
+unknown key anywhere is an error naming the key and the valid ones (InsightFace's EasyDict
+silently adds a misspelled key). `Config.save` writes the resolved config beside a run's outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key that breaks a rule; the message names the key and the fix."""
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_range(key: str, value: float, lo: Optional[float] = None, hi: Optional[float] = None,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
+          (hi is not None and (value >= hi if hi_open else value > hi))
+    if bad:
+        lb = "(" if lo_open else "["
+        hb = ")" if hi_open else "]"
+        raise ConfigError(f"{key} must be in {lb}{'-inf' if lo is None else lo}, "
+                          f"{'inf' if hi is None else hi}{hb}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data: an InsightFace/im2rec RecordIO prefix, a shard glob, or a folder."""
+
+    rec: str = "data/glyphs/longtail/train"   # prefix of train.rec/.idx, or a folder holding shards
+    loader: str = "torch"                      # torch | dali
+    batch_size: int = 128                      # per rank
+    num_workers: int = 2                       # torch loader workers / DALI CPU threads
+    image_size: int = 112                      # the network's input side (images are resized to it)
+    random_flip: bool = True
+    skip_bad_images: bool = False              # count and log undecodable images instead of failing
+    rebuild_index: bool = False                # rebuild a missing/stale .idx from the .rec
+
+    def __post_init__(self) -> None:
+        _check_choice("data.loader", self.loader, ("torch", "dali"))
+        _check_range("data.batch_size", self.batch_size, 1)
+        _check_range("data.num_workers", self.num_workers, 0)
+        _check_range("data.image_size", self.image_size, 8)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "iresnet18"                # a name in facetrain.models.registry
+    embedding_size: int = 512
+    dropout: float = 0.0
+    channels_last: bool = False
+    compile: bool = False                      # torch.compile the backbone
+
+    def __post_init__(self) -> None:
+        _check_range("model.embedding_size", self.embedding_size, 1)
+        _check_range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class MarginConfig:
+    """Target logit s*(cos(theta + m_arc) - m_cos); non-target s*cos(theta).
+
+    cosface: m_arc=0, arcface: m_cos=0, combined: both (InsightFace's m2/m3)."""
+
+    kind: str = "cosface"                      # cosface | arcface | combined
+    scale: float = 64.0
+    m_cos: float = 0.35
+    m_arc: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_choice("head.margin.kind", self.kind, ("cosface", "arcface", "combined"))
+        _check_range("head.margin.scale", self.scale, 0.0, lo_open=True)
+        _check_range("head.margin.m_cos", self.m_cos, 0.0, 1.0)
+        _check_range("head.margin.m_arc", self.m_arc, 0.0, 3.1416)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    sample_rate: float = 1.0                   # partial-FC class sampling; 1.0 = full softmax
+    margin: MarginConfig = field(default_factory=MarginConfig)
+
+    def __post_init__(self) -> None:
+        _check_range("head.sample_rate", self.sample_rate, 0.0, 1.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class LeapConfig:
+    """LEAP feature cloud; every field is pinned down in shared/design/leap.md."""
+
+    mode: str = "full"                         # off | vanilla | full
+    update_interval: int = 5                   # iterations between centre/memory updates
+    center_lr: float = 0.1                     # 0.9 = the paper's Eq. 4 read literally
+    memory_factor: float = 1.0                 # the paper's P: memory S_i = ceil(K_i * P)
+    head_threshold: int = 20                   # T: head classes have K_i > T (vanilla)
+    alpha_granularity: str = "logit"           # logit | sample
+    start_epoch: int = 0                       # feature cloud from this epoch on
+    control: str = "none"                      # none | null | uniform (experiment controls)
+
+    def __post_init__(self) -> None:
+        _check_choice("leap.mode", self.mode, ("off", "vanilla", "full"))
+        _check_choice("leap.alpha_granularity", self.alpha_granularity, ("logit", "sample"))
+        _check_choice("leap.control", self.control, ("none", "null", "uniform"))
+        _check_range("leap.update_interval", self.update_interval, 1)
+        _check_range("leap.center_lr", self.center_lr, 0.0, 1.0, lo_open=True)
+        _check_range("leap.memory_factor", self.memory_factor, 0.0, lo_open=True)
+        _check_range("leap.head_threshold", self.head_threshold, 0)
+        _check_range("leap.start_epoch", self.start_epoch, 0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"                          # sgd | adamw | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 5.0                     # max global grad norm; 0 disables
+    grad_accum: int = 1                        # micro-batches per optimizer step
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("sgd", "adamw", "adam"))
+        _check_range("optim.lr", self.lr, 0.0, lo_open=True)
+        _check_range("optim.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _check_range("optim.weight_decay", self.weight_decay, 0.0)
+        _check_range("optim.grad_clip", self.grad_clip, 0.0)
+        _check_range("optim.grad_accum", self.grad_accum, 1)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "poly"                         # poly | cyclic | step | constant
+    warmup_epochs: float = 0.0
+    power: float = 2.0                         # poly
+    min_lr: float = 0.0                        # cyclic lower bound / poly floor
+    cycle_epochs: float = 10.0                 # cyclic: length of one triangle (up + down)
+    milestones: Tuple[float, ...] = ()         # step: epochs where lr *= gamma
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_choice("schedule.name", self.name, ("poly", "cyclic", "step", "constant"))
+        _check_range("schedule.warmup_epochs", self.warmup_epochs, 0.0)
+        _check_range("schedule.cycle_epochs", self.cycle_epochs, 0.0, lo_open=True)
+        _check_range("schedule.gamma", self.gamma, 0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    max_steps: int = 0                         # stop after this many optimizer steps; 0 = no cap
+    precision: str = "fp32"                    # fp32 | bf16 | fp16
+    engine: str = "ddp"                        # ddp | deepspeed
+    zero_stage: int = 1                        # deepspeed only: 1 or 2
+    device: str = "auto"                       # auto | cpu | cuda
+    seed: int = 0
+    output_dir: str = "runs/default"
+    log_every: int = 20
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _check_range("train.epochs", self.epochs, 1)
+        _check_range("train.max_steps", self.max_steps, 0)
+        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check_choice("train.engine", self.engine, ("ddp", "deepspeed"))
+        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        if self.zero_stage not in (1, 2):
+            raise ConfigError(f"train.zero_stage must be 1 or 2; got {self.zero_stage!r}")
+        _check_range("train.log_every", self.log_every, 1)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500                     # 0 = only at epoch ends
+    keep_last: int = 3
+    resume: str = "auto"                       # auto (latest in output_dir) | none | a path
+
+    def __post_init__(self) -> None:
+        _check_range("checkpoint.every_steps", self.every_steps, 0)
+        _check_range("checkpoint.keep_last", self.keep_last, 1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    verification: Tuple[str, ...] = ()         # .bin packs checked during training
+    every_steps: int = 0                       # 0 = only at the end
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check_range("eval.every_steps", self.every_steps, 0)
+        _check_range("eval.batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    leap: LeapConfig = field(default_factory=LeapConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _to_plain(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (loadable with `load_config`)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Turn a YAML/CLI value into the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(key, args[0], value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else \
+                [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else str
+        return tuple(_coerce(key, item_tp, v) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer; got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number; got {value!r}") from None
+    if tp is str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare `off`/`on` as a boolean; `leap.mode: off` means the string.
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys under "
+                              f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, tp, value)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """`["optim.lr=0.05", "leap.mode=off"]` -> nested dict (values parsed as YAML scalars)."""
+    tree: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML file (or the defaults when path is None) and apply dotted overrides.
+
+    A YAML file may say `base: other.yaml` (relative to itself) to start from another file.
+    """
+    tree: Dict[str, Any] = {}
+    if path is not None:
+        tree = _load_yaml_tree(Path(path))
+    tree = _merge(tree, parse_overrides(overrides))
+    return config_from_dict(tree)
+
+
+def _load_yaml_tree(path: Path, depth: int = 0) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if depth > 8:
+        raise ConfigError(f"config file {path}: 'base:' chain is deeper than 8 files")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            tree = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = tree.pop("base", None)
+    if base is not None:
+        tree = _merge(_load_yaml_tree(path.parent / base, depth + 1), tree)
+    return tree
+
+
+def replace(cfg: Config, overrides: List[str]) -> Config:
+    """A new Config with dotted overrides applied (the original is never mutated)."""
+    return config_from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))

@@ -1,0 +1,141 @@
+"""Process-group setup, device choice and collectives that carry gradients.
+
+One `DistContext` object holds every distributed fact a component needs; it is built once by
+the launcher and passed down. Nothing here runs at import.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job.
+
+    `group` is the process group the classifier is sharded over and the backbone is
+    data-parallel over (None means a single process with no process group at all).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]
+    group: Optional[dist.ProcessGroup]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+
+def single_process(device: Optional[torch.device] = None) -> DistContext:
+    """A context for one process without any process group (tests, evaluation, tools)."""
+    return DistContext(0, 1, 0, device or torch.device("cpu"), None, None)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be an integer; got {raw!r}") from exc
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
+    """Set up the default process group from torchrun's environment.
+
+    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". The backend follows the
+    device: NCCL on CUDA, gloo on CPU. Without torchrun variables (WORLD_SIZE unset) this
+    returns a single-process context and creates no group.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was requested but torch.cuda.is_available() is False; "
+                           "use device=cpu or install a CUDA build of torch")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if "WORLD_SIZE" not in os.environ:
+        return DistContext(0, 1, 0, dev, None, None)
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+        if use_cuda:
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    return DistContext(rank, world_size, local_rank, dev, backend, dist.group.WORLD)
+
+
+def destroy(ctx: DistContext) -> None:
+    """Tear down the default group if this context created one."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward returns each rank its own slice of the summed
+    gradient.
+
+    Every rank computes a loss over the whole gathered batch, so the gradient w.r.t. rank r's
+    slice is the sum over ranks of their partial gradients: backward all-reduces (sum) and then
+    slices. Requires equal dim-0 sizes on every rank (the loaders guarantee it).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        ws = dist.get_world_size(group)
+        ctx.rank = dist.get_rank(group)
+        ctx.n = tensor.shape[0]
+        out = torch.empty((ws * tensor.shape[0],) + tuple(tensor.shape[1:]),
+                          dtype=tensor.dtype, device=tensor.device)
+        # One collective for the whole batch; all ranks pass the same shape.
+        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous()
+        # Sum the partial gradients every rank computed for every slice.
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def all_gather_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate `tensor` [B, ...] from every rank of `group` into [world*B, ...] (rank order).
+
+    With group None (single process) this is the identity.
+    """
+    if group is None:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor, group)
+
+
+def all_gather_no_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along dim 0 for tensors that carry no gradient (labels, indices)."""
+    if group is None:
+        return tensor
+    ws = dist.get_world_size(group)
+    out = torch.empty((ws * tensor.shape[0],) + tuple(tensor.shape[1:]),
+                      dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    return out

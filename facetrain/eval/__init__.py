@@ -1,0 +1,1 @@
+"""facetrain.eval."""

@@ -1,0 +1,41 @@
+import pytest
+
+from facetrain.config import ConfigError, load_config, replace
+
+
+def test_overrides_and_roundtrip(tmp_path):
+    cfg = load_config(None, ["optim.lr=0.05", "leap.mode=off", "schedule.milestones=[1,2]",
+                             "head.margin.kind=arcface"])
+    assert cfg.optim.lr == 0.05 and cfg.leap.mode == "off"
+    assert cfg.schedule.milestones == (1.0, 2.0)
+    assert cfg.head.margin.kind == "arcface"
+    cfg.save(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_misspelled_key_is_an_error():
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'.*lr"):
+        load_config(None, ["optim.lrr=1"])
+
+
+def test_bad_value_names_key_and_rule():
+    with pytest.raises(ConfigError, match=r"head.sample_rate must be in \(0.0, 1.0\]; got 1.5"):
+        load_config(None, ["head.sample_rate=1.5"])
+    with pytest.raises(ConfigError, match="leap.mode must be one of off, vanilla, full"):
+        load_config(None, ["leap.mode=fancy"])
+    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
+        load_config(None, ["train.epochs=1.5"])
+
+
+def test_base_file_and_replace(tmp_path):
+    (tmp_path / "a.yaml").write_text("optim:\n  lr: 0.2\ntrain:\n  epochs: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  epochs: 5\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.optim.lr == 0.2 and cfg.train.epochs == 5
+    cfg2 = replace(cfg, ["train.epochs=7"])
+    assert cfg2.train.epochs == 7 and cfg.train.epochs == 5
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/x.yaml")
