@@ -1,0 +1,172 @@
+"""Feature extraction shared by every protocol: load a backbone, decode, resize, normalise,
+batch, optional flip-sum. One code path, so LFW, IJB-C, MegaFace and re-ID see identical
+preprocessing.
+
+Input images are OpenCV-style: encoded bytes (decoded with cv2.imdecode) or HxWx3 uint8 arrays in
+BGR order (what cv2.imread / cv2.warpAffine give). They become RGB, are resized to the model's
+input size, scaled to [-1, 1] with (x / 255 - 0.5) / 0.5 and stacked NCHW float32.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator, List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+ImageLike = Union[np.ndarray, bytes, bytearray, memoryview]
+BACKBONE_FORMAT = "facetrain-backbone"
+
+
+class ImageDecodeError(ValueError):
+    """An image that OpenCV cannot decode; the message names where it came from."""
+
+
+def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a backbone for evaluation, in eval mode on `device`.
+
+    Accepts the trainer's export dict ``{"format": "facetrain-backbone", "version": 1,
+    "backbone": name, "kwargs": {...}, "state_dict": ...}`` (rebuilt through
+    facetrain.models.registry.build_backbone) or a TorchScript file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone file {path} does not exist: pass --model PATH to an "
+                                "exported backbone.pt (or a TorchScript file)")
+    device = torch.device(device)
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as load_err:  # not a plain torch file: TorchScript archives land here
+        try:
+            model = torch.jit.load(str(path), map_location=device)
+        except Exception as jit_err:
+            raise ValueError(f"{path} is neither a facetrain backbone export ({load_err}) nor a "
+                             f"TorchScript file ({jit_err})") from jit_err
+        return model.eval()
+    if isinstance(obj, torch.jit.ScriptModule):
+        return obj.eval()
+    if not isinstance(obj, dict) or obj.get("format") != BACKBONE_FORMAT:
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: expected a dict with format={BACKBONE_FORMAT!r} (written by "
+                         f"facetrain.checkpoint's backbone export); got {keys}. A training "
+                         "checkpoint must be exported first")
+    if obj.get("version") != 1:
+        raise ValueError(f"{path}: backbone export version {obj.get('version')} is not supported "
+                         "(this facetrain reads version 1)")
+    for key in ("backbone", "kwargs", "state_dict"):
+        if key not in obj:
+            raise ValueError(f"{path}: backbone export lacks key {key!r}")
+    from facetrain.models.registry import build_backbone  # heavy import only when needed
+    model = build_backbone(obj["backbone"], **obj["kwargs"])
+    model.load_state_dict(obj["state_dict"])
+    return model.to(device).eval()
+
+
+def decode_image(img: ImageLike, where: str = "image") -> np.ndarray:
+    """bytes or BGR uint8 array -> HxWx3 uint8 BGR array; `where` names the source in errors."""
+    import cv2
+    if isinstance(img, np.ndarray):
+        arr = img
+    else:
+        buf = np.frombuffer(bytes(img), dtype=np.uint8)
+        arr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        if arr is None:
+            raise ImageDecodeError(f"{where}: OpenCV cannot decode these {buf.size} bytes (corrupt "
+                                   "or not an image); remove or replace it")
+    if arr.ndim == 2:
+        arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageDecodeError(f"{where}: expected an HxWx3 image; got shape {arr.shape}")
+    return arr
+
+
+def preprocess(images: Sequence[np.ndarray], image_size: Tuple[int, int]) -> torch.Tensor:
+    """BGR uint8 HxWx3 list -> float32 [B, 3, H, W] RGB in [-1, 1]."""
+    import cv2
+    h, w = image_size
+    out = np.empty((len(images), h, w, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        if im.shape[:2] != (h, w):
+            im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)
+        out[i] = im[:, :, ::-1]                       # BGR -> RGB
+    x = torch.from_numpy(out).permute(0, 3, 1, 2).float()
+    return x.div_(255.0).sub_(0.5).div_(0.5)
+
+
+def _batches(images: Iterable[ImageLike], batch_size: int) -> Iterator[Tuple[int, List]]:
+    batch: List = []
+    start = 0
+    for img in images:
+        batch.append(img)
+        if len(batch) == batch_size:
+            yield start, batch
+            start += len(batch)
+            batch = []
+    if batch:
+        yield start, batch
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, images: Iterable[ImageLike], batch_size: int = 128,
+                     flip: bool = True, device: torch.device | str = "cpu",
+                     image_size: int | Tuple[int, int] = 112, num_threads: int = 2,
+                     progress: bool = True, desc: str = "features") -> np.ndarray:
+    """Embeddings float32 [N, D] in input order (not normalised).
+
+    flip=True returns emb(img) + emb(hflip(img)) (the usual flip-sum test-time augmentation).
+    `images` may be any iterable or a Dataset (indexable with len) of bytes / BGR arrays; decode
+    and resize run in `num_threads` threads (OpenCV releases the GIL).
+    """
+    from tqdm import tqdm
+    device = torch.device(device)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    total = len(images) if hasattr(images, "__len__") else None
+    if total is not None and not hasattr(images, "__iter__"):
+        images = (images[i] for i in range(total))
+    chunks: List[np.ndarray] = []
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        for start, batch in _batches(images, batch_size):
+            decoded = list(pool.map(lambda a: decode_image(a[1], f"image {a[0]}"),
+                                    enumerate(batch, start)))
+            x = preprocess(decoded, size).to(device)
+            emb = _forward(model, x)
+            if flip:
+                emb = emb + _forward(model, torch.flip(x, dims=[3]))
+            chunks.append(emb.float().cpu().numpy())
+            bar.update(len(batch))
+    bar.close()
+    if not chunks:
+        raise ValueError("extract_features got no images")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if isinstance(out, (tuple, list)):     # some exports return (embedding, extra)
+        out = out[0]
+    if out.ndim != 2:
+        out = out.flatten(1)
+    return out
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation, float32; eps keeps all-zero rows at zero instead of NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def load_features(path: str | Path, expected_rows: int, what: str) -> np.ndarray:
+    """Load a --features .npy (float32 [N, D]) and check it has one row per protocol image."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"features file {path} does not exist")
+    feats = np.load(path, mmap_mode="r")
+    if feats.ndim != 2:
+        raise ValueError(f"{path}: features must be a 2-D array [N, D]; got shape {feats.shape}")
+    if feats.shape[0] != expected_rows:
+        raise ValueError(f"{path}: {feats.shape[0]} feature rows but {what} lists {expected_rows} "
+                         "images; the rows must follow that order one-to-one")
+    return np.asarray(feats, dtype=np.float32)

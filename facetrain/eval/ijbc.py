@@ -1,0 +1,256 @@
+"""IJB-C / IJB-B 1:1 verification: meta files, 5-point alignment, template pooling, chunked
+pair scores, TPR at FPR.
+
+Layout (prefix "ijbc" or "ijbb")::
+
+    ROOT/loose_crop/<image_name>
+    ROOT/meta/<prefix>_face_tid_mid.txt          image_name template_id media_id
+    ROOT/meta/<prefix>_name_5pts_score.txt       image_name x1 y1 ... x5 y5 faceness (same order)
+    ROOT/meta/<prefix>_template_pair_label.txt   tid1 tid2 label
+
+Template feature: image features (optionally L2-normalised first, optionally scaled by the
+faceness score) are averaged within each (template, media), the media means summed per template,
+then L2-normalised. A pair's score is the cosine of its two template features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from facetrain.eval.embed import l2_normalize
+from facetrain.eval.metrics import DEFAULT_FPRS, roc_curve, tpr_at_fpr_from_roc
+
+ARCFACE_TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                                 [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class IJBMeta:
+    """Parsed meta files; arrays are in the order of the face_tid_mid file (N images, P pairs)."""
+    root: Path
+    prefix: str
+    names: List[str]            # [N] image names under loose_crop/
+    tids: np.ndarray            # [N] int64 template id
+    mids: np.ndarray            # [N] int64 media id
+    landmarks: Optional[np.ndarray]   # [N, 5, 2] float32 (None when the file is absent)
+    faceness: Optional[np.ndarray]    # [N] float32
+    pair_t1: np.ndarray         # [P] int64
+    pair_t2: np.ndarray         # [P] int64
+    pair_label: np.ndarray      # [P] bool
+
+
+def meta_path(root: Path, prefix: str, kind: str) -> Path:
+    return Path(root) / "meta" / f"{prefix}_{kind}.txt"
+
+
+def _read_table(path: Path, n_fields: int, what: str) -> List[List[str]]:
+    """Whitespace-separated rows with exactly `n_fields` fields; errors name file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: it should hold one line per {what}")
+    rows = []
+    with open(path, "r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != n_fields:
+                raise ValueError(f"{path}:{lineno}: expected {n_fields} fields ({what}); got "
+                                 f"{len(fields)}: {line.strip()[:120]!r}")
+            rows.append(fields + [lineno])
+    if not rows:
+        raise ValueError(f"{path} is empty: it should hold one line per {what}")
+    return rows
+
+
+def _column(rows: List[List], col: int, dtype, path: Path, name: str) -> np.ndarray:
+    try:
+        return np.array([r[col] for r in rows], dtype=dtype)
+    except ValueError:
+        for r in rows:
+            try:
+                dtype(r[col])
+            except ValueError:
+                raise ValueError(f"{path}:{r[-1]}: field {name}={r[col]!r} is not a valid "
+                                 f"{dtype.__name__}") from None
+        raise
+
+
+def read_meta(root: str | Path, prefix: str = "ijbc", need_landmarks: bool = True) -> IJBMeta:
+    """Parse the three meta files and check they agree (same images, same order)."""
+    root = Path(root)
+    tm_path = meta_path(root, prefix, "face_tid_mid")
+    tm = _read_table(tm_path, 3, "image: image_name template_id media_id")
+    names = [r[0] for r in tm]
+    tids = _column(tm, 1, np.int64, tm_path, "template_id")
+    mids = _column(tm, 2, np.int64, tm_path, "media_id")
+    pr_path = meta_path(root, prefix, "template_pair_label")
+    pr = _read_table(pr_path, 3, "pair: tid1 tid2 label")
+    t1 = _column(pr, 0, np.int64, pr_path, "tid1")
+    t2 = _column(pr, 1, np.int64, pr_path, "tid2")
+    lab = _column(pr, 2, np.int64, pr_path, "label")
+    bad = np.flatnonzero((lab != 0) & (lab != 1))
+    if bad.size:
+        raise ValueError(f"{pr_path}:{pr[bad[0]][-1]}: label must be 0 or 1; got {lab[bad[0]]}")
+    lmk_path = meta_path(root, prefix, "name_5pts_score")
+    landmarks = faceness = None
+    if need_landmarks or lmk_path.is_file():
+        lm = _read_table(lmk_path, 12, "image: image_name x1 y1 ... x5 y5 faceness_score")
+        if len(lm) != len(tm):
+            raise ValueError(f"{lmk_path} lists {len(lm)} images but {tm_path} lists {len(tm)}; "
+                             "both must list the same images in the same order")
+        for r, name in zip(lm, names):
+            if r[0] != name:
+                raise ValueError(f"{lmk_path}:{r[-1]}: image {r[0]!r} but {tm_path} has {name!r} "
+                                 "at this position; the files must list images in the same order")
+        vals = np.stack([_column(lm, c, np.float32, lmk_path, f"field {c + 1}")
+                         for c in range(1, 12)], axis=1)
+        landmarks = vals[:, :10].reshape(-1, 5, 2)
+        faceness = vals[:, 10]
+    return IJBMeta(root, prefix, names, tids, mids, landmarks, faceness, t1, t2, lab.astype(bool))
+
+
+def align_face(img: np.ndarray, landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
+    """Warp a BGR image so its 5 points [5, 2] land on the ArcFace template scaled to
+    `image_size`: similarity transform by OpenCV's estimateAffinePartial2D (LMEDS + refinement),
+    warp by cv2.warpAffine."""
+    import cv2
+    dst = ARCFACE_TEMPLATE_112 * (image_size / 112.0)
+    m, _ = cv2.estimateAffinePartial2D(np.asarray(landmarks, np.float32).reshape(5, 2), dst,
+                                       method=cv2.LMEDS)
+    if m is None:
+        raise ValueError(f"no similarity transform fits landmarks {np.round(landmarks, 1).tolist()}"
+                         " (degenerate points?)")
+    return cv2.warpAffine(img, m, (image_size, image_size), borderValue=0.0)
+
+
+class AlignedImages:
+    """Dataset over loose_crop/ images aligned on the fly: item i = 112x112 BGR uint8 crop of
+    image i in meta order. Errors name the image and its meta line."""
+
+    def __init__(self, meta: IJBMeta, image_size: int = 112) -> None:
+        if meta.landmarks is None:
+            raise ValueError(f"{meta_path(meta.root, meta.prefix, 'name_5pts_score')} is needed to "
+                             "align the images (or pass precomputed --features)")
+        self.meta, self.image_size = meta, image_size
+
+    def __len__(self) -> int:
+        return len(self.meta.names)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        import cv2
+        path = self.meta.root / "loose_crop" / self.meta.names[i]
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            lmk = meta_path(self.meta.root, self.meta.prefix, "name_5pts_score")
+            raise ValueError(f"{path} (line {i + 1} of {lmk}) is missing or cannot be decoded")
+        return align_face(img, self.meta.landmarks[i], self.image_size)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def pool_templates(features: np.ndarray, tids: np.ndarray, mids: np.ndarray,
+                   faceness: Optional[np.ndarray] = None, normalize_images: bool = False,
+                   chunk: int = 65536) -> Tuple[np.ndarray, np.ndarray]:
+    """features[N, D] -> (template_ids[T] sorted, template_features[T, D] L2-normalised).
+
+    Media averaging + template summing is one weighted sum: image i gets weight
+    faceness_i / (images in its (template, media)), then index_add per template, in chunks so
+    the extra memory is chunk x D rather than N x D.
+    """
+    n = features.shape[0]
+    if not (tids.shape[0] == mids.shape[0] == n):
+        raise ValueError(f"{n} feature rows but {tids.shape[0]} template ids and {mids.shape[0]} "
+                         "media ids; features must follow the face_tid_mid order")
+    t_ids, t_inv = np.unique(tids, return_inverse=True)
+    m_ids, m_inv = np.unique(mids, return_inverse=True)
+    _, k_inv, k_cnt = np.unique(t_inv.astype(np.int64) * len(m_ids) + m_inv,
+                                return_inverse=True, return_counts=True)
+    w = 1.0 / k_cnt[k_inv].astype(np.float32)
+    if faceness is not None:
+        w = w * np.asarray(faceness, dtype=np.float32)
+    out = torch.zeros(len(t_ids), features.shape[1], dtype=torch.float32)
+    idx_all = torch.from_numpy(t_inv.astype(np.int64))
+    for s in range(0, n, chunk):
+        f = np.asarray(features[s:s + chunk], dtype=np.float32)
+        if normalize_images:
+            f = l2_normalize(f)
+        x = torch.from_numpy(f) * torch.from_numpy(w[s:s + chunk]).unsqueeze(1)
+        out.index_add_(0, idx_all[s:s + chunk], x)
+    return t_ids, l2_normalize(out.numpy())
+
+
+def template_rows(template_ids: np.ndarray, query: np.ndarray, what: str) -> np.ndarray:
+    """Map template ids to rows of `template_ids` (sorted); unknown ids are an error naming the
+    first offending entry of `what`."""
+    rows = np.searchsorted(template_ids, query)
+    rows_c = np.minimum(rows, len(template_ids) - 1)
+    bad = np.flatnonzero(template_ids[rows_c] != query)
+    if bad.size:
+        raise ValueError(f"{what} entry {bad[0] + 1} uses template {query[bad[0]]}, which has no "
+                         f"image in the face_tid_mid list ({bad.size} such entries)")
+    return rows_c
+
+
+def score_pairs(tfeat: np.ndarray, r1: np.ndarray, r2: np.ndarray, block_rows: int = 2048
+                ) -> np.ndarray:
+    """Cosine scores [P] float32 of template rows r1[P] vs r2[P] (tfeat L2-normalised).
+
+    Only ~23K templates serve ~15.7M pairs, so the scores are blocks of one matrix product
+    (rows used as r1) x (rows used as r2), each block indexed by its pairs and then dropped:
+    memory is block_rows x |r2 rows|, independent of the pair count. When the pairs are too
+    sparse for that product to pay off, rows are gathered per chunk of pairs instead.
+    """
+    p = r1.shape[0]
+    scores = np.empty(p, dtype=np.float32)
+    if p == 0:
+        return scores
+    a_rows, a_inv = np.unique(r1, return_inverse=True)
+    b_rows, b_inv = np.unique(r2, return_inverse=True)
+    t = torch.from_numpy(np.ascontiguousarray(tfeat, dtype=np.float32))
+    if a_rows.size * b_rows.size > 64 * p:                      # sparse: gather instead
+        for s in range(0, p, 262144):
+            x, y = t[torch.from_numpy(r1[s:s + 262144])], t[torch.from_numpy(r2[s:s + 262144])]
+            scores[s:s + 262144] = (x * y).sum(1).numpy()
+        return scores
+    ta, tb = t[torch.from_numpy(a_rows)], t[torch.from_numpy(b_rows)]
+    n_blocks = -(-a_rows.size // block_rows)
+    block_of = (a_inv // block_rows).astype(np.uint16 if n_blocks < 65536 else np.int64)
+    order = np.argsort(block_of, kind="stable")                # radix sort on uint16
+    bounds = np.searchsorted(block_of[order], np.arange(n_blocks + 1))
+    for b in range(n_blocks):
+        idx = order[bounds[b]:bounds[b + 1]]
+        if idx.size == 0:
+            continue
+        lo = b * block_rows
+        block = torch.mm(ta[lo:lo + block_rows], tb.T).numpy()     # [block_rows, |B|]
+        scores[idx] = block[a_inv[idx] - lo, b_inv[idx]]
+    return scores
+
+
+def verify_features(meta: IJBMeta, features: np.ndarray, use_faceness: bool = False,
+                    normalize_images: bool = False, fprs: Sequence[float] = DEFAULT_FPRS
+                    ) -> Dict[str, object]:
+    """IJB 1:1 from image features[N, D] in face_tid_mid order -> report dict (with "roc")."""
+    tm_path = meta_path(meta.root, meta.prefix, "face_tid_mid")
+    if features.shape[0] != len(meta.names):
+        raise ValueError(f"{features.shape[0]} feature rows but {tm_path} lists {len(meta.names)} "
+                         "images; the rows must follow that file's order")
+    if use_faceness and meta.faceness is None:
+        raise ValueError("faceness weighting needs "
+                         f"{meta_path(meta.root, meta.prefix, 'name_5pts_score')}")
+    t_ids, tfeat = pool_templates(features, meta.tids, meta.mids,
+                                  meta.faceness if use_faceness else None, normalize_images)
+    pr = meta_path(meta.root, meta.prefix, "template_pair_label")
+    r1 = template_rows(t_ids, meta.pair_t1, f"{pr} pair")
+    r2 = template_rows(t_ids, meta.pair_t2, f"{pr} pair")
+    scores = score_pairs(tfeat, r1, r2)
+    fpr, tpr, _ = roc_curve(meta.pair_label, scores)
+    return {"tpr_at_fpr": tpr_at_fpr_from_roc(fpr, tpr, fprs), "images": len(meta.names),
+            "templates": int(t_ids.size), "pairs": int(scores.size),
+            "genuine_pairs": int(meta.pair_label.sum()), "roc": (fpr, tpr),
+            "template_ids": t_ids, "template_features": tfeat}

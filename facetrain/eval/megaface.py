@@ -1,0 +1,191 @@
+"""MegaFace Challenge 1: devkit feature files and a built-in chunked evaluator.
+
+Layout (the embedded glyph set and real data alike)::
+
+    ROOT/facescrub_lst          probe images, one relative path per line (under facescrub_images/)
+    ROOT/megaface_lst           distractors, one relative path per line (under megaface_images/)
+    ROOT/facescrub_images/<identity>/<file>     identity of a probe = its parent folder name
+    ROOT/megaface_images/<any path>
+    ROOT/facescrub_noises.txt   optional: noisy probes, one entry per line ('#' lines ignored)
+    ROOT/megaface_noises.txt    optional: noisy distractors
+
+A noise entry matches a list entry with the same relative path or the same file name; matched
+images are dropped before scoring (the "cleaned" MegaFace protocol). Features (--features) are
+probe rows in facescrub_lst order followed by distractor rows in megaface_lst order.
+
+Devkit feature files: ``<image path>_<algo>.bin`` = struct '4i' (n, 1, 4, 5) then n float32.
+
+Evaluation (features L2-normalised): for every probe image i of an identity and every other
+image j of it as the enrolled gallery image, rank-1 counts a hit when s(i, j) is above every
+distractor score s(i, d); CMC rank r when fewer than r distractors score above s(i, j).
+Verification: genuine = probe pairs of one identity, impostor = probe x distractor pairs;
+TPR at FPR 1e-6 (largest TPR with FPR <= target). Distractors are streamed in blocks, so memory
+is probes x block, not probes x distractors.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from facetrain.eval.embed import decode_image, l2_normalize
+from facetrain.eval.metrics import TopScores, tpr_at_fpr_split
+
+FEATURE_HEADER = struct.Struct("4i")
+
+
+def read_list(path: Path) -> List[str]:
+    """Relative image paths, one per line (blank lines are an error naming the line)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: it should list one relative image path per "
+                                "line")
+    out = []
+    with open(path, "r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            entry = line.strip()
+            if not entry:
+                raise ValueError(f"{path}:{lineno}: empty line; every line must be an image path")
+            out.append(entry)
+    if not out:
+        raise ValueError(f"{path} is empty")
+    return out
+
+
+def read_noise(path: Path) -> set:
+    if not path.is_file():
+        return set()
+    with open(path, "r", encoding="utf-8") as fh:
+        return {ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")}
+
+
+def keep_mask(entries: Sequence[str], noise: set) -> np.ndarray:
+    """True for list entries not named (by path or file name) in the noise set."""
+    return np.array([not (e in noise or Path(e).name in noise) for e in entries], dtype=bool)
+
+
+def probe_identities(entries: Sequence[str], path: Path) -> np.ndarray:
+    """Identity index per probe (parent folder name); entries without a folder are an error."""
+    names = []
+    for lineno, e in enumerate(entries, 1):
+        parent = Path(e).parent.name
+        if not parent:
+            raise ValueError(f"{path}:{lineno}: {e!r} has no identity folder; FaceScrub entries "
+                             "must look like <identity>/<file>")
+        names.append(parent)
+    _, ids = np.unique(np.array(names), return_inverse=True)
+    return ids.astype(np.int64)
+
+
+def write_feature_file(path: str | Path, feature: np.ndarray) -> None:
+    """One devkit feature file: header (n, 1, 4, 5) then n little-endian float32."""
+    f = np.asarray(feature, dtype="<f4").ravel()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(FEATURE_HEADER.pack(f.size, 1, 4, 5))
+        fh.write(f.tobytes())
+
+
+def read_feature_file(path: str | Path) -> np.ndarray:
+    data = Path(path).read_bytes()
+    if len(data) < FEATURE_HEADER.size:
+        raise ValueError(f"{path}: {len(data)} bytes is too short for a MegaFace feature header")
+    n, a, b, c = FEATURE_HEADER.unpack_from(data)
+    if (a, b, c) != (1, 4, 5) or len(data) != FEATURE_HEADER.size + 4 * n:
+        raise ValueError(f"{path}: header ({n}, {a}, {b}, {c}) does not match (n, 1, 4, 5) with "
+                         f"{len(data)} bytes")
+    return np.frombuffer(data, dtype="<f4", offset=FEATURE_HEADER.size).copy()
+
+
+def write_devkit_features(out_dir: str | Path, entries: Sequence[str], features: np.ndarray,
+                          algo: str) -> int:
+    """Write `<out_dir>/<entry>_<algo>.bin` for each list entry; returns the count."""
+    if len(entries) != features.shape[0]:
+        raise ValueError(f"{len(entries)} list entries but {features.shape[0]} feature rows")
+    for e, f in zip(entries, features):
+        write_feature_file(Path(out_dir) / f"{e}_{algo}.bin", f)
+    return len(entries)
+
+
+def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
+             n_distractors: Optional[int] = None, ranks: Sequence[int] = (1, 5, 10),
+             fprs: Sequence[float] = (1e-6,), block: int = 16384, normalize: bool = True
+             ) -> Dict[str, object]:
+    """Identification (CMC) and verification of probes[P, D] (identity probe_ids[P]) against the
+    first `n_distractors` rows of distractors[M, D] (may be a np.memmap), streamed by block."""
+    m = distractors.shape[0] if n_distractors is None else int(n_distractors)
+    if m > distractors.shape[0] or m < 1:
+        raise ValueError(f"n_distractors={m} but {distractors.shape[0]} distractor features exist")
+    p = torch.from_numpy(l2_normalize(probes) if normalize else np.asarray(probes, np.float32))
+    kmax = max(ranks)
+    top = torch.full((p.shape[0], kmax), -float("inf"))        # per probe: best kmax distractors
+    k_neg = int(np.floor(max(fprs) * p.shape[0] * m * (1 + 1e-12))) + 1
+    neg_top = TopScores(k_neg)
+    for s in range(0, m, block):
+        d = np.asarray(distractors[s:min(s + block, m)], dtype=np.float32)
+        d = torch.from_numpy(l2_normalize(d) if normalize else d)
+        sc = p @ d.T                                            # [P, block]
+        top = torch.topk(torch.cat([top, sc], 1), kmax, dim=1).values
+        if neg_top.values.size >= neg_top.k:      # only scores above the current k-th count
+            neg_top.add(sc[sc > float(neg_top.values.min())].numpy())
+        else:
+            neg_top.add(sc.numpy())
+    return _score(p, probe_ids, top.numpy(), neg_top, m, ranks, fprs)
+
+
+def _score(p: torch.Tensor, probe_ids: np.ndarray, top: np.ndarray, neg_top: TopScores, m: int,
+           ranks: Sequence[int], fprs: Sequence[float]) -> Dict[str, object]:
+    pp = (p @ p.T).numpy()                                      # probe x probe, [P, P]
+    same = probe_ids[:, None] == probe_ids[None, :]
+    np.fill_diagonal(same, False)
+    qi, gj = np.nonzero(same)
+    if qi.size == 0:
+        raise ValueError("no identity has two probe images; MegaFace needs >= 2 per identity")
+    genuine = pp[qi, gj]
+    # distractors above the genuine score, counted within each probe's best max(ranks)
+    above = (top[qi] > genuine[:, None]).sum(1)
+    cmc = [float(np.mean(above < r)) for r in range(1, max(ranks) + 1)]
+    out: Dict[str, object] = {f"rank{r}": cmc[r - 1] for r in ranks}
+    iu = np.flatnonzero(qi < gj)                                # each genuine pair once
+    out["tpr_at_fpr"] = tpr_at_fpr_split(genuine[iu], neg_top.values, fprs,
+                                         n_neg=p.shape[0] * m)
+    out.update({"cmc": cmc, "probes": int(p.shape[0]), "identities": int(np.unique(probe_ids).size),
+                "distractors": int(m), "probe_pairs": int(qi.size)})
+    return out
+
+
+def load_layout(root: str | Path, use_noise: bool = True
+                ) -> Tuple[List[str], np.ndarray, List[str], np.ndarray, np.ndarray]:
+    """-> (probe entries, probe identity ids, distractor entries, probe keep, distractor keep)."""
+    root = Path(root)
+    fs_path, mf_path = root / "facescrub_lst", root / "megaface_lst"
+    probes, distractors = read_list(fs_path), read_list(mf_path)
+    ids = probe_identities(probes, fs_path)
+    keep_p = keep_mask(probes, read_noise(root / "facescrub_noises.txt") if use_noise else set())
+    keep_d = keep_mask(distractors,
+                       read_noise(root / "megaface_noises.txt") if use_noise else set())
+    return probes, ids, distractors, keep_p, keep_d
+
+
+class ListImages:
+    """Dataset of decoded BGR images for list entries under `image_dir`; errors name the list
+    file and line."""
+
+    def __init__(self, image_dir: Path, entries: Sequence[str], list_path: Path) -> None:
+        self.image_dir, self.entries, self.list_path = Path(image_dir), list(entries), list_path
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        path = self.image_dir / self.entries[i]
+        where = f"{path} (line {i + 1} of {self.list_path})"
+        if not path.is_file():
+            raise FileNotFoundError(f"{where} does not exist")
+        return decode_image(path.read_bytes(), where)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
