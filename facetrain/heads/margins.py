@@ -1,0 +1,114 @@
+"""Cosine-logit margins (CosFace, ArcFace, combined) and the LEAP angle perturbation.
+
+Target logit  s * (cos(clip(theta_y + alpha_y + m_arc, 0, pi)) - m_cos)
+other logits  s * cos(clip(theta_j + alpha_j, 0, pi))          (alpha = 0 without LEAP)
+
+Gradient treatment (unlike InsightFace's margin, which runs under no_grad and so passes the
+gradient straight through as if the margin were the identity): we back-propagate the exact
+derivative of the formula above, d/dcos = sin(theta') / sin(theta). `cos` is clamped to
+[-1 + EPS, 1 - EPS] before arccos, which bounds that ratio by 1/sqrt(2 EPS) and makes it 0 at
+exactly +-1; clipping the angle to [0, pi] gives sin(theta') = 0, i.e. no gradient, at the ends.
+Entries that carry neither margin nor perturbation keep `cos` itself (exact, gradient 1).
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+from facetrain.config import MarginConfig
+
+# Clamp for arccos: fp32 resolves 1 - 6e-8, so 1e-6 keeps acos' derivative finite (<= ~707).
+EPS = 1e-6
+
+
+def margin_values(margin: MarginConfig) -> Tuple[float, float]:
+    """(m_cos, m_arc) actually applied for margin.kind (the other one is 0)."""
+    m_cos = margin.m_cos if margin.kind in ("cosface", "combined") else 0.0
+    m_arc = margin.m_arc if margin.kind in ("arcface", "combined") else 0.0
+    return m_cos, m_arc
+
+
+def _angle(cos: torch.Tensor) -> torch.Tensor:
+    return torch.acos(cos.clamp(-1.0 + EPS, 1.0 - EPS))
+
+
+def target_cos(cos_t: torch.Tensor, alpha_t: torch.Tensor, m_cos: float, m_arc: float) -> torch.Tensor:
+    """Margin (and LEAP angle) on the target cosines only.
+
+    cos_t [B] fp32: cosine of each sample to its own class; alpha_t [B]: its LEAP angle at the
+    target logit (0 where unperturbed). Returns [B] (unscaled). O(B), plain autograd.
+    """
+    angular = torch.cos(torch.clamp(_angle(cos_t) + alpha_t + m_arc, 0.0, math.pi)) - m_cos
+    if m_arc > 0.0:
+        return angular
+    # CosFace rows without a perturbation stay exactly cos - m (no acos round trip).
+    return torch.where(alpha_t != 0, angular, cos_t - m_cos)
+
+
+def cloud_forward(cos_blk: torch.Tensor, alpha: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+    """One elementwise expression (fusable by torch.compile): cos(clip(acos(c) + alpha, 0, pi))
+    on perturbed rows, c itself elsewhere. cos_blk [B, C], alpha [B, C] or [B, 1], perturbed [B, 1]."""
+    pert = torch.cos(torch.clamp(_angle(cos_blk) + alpha, 0.0, math.pi))
+    return torch.where(perturbed, pert, cos_blk)
+
+
+def cloud_backward(grad: torch.Tensor, cos_blk: torch.Tensor, out: torch.Tensor,
+                   perturbed: torch.Tensor) -> torch.Tensor:
+    """d out / d cos = sin(theta') / sin(theta) on perturbed rows (0 where the clamp or the clip
+    bites, since then sin(theta') = 0 or the clamp's derivative is 0), 1 elsewhere."""
+    inside = (cos_blk > -1.0 + EPS) & (cos_blk < 1.0 - EPS)
+    sin_out = torch.sqrt(torch.clamp(1.0 - out * out, min=0.0))
+    sin_in = torch.sqrt(torch.clamp(1.0 - cos_blk * cos_blk, min=2.0 * EPS))
+    ratio = torch.where(inside, sin_out / sin_in, torch.zeros_like(sin_out))
+    return torch.where(perturbed, grad * ratio, grad)
+
+
+class _CloudCos(torch.autograd.Function):
+    """LEAP perturbation of a whole logit block. A custom Function so that backward keeps only
+    the input and output blocks (plain autograd would keep ~4 [B, C] intermediates)."""
+
+    @staticmethod
+    def forward(ctx, cos_blk, alpha, perturbed):  # type: ignore[override]
+        out = cloud_forward(cos_blk, alpha, perturbed)
+        ctx.save_for_backward(cos_blk, out, perturbed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        cos_blk, out, perturbed = ctx.saved_tensors
+        return cloud_backward(grad, cos_blk, out, perturbed), None, None
+
+
+def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: torch.Tensor,
+                  margin: MarginConfig, alpha: torch.Tensor | None = None,
+                  perturbed: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled logits of one shard's block, margin on the targets this shard owns.
+
+    cos_blk [B, C_s] fp32 (sharded over classes, replicated over the global batch);
+    target_col [B] int64: column of each sample's class in this block (any valid column where
+    is_local [B] is False); alpha: LEAP angles [B, C_s] or [B, 1] (None = no perturbation);
+    perturbed [B, 1] bool: rows whose class has a feature cloud. Returns [B, C_s] fp32.
+    """
+    m_cos, m_arc = margin_values(margin)
+    col = target_col.view(-1, 1)
+    cos_t = cos_blk.gather(1, col).squeeze(1)
+    if alpha is None:
+        base = cos_blk
+        alpha_t = torch.zeros_like(cos_t)
+    else:
+        if perturbed is None:
+            raise ValueError("margin_logits: alpha was given without the perturbed row mask")
+        base = _CloudCos.apply(cos_blk, alpha, perturbed)
+        alpha_t = torch.where(perturbed.view(-1),
+                              alpha.expand_as(cos_blk).gather(1, col).squeeze(1),
+                              torch.zeros_like(cos_t))
+    new_t = target_cos(cos_t, alpha_t, m_cos, m_arc) * margin.scale
+    # Rows whose class lives on another shard write back their own current value (a no-op
+    # that keeps the scatter free of a host sync to select the local rows). `keep` is gathered
+    # from `base`, not from `logits`, so the in-place scatter below is autograd-safe.
+    keep = base.gather(1, col).squeeze(1) * margin.scale
+    val = torch.where(is_local, new_t, keep)
+    logits = base * margin.scale
+    return logits.scatter_(1, col, val.view(-1, 1))

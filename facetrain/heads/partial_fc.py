@@ -1,0 +1,216 @@
+"""Model-parallel classifier (partial FC) with margins and LEAP applied per shard.
+
+Per step: all-gather embeddings (with gradient) and labels over ctx.group -> this rank's class
+block (optionally a sampled subset of it) -> cosine logits (matmul may run under autocast; the
+rest is fp32) -> LEAP angles for samples whose class has a feature cloud -> margin on the
+targets this rank owns -> distributed softmax cross-entropy (mean over the global batch,
+replicated). Gradients equal a single-process full softmax on the global batch: each rank
+back-propagates only its own block, and dist.all_gather_with_grad sums the embedding partials.
+
+Class sampling (head.sample_rate < 1, training only): each step every rank keeps every class of
+its block that appears in the global batch plus seeded random negatives, k = min(C_local,
+max(ceil(rate * C_local), N)) rows in total (fixed k, so no host sync; N >= the number of
+positives). The weight's .grad is dense with zeros in rows not sampled; the optimizer still
+applies weight decay and momentum to those rows (as InsightFace's PartialFC_V2 does).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facetrain.config import HeadConfig, LeapConfig
+from facetrain.dist import DistContext, all_gather_no_grad, all_gather_with_grad
+from facetrain.heads.dist_softmax import dist_softmax_cross_entropy
+from facetrain.heads.leap import LeapState, draw_alpha
+from facetrain.heads.margins import margin_logits
+from facetrain.heads.partition import check_contiguous, class_range, partition_bounds, reshard_tree
+
+FORMAT = "facetrain.partial_fc/1"
+_INIT_CHUNK = 1 << 16
+_LEAP_KEYS = ("centers", "seen", "count", "sum", "sumsq", "class_std")
+
+
+def init_rows(start: int, end: int, dim: int, seed: int, std: float = 0.01) -> torch.Tensor:
+    """Rows [start, end) of a N(0, std^2) [C, D] matrix that does not depend on the world size:
+    row chunks of 65,536 are drawn from their own CPU generator, so each rank draws only the
+    chunks it overlaps."""
+    out = torch.empty(end - start, dim)
+    for chunk in range(start // _INIT_CHUNK, (end - 1) // _INIT_CHUNK + 1 if end > start else 0):
+        lo, hi = chunk * _INIT_CHUNK, (chunk + 1) * _INIT_CHUNK
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+        block = torch.randn(_INIT_CHUNK, dim, generator=gen) * std
+        a, b = max(lo, start), min(hi, end)
+        out[a - start:b - start] = block[a - lo:b - lo]
+    return out
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class PartialFC(torch.nn.Module):
+    """Classifier shard for classes [start, end) of this rank in ctx.group.
+
+    weight: nn.Parameter [C_local, D] on ctx.device (sharded by class, contiguous blocks).
+    class_counts: GLOBAL K_i, [C]. LEAP state (if leap_cfg.mode != off) lives in self.leap.
+    """
+
+    def __init__(self, embedding_size: int, class_counts: np.ndarray | torch.Tensor,
+                 head_cfg: HeadConfig, leap_cfg: LeapConfig, ctx: DistContext, seed: int = 0):
+        super().__init__()
+        counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.int64).reshape(-1)
+        self.num_classes = int(counts.numel())
+        self.embedding_size = embedding_size
+        self.head_cfg, self.leap_cfg, self.ctx = head_cfg, leap_cfg, ctx
+        self.start, self.end = class_range(self.num_classes, ctx.world_size, ctx.rank)
+        self.num_local = self.end - self.start
+        self.weight = torch.nn.Parameter(init_rows(self.start, self.end, embedding_size, seed).to(ctx.device))
+        self.leap = None if leap_cfg.mode == "off" else LeapState(
+            counts[self.start:self.end], self.start, embedding_size, leap_cfg, ctx.device)
+        # Streams: sampling and per-logit angles differ per rank; per-sample angles are shared.
+        self._sample_gen = _generator(ctx.device, seed * 7919 + 2 * ctx.rank + 1)
+        self._logit_gen = _generator(ctx.device, seed * 7919 + 2 * ctx.rank + 2)
+        self._shared_gen = _generator(ctx.device, seed * 7919 + 104729)
+        self.epoch = 0
+        self.calls = 0                       # training forwards seen (drives update_interval)
+        self.last_sample_index: torch.Tensor | None = None   # [k] local rows of the last step
+
+    # ---- public -----------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """LEAP perturbs only from leap_cfg.start_epoch on."""
+        self.epoch = int(epoch)
+
+    @property
+    def perturbing(self) -> bool:
+        return self.training and self.leap is not None and self.epoch >= self.leap_cfg.start_epoch
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """embeddings [B, D] this rank's (not normalised), labels [B] int64 global ids ->
+        scalar mean CE over the global batch (replicated over ctx.group)."""
+        group = self._group()
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"PartialFC.forward: embeddings must be [B, {self.embedding_size}]; "
+                             f"got {tuple(embeddings.shape)}")
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"PartialFC.forward: labels must be [{embeddings.shape[0]}]; got "
+                             f"{tuple(labels.shape)}")
+        emb = all_gather_with_grad(embeddings, group)
+        lab = all_gather_no_grad(labels.to(torch.int64), group)
+        logits, col, local = self.shard_logits(emb, lab)
+        loss = dist_softmax_cross_entropy(logits, col, local, group)
+        if self.training and self.leap is not None:
+            if self.calls % self.leap_cfg.update_interval == 0:
+                self.leap.update(emb.detach(), lab, group)
+            self.calls += 1
+        return loss
+
+    def shard_logits(self, emb: torch.Tensor, lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scaled logits of this rank's block for the gathered batch: ([N, C_s] fp32, target
+        column [N], is_local [N]). C_s = C_local, or k sampled rows in training with sampling."""
+        local = (lab >= self.start) & (lab < self.end)
+        col = torch.where(local, lab - self.start, torch.zeros_like(lab))
+        weight = self.weight
+        if self.training and self.head_cfg.sample_rate < 1.0:
+            index = self._sample(col, local, lab.shape[0])
+            weight = weight[index]            # gradient lands only on the sampled rows
+            col = torch.searchsorted(index, col).clamp(max=index.shape[0] - 1)
+            col = torch.where(local, col, torch.zeros_like(col))
+        cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()
+        alpha = perturbed = None
+        if self.perturbing:
+            std = self.leap.batch_std(lab, self._group())
+            alpha = draw_alpha(std, tuple(cos.shape), self.leap_cfg.alpha_granularity,
+                               self._logit_gen, self._shared_gen)
+            if self.leap_cfg.control == "null":
+                alpha = None                  # same random draws, never applied
+            else:
+                perturbed = (std > 0).unsqueeze(1)
+        return margin_logits(cos, col, local, self.head_cfg.margin, alpha, perturbed), col, local
+
+    def leap_summary(self) -> Dict[str, float]:
+        """Global LEAP numbers (replicated); syncs with the host, so call it at log time."""
+        if self.leap is None:
+            return {"pooled_var": 0.0, "uniform_var": 0.0, "num_valid": 0, "num_perturbed": 0,
+                    "active": False}
+        return {**self.leap.summary(), "active": self.perturbing}
+
+    def class_stats(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(angular mean, variance, valid) of the owned classes, [C_local] each (sharded)."""
+        if self.leap is None:
+            z = torch.zeros(self.num_local, device=self.weight.device)
+            return z, z.clone(), torch.zeros_like(z, dtype=torch.bool)
+        return self.leap.stats()
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def shard_state(self) -> Dict:
+        """CPU copy of this shard: weights, LEAP state, class range, counters."""
+        state = {"format": FORMAT, "num_classes": self.num_classes, "class_start": self.start,
+                 "class_end": self.end, "embedding_size": self.embedding_size,
+                 "weight": self.weight.detach().cpu().clone(), "calls": self.calls, "epoch": self.epoch,
+                 "leap": None, "leap_globals": torch.zeros(4, dtype=torch.float64)}
+        if self.leap is not None:
+            state["leap"] = self.leap.export()
+            state["leap_globals"] = self.leap.globals.cpu().clone()
+        return state
+
+    @staticmethod
+    def reshard(states: List[Dict], world_size: int) -> List[Dict]:
+        """Any N shard states (in rank order) -> world_size shard states with the same content."""
+        if not states:
+            raise ValueError("PartialFC.reshard: no shard states given; pass every rank's shard_state()")
+        num_classes = states[0]["num_classes"]
+        for i, s in enumerate(states):
+            if s.get("format") != FORMAT or s["num_classes"] != num_classes:
+                raise ValueError(f"PartialFC.reshard: shard state {i} is not a {FORMAT} state of "
+                                 f"{num_classes} classes; pass states from one checkpoint")
+        check_contiguous([(s["class_start"], s["class_end"]) for s in states], num_classes)
+        bounds = partition_bounds(num_classes, world_size)
+        rows = reshard_tree(states, bounds, ["weight"], {})
+        with_leap = all(s["leap"] is not None for s in states)
+        leap = reshard_tree([s["leap"] for s in states], bounds, list(_LEAP_KEYS) + ["memory_size"],
+                            {"memory": "memory_size"}) if with_leap else [None] * world_size
+        return [{**{k: v for k, v in states[0].items() if k not in ("weight", "leap")},
+                 "class_start": bounds[r], "class_end": bounds[r + 1], "weight": rows[r]["weight"],
+                 "leap": leap[r], "leap_globals": states[0]["leap_globals"].clone()}
+                for r in range(world_size)]
+
+    def load_shard_state(self, state: Dict) -> None:
+        """Load a state made for this rank's class range (see `reshard` for another world size)."""
+        where = f"shard state for classes [{state.get('class_start')}, {state.get('class_end')})"
+        if state.get("format") != FORMAT:
+            raise ValueError(f"{where}: format {state.get('format')!r} is not {FORMAT!r}")
+        if state["num_classes"] != self.num_classes or state["embedding_size"] != self.embedding_size:
+            raise ValueError(f"{where}: it holds {state['num_classes']} classes x "
+                             f"{state['embedding_size']} dims but this head has {self.num_classes} x "
+                             f"{self.embedding_size}; resume with the same data and model.embedding_size")
+        if (state["class_start"], state["class_end"]) != (self.start, self.end):
+            raise ValueError(f"{where}: this rank owns [{self.start}, {self.end}); the checkpoint "
+                             "was written for another world size: use PartialFC.reshard(states, "
+                             f"{self.ctx.world_size}) first")
+        with torch.no_grad():
+            self.weight.copy_(state["weight"])
+        if self.leap is not None and state["leap"] is not None:
+            self.leap.load(state["leap"], state["leap_globals"], where)
+        self.calls, self.epoch = int(state["calls"]), int(state["epoch"])
+
+    # ---- internals --------------------------------------------------------------------------
+    def _group(self):
+        if self.ctx.group is None and self.ctx.world_size > 1:
+            raise ValueError(f"PartialFC: ctx has world_size {self.ctx.world_size} but no process "
+                             "group; build it with facetrain.dist.init_distributed")
+        return self.ctx.group
+
+    def _sample(self, col: torch.Tensor, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Sorted local row ids [k]: all positives of the global batch + random negatives."""
+        c = self.num_local
+        k = min(c, max(math.ceil(self.head_cfg.sample_rate * c), n))
+        score = torch.rand(c + 1, generator=self._sample_gen, device=self.weight.device)
+        # Positives get a score above any random one; samples of other shards hit the scratch slot.
+        score[torch.where(local, col, torch.full_like(col, c))] = 2.0
+        index = torch.topk(score[:c], k, sorted=False).indices.sort().values
+        self.last_sample_index = index
+        return index
