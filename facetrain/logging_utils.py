@@ -1,0 +1,133 @@
+"""Rank-0 run logging: log.txt, metrics.jsonl, TensorBoard scalars and a progress display.
+
+Only rank 0 writes; other ranks get a logger whose methods do nothing, so call sites need no
+`if rank == 0`. Nothing here touches a process group.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class RunLogger:
+    """Writes `<out>/log.txt`, `<out>/metrics.jsonl` and `<out>/tensorboard/` on rank 0.
+
+    `progress` shows a tqdm bar on an interactive terminal; log lines go to stdout either way.
+    """
+
+    def __init__(self, out_dir: Path, is_main: bool, total_steps: int,
+                 tensorboard: bool = True, progress: bool = True) -> None:
+        self.enabled = is_main
+        self.total_steps = total_steps
+        self._tb = None
+        self._bar = None
+        self._t_last = time.perf_counter()
+        self._step_last: Optional[int] = None
+        if not self.enabled:
+            return
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.out / "log.txt", "a", encoding="utf-8")
+        self._metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.info("tensorboard is not installed (pip install 'facetrain[tensorboard]'); "
+                          "TensorBoard scalars are off, metrics.jsonl has them")
+            else:
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+    def info(self, msg: str) -> None:
+        """One timestamped line to stdout and log.txt."""
+        if not self.enabled:
+            return
+        line = f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {msg}"
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+        self._log.write(line + "\n")
+        self._log.flush()
+
+    def start(self, step: int) -> None:
+        self._t_last, self._step_last = time.perf_counter(), step
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def throughput(self, step: int, samples_per_step: int) -> Dict[str, float]:
+        """samples/s and ETA since the previous call (the caller has synced the device)."""
+        now = time.perf_counter()
+        done = step - (self._step_last if self._step_last is not None else step)
+        dt = max(now - self._t_last, 1e-9)
+        self._t_last, self._step_last = now, step
+        sps = done * samples_per_step / dt if done > 0 else float("nan")
+        eta = (self.total_steps - step) * dt / done if done > 0 else float("nan")
+        return {"samples_per_s": sps, "eta_s": eta}
+
+    def metrics(self, step: int, values: Dict[str, Any], tb_prefix: str = "train") -> None:
+        """Append one JSON line and the numeric values as TensorBoard scalars."""
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in values.items()}
+        self._metrics.write(json.dumps({"step": step, **clean}) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(f"{tb_prefix}/{k}", v, step)
+            self._tb.flush()
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._log.close()
+        self._metrics.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+        v = v.item()
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
+
+
+def read_metrics(path: Path) -> Dict[int, Dict[str, Any]]:
+    """metrics.jsonl -> {step: last record of that step} (a restarted run repeats steps)."""
+    out: Dict[int, Dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                if "loss" in rec:
+                    out[int(rec["step"])] = rec
+    return out

@@ -1,0 +1,111 @@
+"""Optimizers and learning-rate schedules.
+
+Schedules count OPTIMIZER steps (not micro-batches), so a run with gradient accumulation
+follows the same curve per sample as one without. Every schedule is a pure function of the step
+(`LRSchedule.lr_at`), which makes resuming trivial: the trainer's step counter is the state.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Sequence
+
+import torch
+
+from facetrain.config import ConfigError, OptimConfig, ScheduleConfig
+
+
+def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay), AdamW (decoupled decay) or Adam (L2 decay, the paper's re-ID
+    setting). Weight decay applies to every parameter, as in InsightFace's arcface_torch.
+
+    The trainer builds one optimizer for the replicated backbone and one for this rank's
+    classifier shard, so the shard's state (momentum rows) stays with its classes.
+    """
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                                 weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                                weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optim.name must be one of sgd, adamw, adam; got {cfg.name!r}")
+
+
+class LRSchedule:
+    """Learning rate as a function of the optimizer step.
+
+    - warm-up (all schedules): linear from 0 to `base_lr` over `warmup_epochs`;
+    - poly: `base_lr * (1 - t)^power` over the remaining steps, floored at `min_lr`;
+    - cyclic: Smith's triangular policy, `min_lr -> base_lr -> min_lr` in each cycle of
+      `cycle_epochs` (cycle k starts at epoch k * cycle_epochs; the paper's face protocol starts
+      the feature cloud at the start of the third cycle, i.e. `leap.start_epoch = 2 * cycle_epochs`);
+    - step: `base_lr * gamma^(number of milestones <= current epoch)`;
+    - constant.
+    """
+
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int,
+                 total_steps: int) -> None:
+        if steps_per_epoch < 1:
+            raise ConfigError(f"the schedule needs at least one optimizer step per epoch; got "
+                              f"{steps_per_epoch} (fewer batches than optim.grad_accum?)")
+        self.cfg = cfg
+        self.base_lr = float(base_lr)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.total_steps = max(int(total_steps), 1)
+        self.warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+        self.step_count = 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate used for optimizer step `step` (0-based)."""
+        cfg = self.cfg
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        epoch = step / self.steps_per_epoch
+        if cfg.name == "constant":
+            return self.base_lr
+        if cfg.name == "poly":
+            span = max(self.total_steps - self.warmup_steps, 1)
+            t = min((step - self.warmup_steps) / span, 1.0)
+            return max(self.base_lr * (1.0 - t) ** cfg.power, cfg.min_lr)
+        if cfg.name == "cyclic":
+            cycle_steps = cfg.cycle_epochs * self.steps_per_epoch
+            pos = (step % cycle_steps) / cycle_steps          # 0 .. 1 within the cycle
+            tri = 1.0 - abs(2.0 * pos - 1.0)                  # 0 -> 1 -> 0
+            return cfg.min_lr + (self.base_lr - cfg.min_lr) * tri
+        if cfg.name == "step":
+            passed = sum(1 for m in cfg.milestones if epoch >= m)
+            return self.base_lr * cfg.gamma ** passed
+        raise ConfigError(f"schedule.name must be one of poly, cyclic, step, constant; "
+                          f"got {cfg.name!r}")
+
+    def apply(self, optimizers: Sequence[torch.optim.Optimizer], step: int) -> float:
+        """Set the learning rate of every param group for optimizer step `step`; returns it."""
+        lr = self.lr_at(step)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.step_count = step
+        return lr
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"step_count": self.step_count, "base_lr": self.base_lr,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        # Only the position is restored: the curve itself comes from the (possibly edited) config.
+        self.step_count = int(state.get("step_count", 0))
+
+
+def cycle_start_epoch(cfg: ScheduleConfig, cycle: int) -> float:
+    """Epoch at which cycle `cycle` (0-based) of the triangular policy starts."""
+    if cfg.name != "cyclic":
+        raise ConfigError(f"cycle_start_epoch needs schedule.name=cyclic; got {cfg.name!r}")
+    return cycle * cfg.cycle_epochs
+
+
+def lr_curve(schedule: LRSchedule, steps: int) -> List[float]:
+    """The first `steps` learning rates (for plots and tests)."""
+    return [schedule.lr_at(s) for s in range(steps)]
+

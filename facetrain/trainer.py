@@ -1,0 +1,352 @@
+"""The training loop: builds the parts from one Config and runs them.
+
+Per optimizer step: `optim.grad_accum` micro-batches (backbone -> all-gathered embeddings ->
+model-parallel classifier with LEAP -> backward), then clip + both optimizers + schedule. Around
+that: periodic atomic checkpoints, resume (also on another world size), non-finite loss checks
+without a per-step host sync, rank-0 logs, LEAP diagnostics and the backbone export.
+`Trainer(cfg, ctx).fit()` is the whole API; launch/train_face.py is a thin wrapper over it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from facetrain import checkpoint as ckpt
+from facetrain.config import Config, ConfigError
+from facetrain.dist import DistContext, all_gather_no_grad
+from facetrain.engines import build_engine
+from facetrain.logging_utils import RunLogger, format_eta
+from facetrain.optim import LRSchedule
+
+# Test-only fault injection: "RANK:STEP" kills that rank (SIGKILL) once, right after STEP; a
+# marker file in the output folder makes the restarted job run through.
+KILL_ENV = "FACETRAIN_TEST_KILL_AT"
+# fp16: the grad scaler skips steps with overflowing gradients; only this many consecutive
+# non-finite losses stop the run. fp32/bf16 stop at the first one.
+FP16_NONFINITE_PATIENCE = 20
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+class LossMonitor:
+    """Accumulates loss statistics on the device so the loop never waits for the host."""
+
+    def __init__(self, device: torch.device, patience: int) -> None:
+        self.patience = patience
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.run = torch.zeros((), dtype=torch.long, device=device)
+        self.worst = torch.zeros((), dtype=torch.long, device=device)
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss)
+        self.run = (self.run + 1) * bad
+        self.worst = torch.maximum(self.worst, self.run)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        self.total = self.total + torch.where(bad, torch.zeros_like(loss), loss.float())
+        self.count += 1
+
+    def check(self) -> None:
+        """One host sync: raise if the loss was non-finite too often since the last check."""
+        worst, first = int(self.worst), int(self.first_bad)
+        if worst >= self.patience:
+            raise NonFiniteLossError(
+                f"the loss became non-finite (NaN/Inf) at step {first}"
+                + (f" and stayed so for {worst} steps" if self.patience > 1 else "")
+                + "; stopping. The last checkpoint before it is kept: lower optim.lr, raise "
+                "optim.warmup/grad_clip, or use train.precision=bf16, then resume")
+        self.first_bad.fill_(-1)
+        self.worst.zero_()
+
+    def mean_and_reset(self) -> float:
+        mean = float(self.total) / max(self.count, 1)
+        self.total.zero_()
+        self.count = 0
+        return mean
+
+
+class Trainer:
+    """Builds loader, backbone, classifier, engine, schedule and logger from `cfg`."""
+
+    def __init__(self, cfg: Config, ctx: DistContext) -> None:
+        from facetrain.data import build_train_loader
+        from facetrain.heads.partial_fc import PartialFC
+        from facetrain.models.registry import build_backbone
+
+        self.cfg, self.ctx = cfg, ctx
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        _seed_everything(cfg.train.seed, ctx.rank)
+        self.loader = build_train_loader(cfg.data, ctx, cfg.train.seed)
+        accum = cfg.optim.grad_accum
+        self.steps_per_epoch = len(self.loader) // accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"{cfg.data.rec}: {len(self.loader)} batches per epoch per rank "
+                              f"is fewer than optim.grad_accum={accum}; lower data.batch_size "
+                              "or optim.grad_accum")
+        total = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        self.backbone_kwargs = {"embedding_size": cfg.model.embedding_size,
+                                "dropout": cfg.model.dropout, "image_size": cfg.data.image_size}
+        backbone = build_backbone(cfg.model.backbone, **self.backbone_kwargs).to(ctx.device)
+        if cfg.model.channels_last:
+            backbone = backbone.to(memory_format=torch.channels_last)
+        self.head = PartialFC(cfg.model.embedding_size, self.loader.class_counts, cfg.head,
+                              cfg.leap, ctx, seed=cfg.train.seed)
+        self.class_range = _class_range(self.head, ctx)
+        self.engine = build_engine(cfg, ctx, backbone, self.head)
+        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, self.steps_per_epoch,
+                                   self.total_steps)
+        patience = FP16_NONFINITE_PATIENCE if cfg.train.precision == "fp16" else 1
+        self.monitor = LossMonitor(ctx.device, patience)
+        self.step = self.epoch = self.batch = 0     # batch = micro-batches done in this epoch
+        self._saved_step = -1
+        self.log = RunLogger(self.out, ctx.is_main, self.total_steps, cfg.train.tensorboard)
+        resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
+        if resume is not None:
+            self._load(resume)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        """Train to the end; returns {"step", "epoch", "loss", "export"}."""
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            cfg.save(self.out / "config.yaml")
+        self.log.info(f"training {cfg.model.backbone} on {cfg.data.rec}: "
+                      f"{self.loader.num_classes} classes, world {ctx.world_size} "
+                      f"({ctx.backend or 'no group'}, {ctx.device}), engine {self.engine.name}, "
+                      f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
+                      f"from step {self.step}")
+        self.log.start(self.step)
+        last_loss = float("nan")
+        while self.step < self.total_steps and self.epoch < cfg.train.epochs:
+            self._begin_epoch()
+            last_loss = self._run_epoch(last_loss)
+            if self.batch >= self.steps_per_epoch * cfg.optim.grad_accum:
+                self.epoch, self.batch = self.epoch + 1, 0
+                self._end_epoch()
+        self.monitor.check()
+        self._save()
+        self._leap_stats("end")
+        export = self._export()
+        if cfg.eval.verification:
+            self._verify()
+        self.log.info(f"done: step {self.step}, epoch {self.epoch}, outputs in {self.out}")
+        self.log.close()
+        return {"step": self.step, "epoch": self.epoch, "loss": last_loss, "export": export}
+
+    def _begin_epoch(self) -> None:
+        self.loader.set_epoch(self.epoch)
+        self.head.set_epoch(self.epoch)
+        leap = self.cfg.leap
+        if leap.mode != "off" and self.epoch == leap.start_epoch and self.batch == 0:
+            self._leap_stats("start")
+
+    def _run_epoch(self, last_loss: float) -> float:
+        cfg = self.cfg
+        accum = cfg.optim.grad_accum
+        per_epoch = self.steps_per_epoch * accum
+        batches = iter(self.loader.iter_from(self.batch))
+        samples_per_step = cfg.data.batch_size * self.ctx.world_size * accum
+        while self.batch < per_epoch and self.step < self.total_steps:
+            lr = self.schedule.apply(self.engine.optimizers, self.step)
+            step_loss = torch.zeros((), device=self.ctx.device)
+            for k in range(accum):
+                images, labels = next(batches)
+                if cfg.model.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                step_loss = step_loss + self.engine.micro_step(images, labels, k == accum - 1)
+                self.batch += 1
+            self.engine.step()
+            self.step += 1
+            self.monitor.update(step_loss / accum, self.step)
+            self.log.advance(self.step)
+            _maybe_die(self.ctx, self.step, self.out)
+            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                last_loss = self._log_step(lr, samples_per_step)
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self._save()
+            if cfg.eval.verification and cfg.eval.every_steps and \
+                    self.step % cfg.eval.every_steps == 0:
+                self._verify()
+        return last_loss
+
+    def _log_step(self, lr: float, samples_per_step: int) -> float:
+        self.monitor.check()                 # the only per-log host sync of the loop
+        loss = self.monitor.mean_and_reset()
+        tp = self.log.throughput(self.step, samples_per_step)
+        leap = {k: _to_float(v) for k, v in self.head.leap_summary().items()
+                if k in ("pooled_var", "num_perturbed")}
+        self.log.info(f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {loss:.4f} "
+                      f"lr {lr:.5g} {tp['samples_per_s']:.1f} samples/s "
+                      + " ".join(f"leap_{k} {v:.4g}" for k, v in leap.items())
+                      + f" eta {format_eta(tp['eta_s'])}")
+        self.log.metrics(self.step, {"epoch": self.epoch, "loss": loss, "lr": lr,
+                                     "samples_per_s": tp["samples_per_s"],
+                                     **{f"leap_{k}": v for k, v in leap.items()}})
+        return loss
+
+    def _end_epoch(self) -> None:
+        self._save()
+        stats = self._gather_class_stats()
+        if stats is None or not self.ctx.is_main:
+            return
+        mean, var, valid, counts = stats
+        head = counts > self.cfg.leap.head_threshold
+        row = {}
+        for name, mask in (("head", head & valid), ("tail", ~head & valid)):
+            row[f"angular_var_{name}"] = float(var[mask].mean()) if mask.any() else float("nan")
+        self.log.metrics(self.step, {"epoch": self.epoch, **row}, tb_prefix="leap")
+        self.log.info(f"epoch {self.epoch} done: angular variance head "
+                      f"{row['angular_var_head']:.4g} tail {row['angular_var_tail']:.4g}")
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _save(self) -> None:
+        if self._saved_step == self.step:
+            return
+        self.monitor.check()                 # never write a checkpoint after a bad loss
+        replicated = None
+        if self.ctx.is_main:
+            replicated = {**self.engine.replicated_state(), "schedule": self.schedule.state_dict(),
+                          "step": self.step, "epoch": self.epoch, "batch": self.batch,
+                          "world_size": self.ctx.world_size, "config": self.cfg.to_dict()}
+        shard = {**self.engine.shard_state(), "head": self.head.shard_state(),
+                 "head_param_rows": [p.shape[0] for p in self.head.parameters()],
+                 "class_range": self.class_range, "rng": ckpt.rng_state(self.ctx.device),
+                 "rank": self.ctx.rank}
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, replicated, shard, self.ctx,
+                                    self.cfg.checkpoint.keep_last)
+        self._saved_step = self.step
+        self.log.info(f"checkpoint {path}")
+
+    def _load(self, path: Path) -> None:
+        from facetrain.heads.partial_fc import PartialFC
+
+        meta = ckpt.read_meta(path)
+        rep = ckpt.load_replicated(path, map_location=self.ctx.device)
+        self.engine.load_replicated(rep)
+        self.schedule.load_state_dict(rep["schedule"])
+        self.step, self.epoch, self.batch = rep["step"], rep["epoch"], rep["batch"]
+        self._saved_step = self.step
+        old_world = meta["world_size"]
+        if old_world == self.ctx.world_size:
+            shard = ckpt.load_shard(path, self.ctx.rank, map_location=self.ctx.device)
+            self.head.load_shard_state(shard["head"])
+            self.engine.load_shard(shard)
+            ckpt.set_rng_state(shard["rng"], self.ctx.device)
+        else:
+            # Another world size: every rank reads all shards and keeps its new class block;
+            # classifier rows, LEAP state and optimizer rows move with their classes.
+            shards = ckpt.load_all_shards(path, map_location="cpu")
+            heads = PartialFC.reshard([s["head"] for s in shards], self.ctx.world_size)
+            self.head.load_shard_state(heads[self.ctx.rank])
+            opt = ckpt.reshard_optimizer_state(shards, self.class_range)
+            self.engine.load_shard({**shards[0], "head_optim": opt}, all_shards=shards)
+            _seed_everything(self.cfg.train.seed + 7919 * self.step, self.ctx.rank)
+            # Same samples seen: the position is kept in global samples, not per-rank batches.
+            accum = self.cfg.optim.grad_accum
+            consumed = self.batch * old_world
+            self.batch = consumed // self.ctx.world_size // accum * accum
+        self.log.info(f"resumed from {path} (step {self.step}, epoch {self.epoch}, batch "
+                      f"{self.batch}, saved by {old_world} ranks, now {self.ctx.world_size})")
+
+    # ---- diagnostics, export, evaluation -------------------------------------------------
+    def _gather_class_stats(self) -> Optional[tuple]:
+        """(mean, var, valid, class_counts) over ALL classes on rank 0 (None elsewhere)."""
+        mean, var, valid = (t.detach().cpu().numpy() for t in self.head.class_stats())
+        local = (self.class_range, mean, var, valid)
+        parts = [local]
+        if self.ctx.distributed:
+            parts = [None] * self.ctx.world_size
+            # Objects, not tensors: shards are uneven, and this runs once per epoch.
+            dist.all_gather_object(parts, local, group=self.ctx.group)
+        if not self.ctx.is_main:
+            return None
+        parts.sort(key=lambda p: p[0][0])
+        cat = [np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)]
+        return cat[0], cat[1], cat[2].astype(bool), np.asarray(self.loader.class_counts)
+
+    def _leap_stats(self, tag: str) -> None:
+        stats = self._gather_class_stats()
+        if stats is None:
+            return
+        mean, var, valid, counts = stats
+        np.savez(self.out / f"leap_stats_{tag}.npz", mean=mean, var=var, valid=valid,
+                 class_counts=counts, epoch=self.epoch, step=self.step,
+                 head_threshold=self.cfg.leap.head_threshold)
+
+    def _export(self) -> Optional[Dict[str, str]]:
+        if not self.ctx.is_main:
+            return None
+        paths = ckpt.export_backbone(self.engine.backbone, self.cfg.model.backbone,
+                                     self.backbone_kwargs, self.out / "export",
+                                     self.cfg.data.image_size)
+        self.log.info("exported " + ", ".join(str(p) for p in paths.values()))
+        return {k: str(v) for k, v in paths.items()}
+
+    def _verify(self) -> None:
+        """Verification accuracy on each `eval.verification` pack (rank 0; others wait)."""
+        if self.ctx.is_main:
+            from facetrain.eval.embed import extract_features
+            from facetrain.eval.verification import evaluate_pack_features, load_pack
+
+            model = self.engine.backbone
+            was_training = model.training
+            model.eval()
+            for pack in self.cfg.eval.verification:
+                bins, issame = load_pack(pack)
+                feats = extract_features(model, bins, batch_size=self.cfg.eval.batch_size,
+                                         flip=True, device=self.ctx.device,
+                                         image_size=self.cfg.data.image_size, progress=False)
+                res = evaluate_pack_features(feats, issame)
+                name = Path(pack).stem
+                self.log.info(f"verification {name} step {self.step}: accuracy "
+                              f"{res['accuracy_mean']:.4f} +- {res['accuracy_std']:.4f}")
+                self.log.metrics(self.step, {f"{name}_acc": res["accuracy_mean"]}, "val")
+            model.train(was_training)
+        if self.ctx.distributed:
+            dist.barrier(group=self.ctx.group)
+
+
+def _to_float(v: Any) -> float:
+    return float(v.item()) if torch.is_tensor(v) else float(v)
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    """Different streams per rank (dropout, etc.); the classifier seeds its own."""
+    s = seed * 1000 + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _class_range(head: torch.nn.Module, ctx: DistContext) -> tuple:
+    """This rank's class block [start, end): shards are contiguous in rank order, so the start
+    is the sum of the lower ranks' row counts (one small all-gather at start-up)."""
+    rows = next(iter(head.parameters())).shape[0]
+    sizes = torch.tensor([rows], dtype=torch.long, device=ctx.device)
+    sizes = all_gather_no_grad(sizes, ctx.group).cpu().tolist()
+    start = int(sum(sizes[:ctx.rank]))
+    return (start, start + int(rows))
+
+
+def _maybe_die(ctx: DistContext, step: int, out: Path) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    rank, at = (int(x) for x in spec.split(":"))
+    marker = out / f".killed_rank{rank}_step{at}"
+    if ctx.rank == rank and step == at and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("killed once by " + KILL_ENV + "\n")
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,76 @@
+"""Train a face (or re-ID) model: `torchrun [--nnodes N --nproc_per_node G --rdzv_backend=c10d
+--rdzv_endpoint=HOST:PORT] launch/train_face.py [--config configs/X.yaml] [section.key=value ...]`.
+
+Without arguments it runs configs/default.yaml, the CPU demo on the embedded glyph data. NCCL on
+GPUs, gloo on CPU, chosen from the device. Everything else lives in facetrain.trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+DATA_HINT = ("build the embedded glyph data first:\n"
+             "  python data_tools/build_glyphs.py\n"
+             "  python data_tools/make_longtail.py\n"
+             "or point data.rec at your own RecordIO prefix (data.rec=/path/to/train)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="YAML experiment config (default: configs/default.yaml, the CPU demo)")
+    p.add_argument("--engine", choices=("ddp", "deepspeed"), default=None,
+                   help="training engine; same as train.engine=... (default: the config's)")
+    p.add_argument("--output-dir", default=None,
+                   help="run folder; same as train.output_dir=... (default: the config's)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted config overrides, e.g. optim.lr=0.05 leap.mode=off")
+    return p.parse_args(argv)
+
+
+def _data_present(rec: str) -> bool:
+    path = Path(rec)
+    if path.is_dir():
+        return any(path.glob("*.rec"))
+    return path.with_suffix(".rec").is_file() or Path(rec + ".rec").is_file() or path.is_file()
+
+
+def main(argv=None) -> int:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from facetrain.config import ConfigError, load_config
+    from facetrain.dist import destroy, init_distributed
+    from facetrain.trainer import NonFiniteLossError, Trainer
+
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.engine:
+        overrides.append(f"train.engine={args.engine}")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"train_face.py: config error: {err}", file=sys.stderr)
+        return 2
+    if not _data_present(cfg.data.rec):
+        print(f"train_face.py: training data {cfg.data.rec!r} (from {args.config}) is missing; "
+              f"{DATA_HINT}", file=sys.stderr)
+        return 2
+    ctx = init_distributed(cfg.train.device)
+    try:
+        Trainer(cfg, ctx).fit()
+    except (ConfigError, NonFiniteLossError) as err:
+        print(f"train_face.py: rank {ctx.rank}: {err}", file=sys.stderr)
+        return 3
+    finally:
+        destroy(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
