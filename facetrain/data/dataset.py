@@ -1,0 +1,382 @@
+"""One image dataset over one .rec/.idx pair or many shards, InsightFace or im2rec layout.
+
+InsightFace layout: key 0 is a header record (no image, label `[first_identity_key, end]`),
+keys `1 .. first_identity_key-1` are images with a scalar class label, keys
+`first_identity_key .. end-1` are one record per class with label `[first_image, end_image)`.
+im2rec layout: every record is an image. Shards (`train_000.rec`, `train_001.rec`, ...) are read
+as one dataset: our writer gives them one key space (header in the first shard, identity records
+in the last), and shards made independently by im2rec (keys repeat) are simply concatenated.
+Class counts K_i come from identity records; without them, from one header scan whose result is
+cached beside the data (or under ~/.cache/facetrain when the data folder is read-only).
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from facetrain.data import recordio as rio
+from facetrain.data.cache import cache_path_for, load_cached, save_cached
+
+log = logging.getLogger(__name__)
+PROPERTY = "property"
+
+
+class DatasetError(ValueError):
+    """A dataset that breaks the format; the message names the file and the key or offset."""
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    rec: Path
+    idx: Path
+
+
+def resolve_shards(path: Union[str, Path]) -> List[ShardFiles]:
+    """Turn a prefix, a .rec path or a folder into the ordered list of shard files."""
+    p = Path(path)
+    tried: List[str] = []
+    if p.suffix == ".rec":
+        cands = [p]
+        tried.append(str(p))
+    elif p.is_dir():
+        single = p / "train.rec"
+        shards = _shard_glob(p / "train")
+        tried += [str(single), str(p / "train_000.rec")]
+        if not single.is_file() and not shards:
+            others = sorted(p.glob("*.rec"))
+            stems = {re.sub(r"_\d+$", "", o.stem) for o in others}
+            if len(stems) == 1:
+                stem = stems.pop()
+                single, shards = p / f"{stem}.rec", _shard_glob(p / stem)
+        cands = [single] if single.is_file() else shards
+    else:
+        cands = [p.with_name(p.name + ".rec")] if p.with_name(p.name + ".rec").is_file() \
+            else _shard_glob(p)
+        tried += [f"{p}.rec", f"{p}_000.rec"]
+    cands = [c for c in cands if c.is_file()]
+    if not cands:
+        raise FileNotFoundError(f"no RecordIO data at {path}: looked for {', '.join(tried)}; "
+                                "pass a prefix (data/x/train), a .rec file or a folder holding "
+                                "train.rec or train_000.rec, train_001.rec, ...")
+    return [ShardFiles(c, c.with_suffix(".idx")) for c in cands]
+
+
+def _shard_glob(prefix: Path) -> List[Path]:
+    found = glob.glob(glob.escape(str(prefix)) + "_[0-9]*.rec")
+    found = [Path(f) for f in found if re.fullmatch(r"_\d+", Path(f).stem[len(prefix.name):])]
+    return sorted(found, key=lambda f: int(f.stem[len(prefix.name) + 1:]))
+
+
+def read_property(folder: Path) -> Optional[Tuple[int, Tuple[int, int]]]:
+    """`property` file beside the data: `num_classes,h,w` -> (num_classes, (h, w)) or None."""
+    prop = folder / PROPERTY
+    if not prop.is_file():
+        return None
+    parts = prop.read_text().strip().split(",")
+    try:
+        n, h, w = (int(x) for x in parts)
+    except ValueError:
+        raise DatasetError(f"{prop}: expected `num_classes,height,width` (three integers); got "
+                           f"{prop.read_text().strip()!r}") from None
+    return n, (h, w)
+
+
+def check_index(shard: ShardFiles) -> Tuple[np.ndarray, np.ndarray]:
+    """Read a shard's .idx and check it matches the .rec (else say how to rebuild it)."""
+    if not shard.rec.is_file():
+        raise FileNotFoundError(f"record file {shard.rec} does not exist")
+    fix = (f"rebuild it with `python data_tools/rebuild_index.py {shard.rec}` or set "
+           "data.rebuild_index=true")
+    if not shard.idx.is_file():
+        raise FileNotFoundError(f"index file {shard.idx} is missing; {fix}")
+    keys, offsets = rio.read_index(shard.idx)
+    size = shard.rec.stat().st_size
+    if keys.size == 0:
+        if size:
+            raise DatasetError(f"index file {shard.idx} is empty but {shard.rec} holds {size} "
+                               f"bytes (stale index); {fix}")
+        return keys, offsets
+    last = int(offsets.argmax())
+    if offsets[last] >= size or offsets.min() < 0:
+        raise DatasetError(f"index file {shard.idx} is stale: offset {int(offsets[last])} (key "
+                           f"{int(keys[last])}) is past the end of {shard.rec} ({size} bytes); "
+                           f"{fix}")
+    fd = os.open(shard.rec, os.O_RDONLY)
+    try:
+        _, end = rio.read_record_at(fd, int(offsets[last]), shard.rec, int(keys[last]))
+    finally:
+        os.close(fd)
+    if end != size:
+        raise DatasetError(f"index file {shard.idx} is stale: its last record ends at byte {end} "
+                           f"but {shard.rec} has {size} bytes; {fix}")
+    return keys, offsets
+
+
+def rebuild_indexes(path: Union[str, Path], force: bool = False) -> List[Path]:
+    """Rebuild every missing or stale .idx of a dataset (keys numbered across shards)."""
+    rebuilt = []
+    next_key = 0
+    for shard in resolve_shards(path):
+        ok = False
+        if not force:
+            try:
+                keys, _ = check_index(shard)
+                ok = True
+                next_key = int(keys.max()) + 1 if keys.size else next_key
+            except (FileNotFoundError, rio.RecordIOError):
+                ok = False
+        if not ok:
+            log.warning("rebuilding %s from %s", shard.idx, shard.rec)
+            next_key += rio.rebuild_index(shard.rec, shard.idx, start_key=next_key)
+            rebuilt.append(shard.idx)
+    return rebuilt
+
+
+def _label_of(header: rio.IRHeader) -> float:
+    return float(header.label[0]) if header.flag > 0 else float(header.label)
+
+
+class RecordDataset:
+    """Images of a RecordIO dataset in dataset order (shard order, then .idx order).
+
+    Per image (arrays of length len(self)): `labels` int64, `shard_ids` int32, `keys` int64,
+    `offsets` int64 (byte offset in its shard). Class facts: `num_classes`, `class_counts`
+    (int64 [num_classes], K_i), `image_shape` ((h, w) from `property`, or None).
+    """
+
+    def __init__(self, shards: List[ShardFiles], layout: str, labels: np.ndarray,
+                 shard_ids: np.ndarray, keys: np.ndarray, offsets: np.ndarray, num_classes: int,
+                 class_counts: np.ndarray, image_shape: Optional[Tuple[int, int]]):
+        self.shards = shards
+        self.layout = layout
+        self.labels = labels
+        self.shard_ids = shard_ids
+        self.keys = keys
+        self.offsets = offsets
+        self.num_classes = num_classes
+        self.class_counts = class_counts
+        self.image_shape = image_shape
+        self._fds: dict = {}
+        self._pid = -1
+
+    @classmethod
+    def open(cls, path: str, rebuild_index: bool = False) -> "RecordDataset":
+        """Open a prefix, a .rec path or a folder of shards (see the module docstring)."""
+        if rebuild_index:
+            rebuild_indexes(path)
+        shards = resolve_shards(path)
+        indexes = [check_index(s) for s in shards]
+        prop = read_property(shards[0].rec.parent)
+        header = _find_insightface_header(shards, indexes)
+        if header is not None:
+            parts = _open_insightface(shards, indexes, header)
+        else:
+            parts = _open_im2rec(shards, indexes)
+        layout, labels, sids, keys, offs, counts = parts
+        if labels.size == 0:
+            raise DatasetError(f"{shards[0].rec} holds no image records")
+        num_classes = int(counts.size)
+        shape = None
+        if prop is not None:
+            pn, shape = prop
+            prop_path = shards[0].rec.parent / PROPERTY
+            if layout == "insightface" and pn != num_classes:
+                raise DatasetError(f"{prop_path} says {pn} classes but the identity records of "
+                                   f"{shards[0].rec} list {num_classes}; fix or delete the "
+                                   "property file")
+            if pn < num_classes:
+                bad = int(np.argmax(labels >= pn))
+                raise DatasetError(
+                    f"{shards[sids[bad]].rec}: record key {int(keys[bad])} has label "
+                    f"{int(labels[bad])}, outside [0, {pn}) set by {prop_path}; fix the label or "
+                    "the property file")
+            if pn > num_classes:
+                raise DatasetError(f"{prop_path} says {pn} classes but the labels in "
+                                   f"{shards[0].rec} only reach {num_classes - 1}; fix the "
+                                   "property file")
+        return cls(shards, layout, labels, sids, keys, offs, num_classes, counts, shape)
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.shards[shard].rec, os.O_RDONLY)
+        return fd
+
+    def read_raw(self, i: int) -> bytes:
+        """Payload (IRHeader + image) of image i, as stored."""
+        s = int(self.shard_ids[i])
+        return rio.read_record_at(self._fd(s), int(self.offsets[i]), self.shards[s].rec,
+                                  int(self.keys[i]))[0]
+
+    def where(self, i: int) -> str:
+        return f"{self.shards[int(self.shard_ids[i])].rec}: record key {int(self.keys[i])} " \
+               f"at byte {int(self.offsets[i])}"
+
+    def read(self, i: int) -> Tuple[int, bytes]:
+        """(label, encoded image bytes) of image i; the stored label is checked against K_i."""
+        header, img = rio.unpack_record(self.read_raw(i), self.where(i))
+        label = _label_of(header)
+        if label != self.labels[i]:
+            raise DatasetError(f"{self.where(i)}: label {label:g} disagrees with the identity "
+                               f"records (class {int(self.labels[i])}); the dataset is corrupt")
+        return int(self.labels[i]), img
+
+    def global_offsets(self) -> np.ndarray:
+        """Offsets as if the shards were one concatenated file (DALI's index convention)."""
+        sizes = np.array([s.rec.stat().st_size for s in self.shards], dtype=np.int64)
+        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        return self.offsets + base[self.shard_ids]
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fds"], state["_pid"] = {}, -1
+        return state
+
+
+def _find_insightface_header(shards, indexes) -> Optional[Tuple[int, int, int]]:
+    """(shard, lo, hi) of an InsightFace header record (key 0, 2 float labels, no image)."""
+    keys, offs = indexes[0]
+    hit = np.nonzero(keys == 0)[0]
+    if hit.size == 0:
+        return None
+    fd = os.open(shards[0].rec, os.O_RDONLY)
+    try:
+        payload, _ = rio.read_record_at(fd, int(offs[hit[0]]), shards[0].rec, 0)
+    finally:
+        os.close(fd)
+    header, img = rio.unpack_record(payload, f"{shards[0].rec}: record key 0")
+    if header.flag != 2 or img:
+        return None
+    lo, hi = float(header.label[0]), float(header.label[1])
+    if not (lo.is_integer() and hi.is_integer() and 1 <= lo <= hi):
+        raise DatasetError(f"{shards[0].rec}: header record (key 0) has label [{lo:g}, {hi:g}]; "
+                           "an InsightFace header needs integers 1 <= first_identity <= end")
+    return 0, int(lo), int(hi)
+
+
+def _open_insightface(shards, indexes, header):
+    _, lo, hi = header
+    all_keys = np.concatenate([k for k, _ in indexes])
+    sids_all = np.concatenate([np.full(k.size, i, np.int32) for i, (k, _) in enumerate(indexes)])
+    offs_all = np.concatenate([o for _, o in indexes])
+    uniq, first = np.unique(all_keys, return_index=True)
+    if uniq.size != all_keys.size:
+        dup = int(all_keys[np.setdiff1d(np.arange(all_keys.size), first)[0]])
+        raise DatasetError(f"{shards[0].rec}: key {dup} appears twice across the shards of an "
+                           "InsightFace dataset; the shards do not belong together")
+    is_img = (all_keys >= 1) & (all_keys < lo)
+    img_keys, img_sids, img_offs = all_keys[is_img], sids_all[is_img], offs_all[is_img]
+    id_keys = np.arange(lo, hi, dtype=np.int64)
+    if hi == lo:
+        labels, counts = _scan_labels(shards, img_sids, img_keys, img_offs)
+        return "insightface", labels, img_sids, img_keys, img_offs, counts
+    pos = np.searchsorted(uniq, id_keys)
+    missing = (pos >= uniq.size) | (uniq[np.minimum(pos, uniq.size - 1)] != id_keys)
+    if missing.any():
+        raise DatasetError(f"{shards[0].rec}: identity record key {int(id_keys[missing][0])} "
+                           f"(header says identity keys {lo}..{hi - 1}) is not in the index; "
+                           "the dataset is incomplete")
+    order = first[pos]
+    starts = np.empty(hi - lo, np.int64)
+    ends = np.empty(hi - lo, np.int64)
+    fds = {}
+    try:
+        for c, j in enumerate(order):
+            s = int(sids_all[j])
+            fd = fds.get(s) or fds.setdefault(s, os.open(shards[s].rec, os.O_RDONLY))
+            where = f"{shards[s].rec}: identity record key {lo + c}"
+            payload, _ = rio.read_record_at(fd, int(offs_all[j]), shards[s].rec, lo + c)
+            h, _ = rio.unpack_record(payload, where)
+            if h.flag != 2:
+                raise DatasetError(f"{where}: expected a 2-float label [first_image, end); got "
+                                   f"flag {h.flag}")
+            starts[c], ends[c] = int(h.label[0]), int(h.label[1])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    counts = ends - starts
+    if (counts < 0).any() or (starts < 1).any() or (ends > lo).any():
+        c = int(np.nonzero((counts < 0) | (starts < 1) | (ends > lo))[0][0])
+        raise DatasetError(f"{shards[0].rec}: identity record key {lo + c} has range "
+                           f"[{starts[c]}, {ends[c]}) outside the image keys [1, {lo})")
+    by_start = np.argsort(starts, kind="stable")
+    cls_idx = np.searchsorted(starts[by_start], img_keys, side="right") - 1
+    ok = cls_idx >= 0
+    labels = np.where(ok, by_start[np.maximum(cls_idx, 0)], -1)
+    ok &= img_keys < ends[np.maximum(labels, 0)]
+    if not ok.all():
+        b = int(np.nonzero(~ok)[0][0])
+        raise DatasetError(f"{shards[img_sids[b]].rec}: image record key {int(img_keys[b])} "
+                           "is in no identity record's range; the dataset is corrupt")
+    if int(counts.sum()) != img_keys.size:
+        raise DatasetError(f"{shards[0].rec}: identity records cover {int(counts.sum())} images "
+                           f"but the index lists {img_keys.size} image keys (overlapping "
+                           "ranges or missing images)")
+    return "insightface", labels.astype(np.int64), img_sids, img_keys, img_offs, counts
+
+
+def _open_im2rec(shards, indexes):
+    keys = np.concatenate([k for k, _ in indexes])
+    sids = np.concatenate([np.full(k.size, i, np.int32) for i, (k, _) in enumerate(indexes)])
+    offs = np.concatenate([o for _, o in indexes])
+    labels, counts = _scan_labels(shards, sids, keys, offs)
+    return "im2rec", labels, sids, keys, offs, counts
+
+
+def _scan_labels(shards, sids, keys, offs) -> Tuple[np.ndarray, np.ndarray]:
+    """Labels of every image from its IRHeader; one scan, cached beside the data."""
+    cache = cache_path_for(shards[0].rec, "labels.npy")
+    stamp = [(str(s.rec), s.rec.stat().st_size, s.rec.stat().st_mtime_ns,
+              s.idx.stat().st_mtime_ns) for s in shards]
+    labels = load_cached(cache, stamp)
+    if labels is None or labels.size != keys.size:
+        labels = np.empty(keys.size, np.int64)
+        fds = [os.open(s.rec, os.O_RDONLY) for s in shards]
+        try:
+            for i in range(keys.size):
+                s = int(sids[i])
+                head = os.pread(fds[s], 8 + rio.IR_SIZE + 4, int(offs[i]))
+                magic, lrec = struct.unpack_from("<II", head)
+                where = f"{shards[s].rec}: record key {int(keys[i])} at byte {int(offs[i])}"
+                if magic != rio.MAGIC or len(head) < 8 + rio.IR_SIZE + 4 or (lrec >> 29) > 1 \
+                        or (lrec & ((1 << 29) - 1)) < rio.IR_SIZE + 4:
+                    payload, _ = rio.read_record_at(fds[s], int(offs[i]), shards[s].rec,
+                                                    int(keys[i]))
+                    h, _ = rio.unpack_record(payload, where)
+                else:
+                    flag, lab = struct.unpack_from("<If", head, 8)
+                    h = rio.IRHeader(flag, [struct.unpack_from("<f", head, 32)[0]] if flag
+                                     else lab, 0, 0)
+                value = _label_of(h)
+                if not value.is_integer() or value < 0:
+                    raise DatasetError(f"{where}: label {value:g} is not a class id (labels "
+                                       "must be integers >= 0)")
+                labels[i] = int(value)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        save_cached(cache, stamp, labels)
+    counts = np.bincount(labels, minlength=int(labels.max()) + 1 if labels.size else 0)
+    return labels, counts.astype(np.int64)
+
+
+from facetrain.data.writer import write_insightface_dataset  # noqa: E402,F401  (public API)

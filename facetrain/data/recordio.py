@@ -1,0 +1,328 @@
+"""MXNet IndexedRecordIO, read and written byte for byte without mxnet.
+
+Record framing (dmlc-core `recordio.cc`): `uint32 magic 0xced7230a`, `uint32 lrecord` (upper 3
+bits: continuation flag, lower 29 bits: length), the part's bytes, zero padding to 4 bytes. A
+payload that holds the magic word at a 4-byte-aligned position is written as several parts
+(flag 1 = first, 2 = middle, 3 = last) with that magic word removed; readers put it back.
+Payload (mxnet `recordio.pack`): IRHeader `IfQQ` (flag, label, id, id2), then `flag` float32
+labels when flag > 0 (header.label is then 0), then the encoded image.
+The `.idx` file is text, one `key<TAB>offset` line per record (offset of the record's magic).
+"""
+from __future__ import annotations
+
+import numbers
+import os
+import struct
+import warnings
+from collections import namedtuple
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_IR_FORMAT = "<IfQQ"
+IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24
+_LEN_MASK = (1 << 29) - 1
+MAX_PART = 1 << 29
+
+IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
+IRHeader.__doc__ = ("Image record header: flag (0 = scalar label, n > 0 = n float labels), label "
+                    "(float, or a float32 array when flag > 0), id and id2 (uint64).")
+
+
+class RecordIOError(ValueError):
+    """A malformed RecordIO file or index; the message names the file and the key or offset."""
+
+
+def _upper4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def pack_irheader(label: Union[float, Sequence[float], np.ndarray], id: int, id2: int,
+                  img_bytes: bytes) -> bytes:
+    """Payload for one record: IRHeader + optional float32 labels + image bytes (mxnet `pack`)."""
+    if isinstance(label, numbers.Number):
+        return struct.pack(_IR_FORMAT, 0, float(label), int(id), int(id2)) + bytes(img_bytes)
+    arr = np.asarray(label, dtype="<f4").reshape(-1)
+    return struct.pack(_IR_FORMAT, arr.size, 0.0, int(id), int(id2)) + arr.tobytes() + \
+        bytes(img_bytes)
+
+
+def pack_record(header: Union[IRHeader, Tuple], payload: bytes) -> bytes:
+    """mxnet `recordio.pack(header, s)`: header may carry a scalar or a sequence label."""
+    h = IRHeader(*header)
+    return pack_irheader(h.label, h.id, h.id2, payload)
+
+
+def unpack_record(payload: bytes, where: str = "record") -> Tuple[IRHeader, bytes]:
+    """Split a payload into (IRHeader, image bytes); multi-float labels become a float32 array."""
+    if len(payload) < IR_SIZE:
+        raise RecordIOError(f"{where}: payload of {len(payload)} bytes is shorter than the "
+                            f"{IR_SIZE}-byte IRHeader; the file is corrupt or not an image record")
+    flag, label, id_, id2 = struct.unpack_from(_IR_FORMAT, payload, 0)
+    body = payload[IR_SIZE:]
+    if flag > 0:
+        if len(body) < 4 * flag:
+            raise RecordIOError(f"{where}: IRHeader says {flag} float labels but only "
+                                f"{len(body)} bytes follow the header")
+        label = np.frombuffer(body, dtype="<f4", count=flag).astype(np.float32)
+        body = body[4 * flag:]
+    return IRHeader(flag, label, id_, id2), bytes(body)
+
+
+def unpack_irheader(payload: bytes, where: str = "record") -> Tuple[IRHeader, bytes]:
+    """Alias of `unpack_record` (mxnet calls it `unpack`)."""
+    return unpack_record(payload, where)
+
+
+def encode_record(payload: bytes) -> bytes:
+    """Frame one payload exactly as dmlc-core's RecordIOWriter::WriteRecord does."""
+    n = len(payload)
+    if n >= MAX_PART:
+        raise RecordIOError(f"a record payload of {n} bytes exceeds RecordIO's 2^29-byte limit")
+    parts: List[bytes] = []
+    start = 0
+    # The writer only looks for the magic at 4-byte-aligned positions of the payload.
+    pos = payload.find(_MAGIC_BYTES)
+    while pos != -1 and pos + 4 <= (n & ~3):
+        if pos % 4 == 0:
+            flag = 1 if start == 0 else 2
+            parts.append(struct.pack("<II", MAGIC, (flag << 29) | (pos - start)))
+            parts.append(payload[start:pos])
+            start = pos + 4
+            pos = payload.find(_MAGIC_BYTES, start)
+        else:
+            pos = payload.find(_MAGIC_BYTES, pos + 1)
+    flag = 3 if start != 0 else 0
+    parts.append(struct.pack("<II", MAGIC, (flag << 29) | (n - start)))
+    parts.append(payload[start:])
+    parts.append(b"\0" * (_upper4(n) - n))
+    return b"".join(parts)
+
+
+def read_record_at(fd: int, offset: int, path: Union[str, Path], key: object = None,
+                   file_size: Optional[int] = None) -> Tuple[bytes, int]:
+    """Read the record starting at `offset` of an open file; return (payload, offset after it).
+
+    Errors name the file, the key (when known) and the byte offset.
+    """
+    where = f"{path}: record" + (f" key {key}" if key is not None else "") + f" at byte {offset}"
+    chunks: List[bytes] = []
+    pos = offset
+    first = True
+    while True:
+        head = os.pread(fd, 8, pos)
+        if len(head) < 8:
+            raise RecordIOError(f"{where}: truncated (the file ends inside a record header"
+                                f"{'' if first else ' of a continuation part'}); the file was "
+                                "cut short: re-copy it, or rebuild the index to drop the tail")
+        magic, lrec = struct.unpack("<II", head)
+        if magic != MAGIC:
+            raise RecordIOError(f"{where}: wrong magic word 0x{magic:08x} at byte {pos} "
+                                f"(expected 0x{MAGIC:08x}); the .idx does not match the .rec "
+                                "(rebuild it with data_tools/rebuild_index.py) or the file is "
+                                "not RecordIO")
+        cflag, length = lrec >> 29, lrec & _LEN_MASK
+        if first and cflag not in (0, 1):
+            raise RecordIOError(f"{where}: starts with continuation flag {cflag}; the offset "
+                                "points inside a split record (stale .idx: rebuild it)")
+        if not first and cflag not in (2, 3):
+            raise RecordIOError(f"{where}: continuation part at byte {pos} has flag {cflag}; "
+                                "expected 2 or 3")
+        body = os.pread(fd, _upper4(length), pos + 8)
+        if len(body) < length:
+            raise RecordIOError(f"{where}: truncated (record says {length} bytes, file has "
+                                f"{len(body)} left); re-copy the file")
+        chunks.append(body[:length])
+        pos += 8 + _upper4(length)
+        if cflag in (0, 3):
+            break
+        chunks.append(_MAGIC_BYTES)
+        first = False
+    return b"".join(chunks), pos
+
+
+def scan_records(path: Union[str, Path]) -> Iterator[Tuple[int, bytes]]:
+    """Yield (offset, payload) for every record of a .rec file in file order (no index needed)."""
+    path = Path(path)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            payload, nxt = read_record_at(fd, pos, path)
+            yield pos, payload
+            pos = nxt
+    finally:
+        os.close(fd)
+
+
+def read_index(idx_path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
+    """Parse a .idx file into (keys int64 [n], offsets int64 [n]) in file order.
+
+    Keys must be integers (im2rec and InsightFace write integers).
+    """
+    idx_path = Path(idx_path)
+    if not idx_path.is_file():
+        raise FileNotFoundError(f"index file {idx_path} does not exist; rebuild it from the .rec "
+                                "with `python data_tools/rebuild_index.py "
+                                f"{idx_path.with_suffix('.rec')}` (or data.rebuild_index=true)")
+    text = idx_path.read_bytes()
+    lines = text.count(b"\n") + (1 if text and not text.endswith(b"\n") else 0)
+    flat = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flat = np.fromstring(text.decode("ascii"), dtype=np.int64, sep=" ")
+    except (ValueError, UnicodeDecodeError):
+        pass
+    if flat is None or flat.size != 2 * lines:
+        bad = 0
+        for bad, line in enumerate(text.splitlines()):
+            parts = line.split()
+            if len(parts) != 2 or not all(x.isdigit() for x in parts):
+                break
+        raise RecordIOError(f"{idx_path}: line {bad + 1} is not `integer_key<TAB>byte_offset`; "
+                            "rebuild the index with data_tools/rebuild_index.py")
+    pairs = flat.reshape(-1, 2)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+def _atomic_paths(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+class IndexedRecordWriter:
+    """Write a .rec/.idx pair; both appear under their final names only on `close()`.
+
+    Use as a context manager: an exception inside the block removes the temporary files, so a
+    crash never leaves a half-written dataset under the real name.
+    """
+
+    def __init__(self, rec_path: Union[str, Path], idx_path: Union[str, Path, None] = None):
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
+        self._rec_tmp = _atomic_paths(self.rec_path)
+        self._idx_tmp = _atomic_paths(self.idx_path)
+        self.rec_path.parent.mkdir(parents=True, exist_ok=True)
+        self._rec = open(self._rec_tmp, "wb")
+        self._idx = open(self._idx_tmp, "w", encoding="ascii")
+        self._pos = 0
+        self.count = 0
+
+    def write(self, key: int, payload: bytes) -> int:
+        """Append one record under integer `key`; return its byte offset."""
+        data = encode_record(payload)
+        off = self._pos
+        self._rec.write(data)
+        self._idx.write(f"{int(key)}\t{off}\n")
+        self._pos += len(data)
+        self.count += 1
+        return off
+
+    def write_raw(self, key: int, framed: bytes) -> int:
+        """Append an already framed record (bytes copied unchanged from another .rec)."""
+        off = self._pos
+        self._rec.write(framed)
+        self._idx.write(f"{int(key)}\t{off}\n")
+        self._pos += len(framed)
+        self.count += 1
+        return off
+
+    def close(self) -> None:
+        if self._rec.closed:
+            return
+        self._rec.close()
+        self._idx.close()
+        os.replace(self._rec_tmp, self.rec_path)
+        os.replace(self._idx_tmp, self.idx_path)
+
+    def abort(self) -> None:
+        """Drop the temporary files (nothing appears under the final names)."""
+        for fh in (self._rec, self._idx):
+            fh.close()
+        for tmp in (self._rec_tmp, self._idx_tmp):
+            tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "IndexedRecordWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class IndexedRecordReader:
+    """Random access by key (via the .idx) and sequential scan of one .rec file.
+
+    Opens its file lazily per process, so it can be pickled into DataLoader workers.
+    """
+
+    def __init__(self, rec_path: Union[str, Path], idx_path: Union[str, Path, None] = None):
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
+        if not self.rec_path.is_file():
+            raise FileNotFoundError(f"record file {self.rec_path} does not exist")
+        keys, offsets = read_index(self.idx_path)
+        self.keys = keys
+        self.offsets = offsets
+        self._pos = {int(k): int(o) for k, o in zip(keys, offsets)}
+        self._fd: Optional[int] = None
+        self._pid = -1
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.rec_path, os.O_RDONLY)
+            self._pid = os.getpid()
+        return self._fd
+
+    def read_idx(self, key: int) -> bytes:
+        """Payload of the record stored under `key`."""
+        if key not in self._pos:
+            raise KeyError(f"{self.idx_path}: no record with key {key}")
+        return read_record_at(self._file(), self._pos[key], self.rec_path, key)[0]
+
+    def read_at(self, offset: int, key: object = None) -> bytes:
+        return read_record_at(self._file(), offset, self.rec_path, key)[0]
+
+    def scan(self) -> Iterator[Tuple[int, bytes]]:
+        """(offset, payload) of every record in file order."""
+        return scan_records(self.rec_path)
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fd"], state["_pid"] = None, -1
+        return state
+
+
+def rebuild_index(rec_path: Union[str, Path], idx_path: Union[str, Path, None] = None,
+                  start_key: int = 0) -> int:
+    """Write a fresh .idx for a .rec by scanning it (atomic); return the record count.
+
+    Keys are start_key, start_key+1, ... in file order: what im2rec and InsightFace write for a
+    single file (start_key=0) and what our sharded writer writes (keys continue across shards).
+    """
+    rec_path = Path(rec_path)
+    idx_path = Path(idx_path) if idx_path else rec_path.with_suffix(".idx")
+    if not rec_path.is_file():
+        raise FileNotFoundError(f"record file {rec_path} does not exist")
+    tmp = _atomic_paths(idx_path)
+    n = 0
+    try:
+        with open(tmp, "w", encoding="ascii") as fh:
+            for off, _ in scan_records(rec_path):
+                fh.write(f"{start_key + n}\t{off}\n")
+                n += 1
+        os.replace(tmp, idx_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
