@@ -1,0 +1,65 @@
+"""Shared helpers for multi-process tests: a gloo spawn runner and single-process references.
+
+`run_spawn(fn, world_size, *args)` starts world_size CPU processes with a gloo group on a free
+port and calls fn(ctx, *args) in each (fn must be a module-level function). Run several checks
+per spawn: starting processes costs seconds.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from facetrain.config import MarginConfig
+from facetrain.dist import DistContext
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo", dist.group.WORLD)
+    try:
+        fn(ctx, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_spawn(fn: Callable, world_size: int, *args) -> None:
+    """Run fn(ctx, *args) on world_size gloo processes; any exception fails the caller."""
+    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def reference_loss(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   margin: MarginConfig, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Single-process full-softmax loss written straight from the formulas (float64 advised).
+
+    emb [N, D], weight [C, D], labels [N]; alpha [N, 1] or [N, C] LEAP angles (0 = none).
+    """
+    m_cos = margin.m_cos if margin.kind in ("cosface", "combined") else 0.0
+    m_arc = margin.m_arc if margin.kind in ("arcface", "combined") else 0.0
+    cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
+    theta = torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
+    a = torch.zeros_like(cos) if alpha is None else alpha.expand_as(cos)
+    other = torch.where(a != 0, torch.cos(torch.clamp(theta + a, 0, math.pi)), cos)
+    onehot = F.one_hot(labels, cos.shape[1]).bool()
+    tgt = torch.cos(torch.clamp(theta + a + m_arc, 0, math.pi)) - m_cos
+    if m_arc == 0:
+        tgt = torch.where(a != 0, tgt, cos - m_cos)
+    logits = margin.scale * torch.where(onehot, tgt, other)
+    return F.cross_entropy(logits, labels)
