@@ -36,6 +36,8 @@ def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Mo
         raise FileNotFoundError(f"backbone file {path} does not exist: pass --model PATH to an "
                                 "exported backbone.pt (or a TorchScript file)")
     device = torch.device(device)
+    if _is_torchscript(path):
+        return torch.jit.load(str(path), map_location=device).eval()
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as load_err:  # not a plain torch file: TorchScript archives land here
@@ -62,6 +64,15 @@ def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Mo
     model = build_backbone(obj["backbone"], **obj["kwargs"])
     model.load_state_dict(obj["state_dict"])
     return model.to(device).eval()
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips with a code/ folder; torch.save files have none."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any("/code/" in n for n in zf.namelist())
 
 
 def decode_image(img: ImageLike, where: str = "image") -> np.ndarray:
@@ -124,7 +135,7 @@ def extract_features(model: nn.Module, images: Iterable[ImageLike], batch_size: 
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     total = len(images) if hasattr(images, "__len__") else None
     if total is not None and not hasattr(images, "__iter__"):
-        images = (images[i] for i in range(total))
+        images = _indexed(images, total)
     chunks: List[np.ndarray] = []
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
@@ -141,6 +152,11 @@ def extract_features(model: nn.Module, images: Iterable[ImageLike], batch_size: 
     if not chunks:
         raise ValueError("extract_features got no images")
     return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _indexed(dataset, n: int) -> Iterator:
+    """Iterate a map-style Dataset (which need not define __iter__) in index order."""
+    return (dataset[i] for i in range(n))
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

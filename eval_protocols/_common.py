@@ -1,0 +1,134 @@
+"""Flags, model/feature resolution, table printing and JSON writing shared by the eval CLIs.
+No metric math here: that lives in facetrain.eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+class UsageError(Exception):
+    """Something the user must supply or fix; printed without a traceback."""
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_json: str,
+                    image_size: Sequence[int] = (112,)) -> None:
+    """Flags every protocol shares; image_size (side,) for faces or (H, W) for re-ID crops."""
+    from facetrain.eval import defaults
+    g = parser.add_argument_group("model / features")
+    g.add_argument("--model", default=None,
+                   help="exported backbone (facetrain-backbone .pt or TorchScript); default: the "
+                        f"newest {defaults.RUNS_GLOB}")
+    g.add_argument("--features", default=None,
+                   help="precomputed float32 features .npy, one row per image in the protocol's "
+                        "order; skips the model")
+    g.add_argument("--save-features", default=None,
+                   help="write the extracted features to this .npy for later --features runs")
+    g.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    if len(image_size) == 1:
+        g.add_argument("--image-size", type=int, default=image_size[0],
+                       help="network input side in pixels")
+    else:
+        g.add_argument("--image-size", type=int, nargs=2, default=list(image_size),
+                       metavar=("H", "W"), help="network input height and width in pixels")
+    g.add_argument("--no-flip", action="store_true",
+                   help="do not add the horizontally flipped image's embedding")
+    g.add_argument("--device", default=None, help="torch device; default cuda if available")
+    o = parser.add_argument_group("output")
+    o.add_argument("--json", default=default_json, help="write the report as JSON here")
+    o.add_argument("--plot", default=None,
+                   help="write the PNG plot here; default: next to --json with .png")
+    o.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def plot_path(args: argparse.Namespace) -> Optional[Path]:
+    if args.no_plot:
+        return None
+    return Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
+
+
+def require(path: Path, what: str, flag: str) -> Path:
+    """Fail with the missing path and the flag that points elsewhere."""
+    if not Path(path).exists():
+        raise UsageError(f"{what} not found at {path}; pass {flag} (see --help)")
+    return Path(path)
+
+
+def features_or_extract(args: argparse.Namespace, n_expected: int, what: str,
+                        dataset_factory: Callable[[], object]) -> np.ndarray:
+    """--features if given (checked against n_expected rows), else run the model."""
+    from facetrain.eval.embed import extract_features, load_backbone, load_features
+    if args.features:
+        return load_features(args.features, n_expected, what)
+    model_path = args.model
+    if model_path is None:
+        from facetrain.eval import defaults
+        model_path = defaults.latest_backbone()
+        if model_path is None:
+            raise UsageError(f"no model: nothing matches {defaults.RUNS_GLOB} (train one with "
+                             "launch/train_face.py); pass --model PATH or --features PATH.npy")
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_backbone(model_path, device)
+    print(f"model: {model_path}", file=sys.stderr)
+    feats = extract_features(model, dataset_factory(), args.batch_size, flip=not args.no_flip,
+                             device=device, image_size=args.image_size,
+                             progress=not args.quiet, desc=what)
+    if args.save_features:
+        Path(args.save_features).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.save_features, feats)
+    return feats
+
+
+def print_table(headers: Sequence[str], rows: List[Sequence[object]], title: str = "") -> None:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    if title:
+        print(title)
+    print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{100 * v:.2f}" if 0.0 <= v <= 1.0 else f"{v:.4g}"
+    return str(v)
+
+
+def write_json(path: str | Path, report: Dict[str, object]) -> Path:
+    """JSON with numpy values converted and bulky arrays (ROC curves, features) left out."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(_plain(report), fh, indent=2)
+    print(f"report: {path}")
+    return path
+
+
+def _plain(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()
+                if k not in ("roc", "template_ids", "template_features")}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]]) -> int:
+    """Call a CLI's body, turning user errors into one 'error:' line and exit status 2."""
+    try:
+        return main(argv)
+    except (UsageError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

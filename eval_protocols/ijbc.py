@@ -1,0 +1,75 @@
+"""IJB-C / IJB-B 1:1 verification (TPR at FPR 1e-6 ... 1e-1, ROC plot) and, when the gallery and
+probe CSVs are present, 1:N identification (rank-N, TPIR at FPIR).
+
+    python eval_protocols/ijbc.py                     # newest model, embedded glyph IJB-C
+    python eval_protocols/ijbc.py --root /data/IJB_release/IJBC --model backbone.pt
+    python eval_protocols/ijbc.py --root /data/IJBB --prefix ijbb --features ijbb.npy
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):                      # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval_protocols import _common  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from facetrain.eval import defaults
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--root", default=str(defaults.IJBC_ROOT),
+                   help="IJB folder holding loose_crop/ and meta/")
+    p.add_argument("--prefix", default="ijbc", choices=("ijbc", "ijbb"),
+                   help="meta file prefix: ijbc or ijbb")
+    p.add_argument("--faceness", action="store_true",
+                   help="weight image features by the detector's faceness score")
+    p.add_argument("--normalize-images", action="store_true",
+                   help="L2-normalise each image feature before pooling (default keeps the norm)")
+    p.add_argument("--no-1n", action="store_true", help="skip 1:N even when its CSVs exist")
+    _common.add_common_args(p, str(defaults.REPORTS_DIR / "ijbc.json"))
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from facetrain.eval import ijbc, ijbc_1n
+    args = build_parser().parse_args(argv)
+    root = _common.require(Path(args.root), "IJB folder", "--root DIR")
+    _common.require(root / "meta", "IJB meta folder", "--root DIR (the folder above meta/)")
+    meta = ijbc.read_meta(root, args.prefix, need_landmarks=not args.features or args.faceness)
+    feats = _common.features_or_extract(
+        args, len(meta.names), str(ijbc.meta_path(root, args.prefix, "face_tid_mid")),
+        lambda: ijbc.AlignedImages(meta, args.image_size))
+    res = ijbc.verify_features(meta, feats, args.faceness, args.normalize_images)
+    fpr, tpr = res.pop("roc")
+    t_ids, tfeat = res.pop("template_ids"), res.pop("template_features")
+    name = args.prefix.upper()
+    _common.print_table(["FPR", *res["tpr_at_fpr"]], [["TPR %", *res["tpr_at_fpr"].values()]],
+                        f"{name} 1:1 ({res['templates']} templates, {res['pairs']} pairs, "
+                        f"{res['genuine_pairs']} genuine)")
+    report = {"1:1": res}
+    if not args.no_1n and ijbc_1n.has_1n(root, args.prefix):
+        one_n = ijbc_1n.identify_templates(root, args.prefix, t_ids, tfeat)
+        report["1:N"] = one_n
+        rows = []
+        for g in (*ijbc_1n.GALLERIES, "mean"):
+            r = one_n[g]
+            rows.append([g, r["rank1"], r["rank5"], r["rank10"],
+                         *r.get("tpir_at_fpir", {}).values()])
+        fpirs = next(iter(one_n[g].get("tpir_at_fpir", {}) for g in ijbc_1n.GALLERIES))
+        print()
+        _common.print_table(["gallery", "rank-1 %", "rank-5 %", "rank-10 %",
+                             *[f"TPIR@FPIR={k} %" for k in fpirs]], rows, f"{name} 1:N")
+    _common.write_json(args.json, report)
+    png = _common.plot_path(args)
+    if png is not None:
+        from facetrain.eval.plots import plot_roc
+        print(f"plot: {plot_roc({f'{name} 1:1': (fpr, tpr)}, png, f'{name} 1:1 ROC')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_common.run(main, None))

@@ -1,0 +1,161 @@
+"""IJB-C: meta parsing and its errors, alignment, pooling vs a naive loop, chunked pair scores vs
+brute force, the whole 1:1 report vs sklearn, and 1:N vs a brute-force loop."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.metrics import roc_curve as sk_roc
+
+from facetrain.eval import ijbc, ijbc_1n
+
+from test_eval_builders import make_ijbc, subject_features
+
+
+def _naive_templates(feats, tids, mids, faceness=None, norm=False):
+    """InsightFace-style loops: per template, per media mean, sum, normalise."""
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True) if norm else feats.copy()
+    if faceness is not None:
+        f = f * faceness[:, None]
+    out = {}
+    for t in np.unique(tids):
+        ms = [f[(tids == t) & (mids == m)].mean(0) for m in np.unique(mids[tids == t])]
+        v = np.sum(ms, 0)
+        out[t] = v / np.linalg.norm(v)
+    return out
+
+
+@pytest.mark.parametrize("faceness,norm", [(False, False), (True, False), (True, True)])
+def test_pool_templates_matches_loops(tmp_path, faceness, norm):
+    rng = np.random.default_rng(0)
+    info = make_ijbc(tmp_path, rng)
+    feats = subject_features(rng, info["subjects"]) * rng.uniform(0.5, 2, (len(info["tids"]), 1))
+    fs = info["faceness"] if faceness else None
+    t_ids, tf = ijbc.pool_templates(feats.astype(np.float32), info["tids"], info["mids"], fs,
+                                    norm, chunk=5)
+    ref = _naive_templates(feats, info["tids"], info["mids"], fs, norm)
+    assert list(t_ids) == sorted(ref)
+    np.testing.assert_allclose(tf, np.stack([ref[t] for t in t_ids]), atol=1e-5)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_score_pairs_matches_brute_force(dense):
+    rng = np.random.default_rng(1)
+    t = rng.normal(size=(50, 8)).astype(np.float32)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    n_pairs = 2000 if dense else 20
+    r1 = rng.integers(0, 25, n_pairs)
+    r2 = rng.integers(20, 50, n_pairs)
+    got = ijbc.score_pairs(t, r1, r2, block_rows=7)
+    np.testing.assert_allclose(got, [t[a] @ t[b] for a, b in zip(r1, r2)], atol=1e-5)
+
+
+def test_verify_features_matches_sklearn(tmp_path):
+    rng = np.random.default_rng(2)
+    info = make_ijbc(tmp_path, rng, n_subjects=8)
+    meta = ijbc.read_meta(tmp_path)
+    feats = subject_features(rng, info["subjects"], noise=1.5)
+    res = ijbc.verify_features(meta, feats, use_faceness=True)
+    ref = _naive_templates(feats, info["tids"], info["mids"], info["faceness"])
+    p = info["pairs"]
+    scores = np.array([ref[a] @ ref[b] for a, b, _ in p])
+    fpr, tpr, _ = sk_roc(p[:, 2], scores)
+    for key, val in res["tpr_at_fpr"].items():
+        assert val == pytest.approx(tpr[fpr <= float(key)].max()), key
+    assert res["pairs"] == len(p) and res["genuine_pairs"] == int(p[:, 2].sum())
+    with pytest.raises(ValueError, match="lists"):
+        ijbc.verify_features(meta, feats[:-1])
+
+
+def _corrupt_line(path, lineno, new):
+    lines = path.read_text().splitlines()
+    lines[lineno - 1] = new
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_meta_errors_name_file_and_line(tmp_path):
+    make_ijbc(tmp_path, np.random.default_rng(3))
+    lmk = tmp_path / "meta" / "ijbc_name_5pts_score.txt"
+    good = lmk.read_text()
+    _corrupt_line(lmk, 4, "4.jpg 1 2 3 4 5 6 7 8 9 0.9")
+    with pytest.raises(ValueError, match=r"ijbc_name_5pts_score\.txt:4: expected 12 fields"):
+        ijbc.read_meta(tmp_path)
+    lmk.write_text(good)
+    _corrupt_line(lmk, 2, "other.jpg " + " ".join(["1"] * 11))
+    with pytest.raises(ValueError, match=r"ijbc_name_5pts_score\.txt:2: image 'other\.jpg'"):
+        ijbc.read_meta(tmp_path)
+    lmk.write_text(good)
+    pairs = tmp_path / "meta" / "ijbc_template_pair_label.txt"
+    _corrupt_line(pairs, 3, "100 107 x")
+    with pytest.raises(ValueError, match=r"template_pair_label\.txt:3: field label='x'"):
+        ijbc.read_meta(tmp_path)
+    _corrupt_line(pairs, 3, "100 99999 0")
+    meta = ijbc.read_meta(tmp_path)
+    with pytest.raises(ValueError, match="pair entry 3 uses template 99999"):
+        ijbc.verify_features(meta, np.ones((len(meta.names), 4), np.float32))
+    (tmp_path / "meta" / "ijbc_face_tid_mid.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ijbc_face_tid_mid\.txt is missing"):
+        ijbc.read_meta(tmp_path)
+
+
+def test_align_face_inverts_a_known_similarity():
+    rng = np.random.default_rng(4)
+    img = np.zeros((112, 112, 3), np.uint8)
+    for x, y in ijbc.ARCFACE_TEMPLATE_112:                      # bright dots at the template
+        cv2.circle(img, (int(round(x)), int(round(y))), 2, (255, 255, 255), -1)
+    ang, scale, shift = 0.3, 1.7, np.array([40.0, 25.0])
+    m = scale * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    big = cv2.warpAffine(img, np.c_[m, shift], (300, 300))
+    pts = ijbc.ARCFACE_TEMPLATE_112 @ m.T + shift + rng.normal(scale=0.05, size=(5, 2))
+    back = ijbc.align_face(big, pts, 112)
+    assert back.shape == (112, 112, 3)
+    assert np.abs(back.astype(int) - img.astype(int)).mean() < 6
+    assert ijbc.align_face(big, pts, 224).shape == (224, 224, 3)
+
+
+def test_aligned_images_error_names_image_and_line(tmp_path):
+    make_ijbc(tmp_path, np.random.default_rng(5), with_images=True)
+    meta = ijbc.read_meta(tmp_path)
+    ds = ijbc.AlignedImages(meta)
+    assert ds[0].shape == (112, 112, 3)
+    (tmp_path / "loose_crop" / meta.names[2]).write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"3\.jpg \(line 3 of .*name_5pts_score\.txt\)"):
+        ds[2]
+
+
+def test_identify_matches_brute_force():
+    rng = np.random.default_rng(6)
+    g_sid = np.arange(10)
+    p_sid = rng.integers(0, 15, 60)                             # ids >= 10 are non-mated
+    gal = subject_features(rng, g_sid, noise=0.5)
+    probe = subject_features(np.random.default_rng(6), p_sid, noise=1.0)
+    norm = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)   # noqa: E731
+    gal, probe = norm(gal), norm(probe)
+    res = ijbc_1n.identify(probe, p_sid, gal, g_sid, ranks=(1, 5), fpirs=(0.1, 0.5), block=7)
+    s = probe @ gal.T
+    mated = np.isin(p_sid, g_sid)
+    ranks = [np.sum(s[i] > s[i, p_sid[i]]) for i in np.flatnonzero(mated)]
+    assert res["rank1"] == pytest.approx(np.mean(np.array(ranks) < 1))
+    assert res["rank5"] == pytest.approx(np.mean(np.array(ranks) < 5))
+    nm_top = np.sort(s[~mated].max(1))[::-1]
+    for f in (0.1, 0.5):
+        k = int(np.floor(f * nm_top.size))
+        thr = nm_top[k]
+        hits = [s[i].argmax() == p_sid[i] and s[i].max() > thr for i in np.flatnonzero(mated)]
+        assert res["tpir_at_fpir"][f"{f:.0e}"] == pytest.approx(np.mean(hits))
+
+
+def test_identify_templates_reads_csvs(tmp_path):
+    rng = np.random.default_rng(7)
+    info = make_ijbc(tmp_path, rng, n_subjects=6, with_1n=True)
+    meta = ijbc.read_meta(tmp_path)
+    t_ids, tf = ijbc.pool_templates(subject_features(rng, info["subjects"], noise=0.1),
+                                    meta.tids, meta.mids)
+    assert ijbc_1n.has_1n(tmp_path)
+    res = ijbc_1n.identify_templates(tmp_path, "ijbc", t_ids, tf)
+    assert res["G1"]["rank1"] == 1.0 and res["G2"]["rank1"] == 1.0     # tiny noise: perfect
+    assert res["G1"]["mated_probes"] + res["G1"]["nonmated_probes"] == 12
+    csv = tmp_path / "meta" / "ijbc_1N_gallery_G1.csv"
+    csv.write_text(csv.read_text() + "100,5,x.jpg\n")
+    with pytest.raises(ValueError, match=r"G1\.csv:\d+: template 100 has subject 5"):
+        ijbc_1n.identify_templates(tmp_path, "ijbc", t_ids, tf)
