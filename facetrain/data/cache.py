@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -60,3 +60,31 @@ def save_cached(path: Path, stamp: Any, array: np.ndarray) -> None:
         os.replace(tmp_s, _stamp_path(path))
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+def memmap_for_writing(path: Path, n: int, dtype=np.int64) -> Tuple[np.ndarray, Path]:
+    """An on-disk array to fill chunk by chunk (memory stays flat); commit with `commit_memmap`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,)), tmp
+
+
+def commit_memmap(arr: np.ndarray, tmp: Path, path: Path, stamp: Any) -> None:
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+    tmp_s = tmp.with_suffix(".json")
+    tmp_s.write_text(json.dumps(stamp))
+    os.replace(tmp_s, _stamp_path(path))
+
+
+def load_cached_mmap(path: Path, stamp: Any) -> Optional[np.ndarray]:
+    """Like `load_cached` but memory-mapped read-only (no heap growth with the dataset)."""
+    sp = _stamp_path(path)
+    if not (path.is_file() and sp.is_file()):
+        return None
+    try:
+        if json.loads(sp.read_text()) != json.loads(json.dumps(stamp)):
+            return None
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None

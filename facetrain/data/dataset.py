@@ -318,13 +318,9 @@ def _open_insightface(shards, indexes, header):
         c = int(np.nonzero((counts < 0) | (starts < 1) | (ends > lo))[0][0])
         raise DatasetError(f"{shards[0].rec}: identity record key {lo + c} has range "
                            f"[{starts[c]}, {ends[c]}) outside the image keys [1, {lo})")
-    by_start = np.argsort(starts, kind="stable")
-    cls_idx = np.searchsorted(starts[by_start], img_keys, side="right") - 1
-    ok = cls_idx >= 0
-    labels = np.where(ok, by_start[np.maximum(cls_idx, 0)], -1)
-    ok &= img_keys < ends[np.maximum(labels, 0)]
-    if not ok.all():
-        b = int(np.nonzero(~ok)[0][0])
+    labels = labels_from_ranges(starts, ends, img_keys)
+    if (labels < 0).any():
+        b = int(np.nonzero(labels < 0)[0][0])
         raise DatasetError(f"{shards[img_sids[b]].rec}: image record key {int(img_keys[b])} "
                            "is in no identity record's range; the dataset is corrupt")
     if int(counts.sum()) != img_keys.size:
@@ -342,11 +338,45 @@ def _open_im2rec(shards, indexes):
     return "im2rec", labels, sids, keys, offs, counts
 
 
+def labels_from_ranges(starts: np.ndarray, ends: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Class of each image key from identity ranges [starts[c], ends[c]); -1 where none."""
+    by_start = np.lexsort((ends, starts))   # empty ranges sort before a real one at the same start
+    j = np.searchsorted(starts[by_start], keys, side="right") - 1
+    cls = by_start[np.maximum(j, 0)]
+    ok = (j >= 0) & (keys < ends[cls]) & (keys >= starts[cls])
+    return np.where(ok, cls, -1).astype(np.int64)
+
+
+def read_label_at(fd: int, off: int, rec: Path, key: int) -> int:
+    """Class label of the image record at `off` from its IRHeader alone (first float if many)."""
+    head = os.pread(fd, 8 + rio.IR_SIZE + 4, off)
+    where = f"{rec}: record key {key} at byte {off}"
+    ok = len(head) == 8 + rio.IR_SIZE + 4
+    if ok:
+        magic, lrec = struct.unpack_from("<II", head)
+        ok = magic == rio.MAGIC and (lrec >> 29) <= 1 and \
+            (lrec & ((1 << 29) - 1)) >= rio.IR_SIZE + 4
+    if ok:
+        flag, lab = struct.unpack_from("<If", head, 8)
+        h = rio.IRHeader(flag, [struct.unpack_from("<f", head, 32)[0]] if flag else lab, 0, 0)
+    else:   # short, split or broken record: the full reader gives the precise error
+        h, _ = rio.unpack_record(rio.read_record_at(fd, off, rec, key)[0], where)
+    value = _label_of(h)
+    if not value.is_integer() or value < 0:
+        raise DatasetError(f"{where}: label {value:g} is not a class id (labels must be "
+                           "integers >= 0)")
+    return int(value)
+
+
+def label_cache_stamp(shards: Sequence[ShardFiles]) -> list:
+    return [(str(s.rec), s.rec.stat().st_size, s.rec.stat().st_mtime_ns,
+             s.idx.stat().st_mtime_ns) for s in shards]
+
+
 def _scan_labels(shards, sids, keys, offs) -> Tuple[np.ndarray, np.ndarray]:
     """Labels of every image from its IRHeader; one scan, cached beside the data."""
     cache = cache_path_for(shards[0].rec, "labels.npy")
-    stamp = [(str(s.rec), s.rec.stat().st_size, s.rec.stat().st_mtime_ns,
-              s.idx.stat().st_mtime_ns) for s in shards]
+    stamp = label_cache_stamp(shards)
     labels = load_cached(cache, stamp)
     if labels is None or labels.size != keys.size:
         labels = np.empty(keys.size, np.int64)
@@ -354,23 +384,7 @@ def _scan_labels(shards, sids, keys, offs) -> Tuple[np.ndarray, np.ndarray]:
         try:
             for i in range(keys.size):
                 s = int(sids[i])
-                head = os.pread(fds[s], 8 + rio.IR_SIZE + 4, int(offs[i]))
-                magic, lrec = struct.unpack_from("<II", head)
-                where = f"{shards[s].rec}: record key {int(keys[i])} at byte {int(offs[i])}"
-                if magic != rio.MAGIC or len(head) < 8 + rio.IR_SIZE + 4 or (lrec >> 29) > 1 \
-                        or (lrec & ((1 << 29) - 1)) < rio.IR_SIZE + 4:
-                    payload, _ = rio.read_record_at(fds[s], int(offs[i]), shards[s].rec,
-                                                    int(keys[i]))
-                    h, _ = rio.unpack_record(payload, where)
-                else:
-                    flag, lab = struct.unpack_from("<If", head, 8)
-                    h = rio.IRHeader(flag, [struct.unpack_from("<f", head, 32)[0]] if flag
-                                     else lab, 0, 0)
-                value = _label_of(h)
-                if not value.is_integer() or value < 0:
-                    raise DatasetError(f"{where}: label {value:g} is not a class id (labels "
-                                       "must be integers >= 0)")
-                labels[i] = int(value)
+                labels[i] = read_label_at(fds[s], int(offs[i]), shards[s].rec, int(keys[i]))
         finally:
             for fd in fds:
                 os.close(fd)

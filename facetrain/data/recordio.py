@@ -144,6 +144,21 @@ def read_record_at(fd: int, offset: int, path: Union[str, Path], key: object = N
     return b"".join(chunks), pos
 
 
+def read_framed_at(fd: int, offset: int, path: Union[str, Path], key: object = None) -> bytes:
+    """The raw bytes of the record at `offset` (frame headers, parts, padding), for copying."""
+    buf = os.pread(fd, 16384, offset)
+    if len(buf) >= 8:
+        magic, lrec = struct.unpack_from("<II", buf)
+        if magic == MAGIC and lrec >> 29 == 0:
+            n = 8 + _upper4(lrec & _LEN_MASK)
+            if n > len(buf):
+                buf += os.pread(fd, n - len(buf), offset + len(buf))
+            if len(buf) >= n:
+                return buf[:n]
+    _, end = read_record_at(fd, offset, path, key)   # split or broken: precise checks and errors
+    return os.pread(fd, end - offset, offset)
+
+
 def scan_records(path: Union[str, Path]) -> Iterator[Tuple[int, bytes]]:
     """Yield (offset, payload) for every record of a .rec file in file order (no index needed)."""
     path = Path(path)
@@ -188,6 +203,43 @@ def read_index(idx_path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
                             "rebuild the index with data_tools/rebuild_index.py")
     pairs = flat.reshape(-1, 2)
     return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+def iter_index_chunks(idx_path: Union[str, Path], chunk_bytes: int = 1 << 24
+                      ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(keys, offsets) int64 arrays of a .idx file, a bounded chunk at a time (streaming)."""
+    idx_path = Path(idx_path)
+    if not idx_path.is_file():
+        raise FileNotFoundError(f"index file {idx_path} does not exist; rebuild it with "
+                                f"`python data_tools/rebuild_index.py {idx_path.with_suffix('.rec')}`")
+    rest = b""
+    line0 = 0
+    with open(idx_path, "rb") as fh:
+        while True:
+            block = fh.read(chunk_bytes)
+            data = rest + block
+            if not block:
+                cut = len(data)
+            else:
+                cut = data.rfind(b"\n") + 1
+            part, rest = data[:cut], data[cut:]
+            if part.strip():
+                lines = part.count(b"\n") + (0 if part.endswith(b"\n") else 1)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        flat = np.fromstring(part.decode("ascii"), dtype=np.int64, sep=" ")
+                    except (ValueError, UnicodeDecodeError):
+                        flat = np.empty(0, np.int64)
+                if flat.size != 2 * lines:
+                    raise RecordIOError(f"{idx_path}: a line near line {line0 + 1} is not "
+                                        "`integer_key<TAB>byte_offset`; rebuild the index with "
+                                        "data_tools/rebuild_index.py")
+                line0 += lines
+                pairs = flat.reshape(-1, 2)
+                yield pairs[:, 0], pairs[:, 1]
+            if not block:
+                return
 
 
 def _atomic_paths(path: Path) -> Path:
