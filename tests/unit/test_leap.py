@@ -1,0 +1,200 @@
+"""LEAP statistics and feature cloud on one process, against direct computations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import facetrain.heads.partial_fc as pfc
+from facetrain.config import HeadConfig, LeapConfig, MarginConfig
+from facetrain.dist import single_process
+from facetrain.heads.partial_fc import PartialFC
+
+COUNTS = np.array([1, 2, 3, 5, 8, 13, 4, 6, 30, 2])
+
+
+def _simulate(batches, cfg, counts):
+    """Direct reading of leap.md: centres, the last S_i angles, then Eq. 6 / Eq. 9."""
+    sizes = [max(1, math.ceil(k * cfg.memory_factor - 1e-9)) for k in counts]
+    centres, rings = {}, {i: [] for i in range(len(counts))}
+    for emb, labels in batches:
+        f = F.normalize(emb.double(), dim=1)
+        for c in sorted(set(labels.tolist())):
+            rows = f[labels == c]
+            mean = rows.mean(0)
+            centres[c] = mean if c not in centres else centres[c] + cfg.center_lr * (mean - centres[c])
+            cn = F.normalize(centres[c], dim=0)
+            rings[c] = (rings[c] + torch.acos((rows @ cn).clamp(-1, 1)).tolist())[-sizes[c]:]
+    mu = np.array([np.mean(r) if r else 0.0 for r in rings.values()])
+    var = np.array([np.var(r, ddof=1) if len(r) >= 2 else 0.0 for r in rings.values()])
+    valid = np.array([len(r) >= 2 for r in rings.values()])
+    head = counts > cfg.head_threshold
+    if cfg.mode == "vanilla":
+        pooled = var[head & valid].mean()                               # Eq. 6
+        perturb = valid & ~head & (var < pooled)
+    else:
+        w = (counts - 1) * valid
+        pooled = (w * var).sum() / w.sum()                              # Eq. 9
+        perturb = valid & (var < pooled)
+    std = np.where(perturb, np.sqrt(np.clip(pooled - var, 0, None)), 0.0)
+    return centres, rings, mu, var, valid, pooled, std
+
+
+@pytest.mark.parametrize("mode", ["full", "vanilla"])
+def test_statistics_equal_eq6_eq9_from_stored_angles(mode):
+    cfg = LeapConfig(mode=mode, update_interval=1, memory_factor=0.5, head_threshold=5, center_lr=0.3)
+    head = PartialFC(6, COUNTS, HeadConfig(), cfg, single_process(), seed=1).train()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 6, generator=g) + 2.0 * torch.arange(6.0),
+                torch.randint(0, 10, (16,), generator=g)) for _ in range(12)]
+    for emb, labels in batches:
+        head(emb, labels)
+    centres, rings, mu, var, valid, pooled, std = _simulate(batches, cfg, COUNTS)
+    leap = head.leap
+    mean_h, var_h, valid_h = head.class_stats()
+    np.testing.assert_array_equal(valid_h.numpy(), valid)
+    np.testing.assert_allclose(mean_h.numpy(), mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var_h.numpy(), var, rtol=1e-4, atol=1e-7)
+    assert head.leap_summary()["pooled_var"] == pytest.approx(pooled, rel=1e-5)
+    np.testing.assert_allclose(leap.class_std[:-1].numpy(), std, rtol=1e-4, atol=1e-6)
+    for c, ring in rings.items():
+        off, size = int(leap.mem_offset[c]), int(leap.mem_size[c])
+        stored = leap.memory[off:off + min(int(leap.count[c]), size)]
+        np.testing.assert_allclose(np.sort(stored.numpy()), np.sort(ring), rtol=1e-5, atol=1e-6)
+        if c in centres:
+            np.testing.assert_allclose(leap.centers[c].numpy(), centres[c].numpy(), rtol=1e-5, atol=1e-6)
+    assert std.max() > 0 and (std == 0).any()
+
+
+def _orthogonal_head(cfg, counts, variances, margin=MarginConfig("cosface", 10.0, 0.2, 0.0)):
+    """Class j's weight is e_j and the embeddings are e_{D-1}: every cosine is exactly 0, so a
+    logit's angle is pi/2 + alpha and alpha can be read back."""
+    c = len(counts)
+    head = PartialFC(c + 1, counts, HeadConfig(1.0, margin), cfg, single_process()).train()
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(c + 1)[:c])
+        leap = head.leap
+        n = torch.minimum(leap.mem_size[:-1], torch.full((c,), 20))
+        leap.count[:-1] = n
+        # Two-point rings with the chosen unbiased variance: sum = 0, sumsq = var * (n - 1).
+        leap.sum[:-1] = 0.0
+        leap.sumsq[:-1] = torch.tensor(variances, dtype=torch.float64) * (n - 1)
+        leap.refresh(None)
+    return head
+
+
+def _angles(head, cls, n=400):
+    emb = torch.zeros(n, head.embedding_size)
+    emb[:, -1] = 1.0
+    logits, _, _ = head.shard_logits(emb, torch.full((n,), cls))
+    other = torch.ones(logits.shape[1], dtype=torch.bool)
+    other[cls] = False
+    return torch.acos((logits[:, other] / 10.0).clamp(-1, 1)) - math.pi / 2
+
+
+def test_perturbation_spread_and_who_is_perturbed():
+    counts = np.array([50, 50, 50, 3, 3, 3])
+    var = [0.04, 0.05, 0.01, 0.01, 0.0, 0.08]
+    for mode in ("full", "vanilla"):
+        cfg = LeapConfig(mode=mode, head_threshold=20)
+        head = _orthogonal_head(cfg, counts, var)
+        v = np.array(var)
+        if mode == "full":
+            pooled = ((counts - 1) * v).sum() / (counts - 1).sum()
+            expect = np.where(v < pooled, np.sqrt(np.clip(pooled - v, 0, None)), 0.0)
+        else:
+            pooled = v[:3].mean()
+            expect = np.where((v < pooled) & (counts <= 20), np.sqrt(np.clip(pooled - v, 0, None)), 0.0)
+        assert head.leap_summary()["pooled_var"] == pytest.approx(pooled)
+        for cls in range(6):
+            a = _angles(head, cls)
+            if expect[cls] == 0:
+                assert torch.equal(a, torch.zeros_like(a)), (mode, cls)  # never perturbed
+            else:
+                assert a.std().item() == pytest.approx(expect[cls], rel=0.03), (mode, cls)
+                assert abs(a.mean().item()) < 0.01
+        # Head class 2 has a small variance: perturbed in full mode, never in vanilla.
+        assert (expect[2] > 0) == (mode == "full")
+
+
+def test_uniform_control_and_sample_granularity():
+    counts = np.array([50, 50, 50, 3, 3, 3])
+    var = [0.04, 0.05, 0.01, 0.01, 0.0, 0.08]
+    head = _orthogonal_head(LeapConfig(mode="full", control="uniform"), counts, var)
+    v, k = np.array(var), counts - 1
+    pooled = (k * v).sum() / k.sum()
+    gaps = pooled - v[v < pooled]
+    for cls in range(6):                   # every class with valid stats, same spread
+        assert _angles(head, cls).std().item() == pytest.approx(math.sqrt(gaps.mean()), rel=0.03)
+    head = _orthogonal_head(LeapConfig(mode="full", alpha_granularity="sample"), counts, var)
+    a = _angles(head, 3)
+    assert torch.allclose(a, a[:, :1].expand_as(a), atol=1e-5) and a.std() > 0.01
+
+
+def test_null_control_is_baseline_but_consumes_the_same_stream():
+    counts = np.array([50, 50, 50, 3, 3, 3])
+    var = [0.04, 0.05, 0.01, 0.01, 0.0, 0.08]
+    heads = {c: _orthogonal_head(LeapConfig(mode="full", control=c), counts, var) for c in ("none", "null")}
+    emb = torch.randn(8, 7, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([3, 4, 0, 2, 3, 1, 5, 3])
+    null_loss = heads["null"](emb, labels)
+    heads["none"](emb, labels)
+    base = _orthogonal_head(LeapConfig(mode="full"), counts, var).eval()(emb, labels)
+    torch.testing.assert_close(null_loss, base, rtol=0, atol=0)
+    assert torch.equal(heads["null"]._logit_gen.get_state(), heads["none"]._logit_gen.get_state())
+
+
+def test_zero_angles_give_the_baseline_loss(monkeypatch):
+    counts = np.array([50, 50, 50, 3, 3, 3])
+    var = [0.04, 0.05, 0.01, 0.01, 0.0, 0.08]
+    for margin in (MarginConfig("cosface", 10.0, 0.2, 0.0), MarginConfig("arcface", 10.0, 0.0, 0.4)):
+        head = _orthogonal_head(LeapConfig(mode="full", update_interval=10**6), counts, var, margin)
+        head.calls = 1                     # no statistics update inside the compared steps
+        g = torch.Generator().manual_seed(4)
+        emb = torch.randn(12, 7, generator=g)
+        labels = torch.tensor([3, 4, 0, 2, 3, 1, 5, 3, 2, 2, 0, 4])
+        real = pfc.draw_alpha
+        monkeypatch.setattr(pfc, "draw_alpha", lambda *a, **k: torch.zeros_like(real(*a, **k)))
+        e1 = emb.clone().requires_grad_()
+        loss = head(e1, labels)
+        loss.backward()
+        monkeypatch.setattr(pfc, "draw_alpha", real)
+        assert head.leap.batch_std(labels, None).gt(0).sum() >= 4    # rows went the LEAP path
+        head.set_epoch(-1)                 # before start_epoch: the plain baseline
+        head.zero_grad()
+        e2 = emb.clone().requires_grad_()
+        base = head(e2, labels)
+        base.backward()
+        torch.testing.assert_close(loss, base, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e1.grad, e2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_finite_loss_and_grads_when_cosines_are_exactly_one():
+    counts = np.array([50, 50, 50, 3, 3, 3])
+    var = [0.04, 0.05, 0.01, 0.01, 0.0, 0.08]
+    for kind in ("cosface", "arcface"):
+        head = _orthogonal_head(LeapConfig(mode="full", update_interval=10**6), counts, var,
+                                MarginConfig(kind, 64.0, 0.35, 0.5))
+        head.calls = 1
+        emb = torch.eye(7)[[3, 4, 5, 3, 0]]          # cos = 1 to the target, 0 elsewhere
+        emb2 = -torch.eye(7)[[3, 4]]                 # cos = -1 to class 3 / 4
+        e = torch.cat([emb, emb2]).requires_grad_()
+        labels = torch.tensor([3, 4, 5, 3, 0, 4, 3])
+        loss = head(e, labels)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert torch.isfinite(e.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+def test_before_start_epoch_and_in_eval_nothing_is_perturbed():
+    counts = np.array([50, 50, 50, 3, 3, 3])
+    var = [0.04, 0.05, 0.01, 0.01, 0.0, 0.08]
+    head = _orthogonal_head(LeapConfig(mode="full", start_epoch=3), counts, var)
+    assert torch.equal(_angles(head, 3), torch.zeros(400, 5))
+    head.set_epoch(3)
+    assert _angles(head, 3).std() > 0.05
+    head.eval()
+    assert torch.equal(_angles(head, 3), torch.zeros(400, 5))
