@@ -1,0 +1,99 @@
+"""PartialFC on one process: init, sampling, autocast, checkpoints and error messages."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from facetrain.config import HeadConfig, LeapConfig, MarginConfig
+from facetrain.dist import DistContext, single_process
+from facetrain.heads.partial_fc import PartialFC, init_rows
+from facetrain.heads.partition import class_range, partition_bounds
+
+COUNTS = np.arange(1, 24)
+
+
+def _ctx(rank, world):
+    return DistContext(rank, world, rank, torch.device("cpu"), None, None)
+
+
+def test_partition_is_contiguous_and_uneven():
+    assert partition_bounds(10, 3) == [0, 4, 7, 10]
+    assert class_range(10, 3, 2) == (7, 10)
+    with pytest.raises(ValueError, match="at least one class"):
+        partition_bounds(2, 3)
+
+
+def test_init_does_not_depend_on_world_size():
+    full = init_rows(0, 65540, 3, seed=7)
+    torch.testing.assert_close(init_rows(65530, 65540, 3, seed=7), full[65530:])
+    heads = [PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="off"), _ctx(r, 3), seed=2) for r in range(3)]
+    one = PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="off"), single_process(), seed=2)
+    torch.testing.assert_close(torch.cat([h.weight.detach() for h in heads]), one.weight.detach())
+
+
+def test_sampling_keeps_every_positive_and_only_sampled_rows_get_gradient():
+    counts = np.ones(200, dtype=np.int64) * 5
+    head = PartialFC(8, counts, HeadConfig(0.1), LeapConfig(mode="off"), single_process(), seed=1).train()
+    labels = torch.tensor([3, 3, 150, 199, 0, 77])
+    loss = head(torch.randn(6, 8), labels)
+    loss.backward()
+    idx = head.last_sample_index
+    assert idx.shape[0] == 20 and torch.isin(labels, idx).all()
+    assert torch.equal(idx, idx.sort().values) and len(set(idx.tolist())) == 20
+    rows = head.weight.grad.abs().sum(1) > 0
+    assert rows.sum() <= 20 and rows[labels].all() and not rows[~torch.isin(torch.arange(200), idx)].any()
+    head.eval()                            # evaluation always uses every class
+    torch.testing.assert_close(head(torch.randn(6, 8), labels).isfinite(), torch.tensor(True))
+
+
+def test_bf16_autocast_matmul_stays_close_to_fp32():
+    head = PartialFC(16, COUNTS, HeadConfig(1.0, MarginConfig("arcface", 32.0, 0.0, 0.3)),
+                     LeapConfig(mode="full", update_interval=1), single_process(), seed=0).train()
+    emb, labels = torch.randn(8, 16), torch.randint(0, 23, (8,))
+    ref = head(emb, labels)
+    head.calls = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = head(emb, labels)
+    assert low.dtype == torch.float32
+    assert abs(low.item() - ref.item()) < 0.05 * abs(ref.item())
+
+
+def test_shard_state_roundtrip_and_reshard_1_to_3():
+    cfg = LeapConfig(mode="vanilla", update_interval=1, head_threshold=10)
+    one = PartialFC(4, COUNTS, HeadConfig(), cfg, single_process(), seed=3).train()
+    for s in range(5):
+        g = torch.Generator().manual_seed(s)
+        one(torch.randn(20, 4, generator=g), torch.randint(0, 23, (20,), generator=g))
+    state = one.shard_state()
+    parts = PartialFC.reshard([state], 3)
+    assert [(p["class_start"], p["class_end"]) for p in parts] == [(0, 8), (8, 16), (16, 23)]
+    mean, var, valid = one.class_stats()
+    for r, p in enumerate(parts):
+        h = PartialFC(4, COUNTS, HeadConfig(), cfg, _ctx(r, 3), seed=99)
+        h.load_shard_state(p)
+        for a, b in zip(h.class_stats(), (mean, var, valid)):
+            torch.testing.assert_close(a, b[h.start:h.end])
+        assert h.leap_summary()["pooled_var"] == one.leap_summary()["pooled_var"]
+    back = PartialFC.reshard(parts, 1)[0]
+    for k, v in state["leap"].items():
+        torch.testing.assert_close(back["leap"][k], v, msg=k)
+    torch.testing.assert_close(back["weight"], state["weight"])
+
+
+def test_errors_name_the_problem_and_the_fix():
+    head = PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="off"), single_process())
+    with pytest.raises(ValueError, match=r"embeddings must be \[B, 4\]"):
+        head(torch.randn(3, 5), torch.zeros(3, dtype=torch.int64))
+    parts = PartialFC.reshard([head.shard_state()], 2)
+    with pytest.raises(ValueError, match="PartialFC.reshard"):
+        head.load_shard_state(parts[1])
+    with pytest.raises(ValueError, match="shard is missing"):
+        PartialFC.reshard(parts[:1], 3)
+    with pytest.raises(ValueError, match="no process group"):
+        PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="off"), _ctx(0, 2))(
+            torch.randn(2, 4), torch.zeros(2, dtype=torch.int64))
+    other = PartialFC(4, np.arange(1, 24) * 3, HeadConfig(), LeapConfig(mode="full"), single_process())
+    with pytest.raises(ValueError, match="memory sizes differ"):
+        other.load_shard_state(PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="full"),
+                                         single_process()).shard_state())
