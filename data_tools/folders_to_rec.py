@@ -1,0 +1,46 @@
+"""Pack image folders into an InsightFace-layout RecordIO dataset.
+
+    python data_tools/folders_to_rec.py faces/ data/mine/train            # faces/<id>/*.jpg
+    python data_tools/folders_to_rec.py Market-1501/bounding_box_train data/market/train
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facetrain.data.folders import folders_to_rec  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("root", help="folder with one sub-folder per identity, or a flat folder of "
+                                "Market-1501-style names (PPPP_c1s1_000451_03.jpg)")
+    p.add_argument("output", help="output prefix, e.g. data/mine/train (writes train.rec/.idx, "
+                                  "property, labels.csv)")
+    p.add_argument("--layout", choices=("auto", "folders", "flat"), default="auto",
+                   help="input shape (default: folders if root has sub-folders, else flat)")
+    p.add_argument("--size", type=int, nargs="+", default=None, metavar="PX",
+                   help="resize to S (square) or H W and re-encode as JPEG; default: copy bytes")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="split into output_000.rec, ... of this many images each")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the decode check of every image (faster; bad files fail later)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        s = folders_to_rec(args.root, args.output, args.layout, args.size, args.shard_size,
+                           check=not args.no_check, progress=not args.no_progress)
+    except (OSError, ValueError) as exc:
+        print(f"folders_to_rec: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {s.output}: {s.classes} identities, {s.images} images ({s.layout} layout, "
+          f"image shape {s.image_shape[0]}x{s.image_shape[1]}"
+          f"{f', {s.dropped} junk files with id < 0 left out' if s.dropped else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

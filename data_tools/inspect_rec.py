@@ -1,0 +1,38 @@
+"""Describe a RecordIO dataset: layout, shards, classes, images, images-per-class histogram.
+
+    python data_tools/inspect_rec.py data/glyphs/train
+    python data_tools/inspect_rec.py data/ms1m/train --check-decode 10000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facetrain.data.summary import describe, format_summary  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("path", help="dataset prefix, .rec file or folder of shards")
+    p.add_argument("--check-decode", type=int, nargs="?", const=-1, default=0, metavar="N",
+                   help="decode the first N images (all when N is omitted) and list bad ones")
+    p.add_argument("--rebuild-index", action="store_true",
+                   help="rebuild missing or stale .idx files first")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = p.parse_args(argv)
+    decode = None if args.check_decode == -1 else args.check_decode
+    try:
+        info = describe(args.path, decode=decode, rebuild_index=args.rebuild_index)
+    except (OSError, ValueError) as exc:   # DatasetError/RecordIOError are ValueErrors
+        print(f"inspect_rec: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=1) if args.json else format_summary(info))
+    return 1 if info.get("undecodable") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

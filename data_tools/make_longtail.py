@@ -1,0 +1,69 @@
+"""Make a long-tailed subset of a RecordIO face/re-ID dataset (the LEAP paper's protocols).
+
+    python data_tools/make_longtail.py --head 3000 --tail 10000            # face <H3K,T10K>
+    python data_tools/make_longtail.py --input data/duke/train --head 20   # re-ID <H20,S5>
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facetrain.data.dataset import resolve_shards  # noqa: E402
+from facetrain.data.longtail import (DEFAULT_INPUT, DEFAULT_TAIL_SAMPLES,  # noqa: E402
+                                     default_output, make_longtail)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--input", default=DEFAULT_INPUT,
+                   help=f"source dataset: prefix, .rec file or folder of shards "
+                        f"(default {DEFAULT_INPUT}, the embedded glyph set)")
+    p.add_argument("--output", default=None,
+                   help="output folder (default data/longtail_H{head}_T{tail|all}_S{S})")
+    p.add_argument("--head", type=int, required=True,
+                   help="number of head classes (largest by image count) kept whole")
+    p.add_argument("--tail", type=int, default=None,
+                   help="number of tail classes after the head (default: every remaining class "
+                        "with at least --tail-samples images)")
+    p.add_argument("--tail-samples", type=int, default=DEFAULT_TAIL_SAMPLES,
+                   help=f"images kept per tail class, chosen at random (default "
+                        f"{DEFAULT_TAIL_SAMPLES}, the paper's S)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tail image choice")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="split the output into train_000.rec, ... of this many images each")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        resolve_shards(args.input)
+    except FileNotFoundError as exc:
+        hint = (" The default input is the embedded glyph set; build it with `python "
+                "data_tools/build_glyphs.py` or "
+                "pass --input PREFIX.") if args.input == DEFAULT_INPUT else ""
+        print(f"make_longtail: {exc}{hint}", file=sys.stderr)
+        return 2
+    out = args.output or default_output(args.head, args.tail, args.tail_samples)
+    try:
+        s = make_longtail(args.input, out, args.head, args.tail, args.tail_samples, args.seed,
+                          args.shard_size, progress=not args.no_progress)
+    except (OSError, ValueError) as exc:   # DatasetError/RecordIOError are ValueErrors
+        print(f"make_longtail: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {s.output}: {s.head_classes} head classes ({s.head_images} images) + "
+          f"{s.tail_classes} tail classes ({s.tail_images} images) = "
+          f"{s.head_classes + s.tail_classes} classes, {s.head_images + s.tail_images} images "
+          f"in {s.seconds:.1f} s ({s.records_per_s:,.0f} records/s); manifest: "
+          f"{Path(s.output) / 'manifest.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
