@@ -1,0 +1,163 @@
+"""Classifier alone (PartialFC + margin + LEAP + distributed softmax CE): forward + backward.
+
+One process, the whole class range on one device (the model-parallel shard of a 1-GPU run), a
+synthetic on-device batch of embeddings, no backbone and no optimizer. LEAP "on" is the full
+mode with per-logit angles, with statistics warmed up first so that most tail rows are
+perturbed (the cost of the block pass does not depend on how many rows are).
+
+    python benchmarks/classifier_bench.py                     # CPU: 9,343 and 20,000 classes
+    python benchmarks/classifier_bench.py --device cuda       # 93,431 and 2,000,000 classes
+
+Peak memory: on CUDA the allocator's peak over the timed steps of that row; on CPU the process's
+peak resident set so far (monotone over rows; includes Python and torch themselves).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    # Run as a script from a checkout: make `facetrain` importable without installing.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facetrain.config import HeadConfig, LeapConfig, MarginConfig  # noqa: E402
+from facetrain.dist import single_process  # noqa: E402
+from facetrain.heads.partial_fc import PartialFC  # noqa: E402
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Row:
+    classes: int
+    sample_rate: float
+    leap: str
+    batch_size: int
+    precision: str
+    device: str
+    ms_per_step: float
+    peak_mem_gib: float
+    leap_overhead_pct: Optional[float] = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _long_tail_counts(num_classes: int, rng: np.random.RandomState) -> np.ndarray:
+    """Zipf-like K_i in [2, 500]: a few head classes, a long tail."""
+    return np.clip((500 / (1 + np.arange(num_classes)) ** 0.6).astype(np.int64), 2, 500)[
+        rng.permutation(num_classes)]
+
+
+def bench_one(classes: int, rate: float, leap: str, args, device: torch.device) -> Row:
+    rng = np.random.RandomState(0)
+    counts = _long_tail_counts(classes, rng)
+    leap_cfg = LeapConfig(mode="full" if leap == "on" else "off", update_interval=args.update_interval)
+    head_cfg = HeadConfig(rate, MarginConfig("arcface", 64.0, 0.0, 0.5))
+    head = PartialFC(args.dim, counts, head_cfg, leap_cfg, single_process(device), seed=0).train()
+    gen = torch.Generator(device=device).manual_seed(0)
+    # A small label pool so classes repeat and LEAP statistics become valid during warm-up.
+    pool = torch.randint(0, classes, (max(args.batch_size // 4, 1),), generator=gen, device=device)
+    dtype = _DTYPES[args.precision]
+
+    def step() -> None:
+        emb = torch.randn(args.batch_size, args.dim, generator=gen, device=device, requires_grad=True)
+        labels = pool[torch.randint(0, pool.numel(), (args.batch_size,), generator=gen, device=device)]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = head(emb, labels)
+        loss.backward()
+        head.weight.grad = None
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    ms = (time.perf_counter() - t0) * 1000 / args.steps
+    if leap == "on" and head.leap_summary()["num_perturbed"] == 0:
+        print(f"warning: LEAP perturbed no class at {classes} classes", file=sys.stderr)
+    row = Row(classes, rate, leap, args.batch_size, args.precision, str(device), ms, _peak_gib(device))
+    del head
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run(args) -> List[Row]:
+    device = torch.device(args.device)
+    classes = args.classes or ([93_431, 2_000_000] if device.type == "cuda" else [9_343, 20_000])
+    rows: List[Row] = []
+    for c in classes:
+        for rate in args.sample_rates:
+            base = None
+            for leap in args.leap:
+                row = bench_one(c, rate, leap, args, device)
+                if leap == "off":
+                    base = row.ms_per_step
+                elif base is not None:
+                    row.leap_overhead_pct = 100.0 * (row.ms_per_step - base) / base
+                rows.append(row)
+                print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(r: Row) -> str:
+    over = "" if r.leap_overhead_pct is None else f"{r.leap_overhead_pct:+.1f}%"
+    return (f"| {r.classes:,} | {r.sample_rate} | {r.leap} | {r.batch_size} | {r.precision} | "
+            f"{r.ms_per_step:.2f} | {over} | {r.peak_mem_gib:.2f} |")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    p.add_argument("--classes", type=int, nargs="*", help="class counts (default: by device)")
+    p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1], help="head.sample_rate values")
+    p.add_argument("--leap", nargs="+", default=["off", "on"], choices=["off", "on"], help="LEAP settings")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 256 cuda, 64 cpu)")
+    p.add_argument("--dim", type=int, default=512, help="embedding size")
+    p.add_argument("--precision", default=None, choices=list(_DTYPES), help="autocast dtype "
+                   "(default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--update-interval", type=int, default=5, help="leap.update_interval")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per row")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30 cuda, 5 cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here as JSON")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA build of torch and a visible GPU")
+    args.batch_size = args.batch_size or (256 if cuda else 64)
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.steps = args.steps or (30 if cuda else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("| classes | sample rate | LEAP | batch | precision | ms/step | LEAP overhead | peak mem GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = run(args)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
