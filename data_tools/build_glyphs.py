@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Build the embedded glyph benchmark (CJK characters as identities, font designs as photos).
+
+  python data_tools/build_glyphs.py            -> data/glyphs/{train.rec,train.idx,property,
+                                                  eval/verification.bin, eval/IJBC/, eval/megaface/,
+                                                  manifest.json}
+Same seed and fonts -> byte-identical output. Needs the Debian font packages listed by
+`python data_tools/glyph_fonts.py --missing-packages` (scripts/setup.sh --fonts installs them).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/glyphs", help="output folder (default: data/glyphs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--train-classes", type=int, default=2000,
+                   help="training characters (default 2000)")
+    p.add_argument("--eval-classes", type=int, default=500,
+                   help="held-out characters for verification, IJB-C and MegaFace probes "
+                        "(default 500)")
+    p.add_argument("--distractor-classes", type=int, default=500,
+                   help="further characters used only as MegaFace distractors (default 500)")
+    p.add_argument("--min-designs", type=int, default=20,
+                   help="a character needs this many non-blank designs (default 20)")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--jobs", type=int, default=2, help="rendering processes (default 2)")
+    p.add_argument("--verification-pairs", type=int, default=3000,
+                   help="pairs in verification.bin, a multiple of 20 (default 3000)")
+    p.add_argument("--ijbc-impostor-pairs", type=int, default=100000,
+                   help="different-class template pairs in the IJB-C pair list (default 100000)")
+    p.add_argument("--holdout-designs", nargs="*", default=[],
+                   help="designs kept out of training (name or file substrings, e.g. Kouzan "
+                        "Soseki kiloji); they still appear in the evaluation sets")
+    p.add_argument("--font-roots", nargs="+", default=None,
+                   help="folders searched for fonts (default: /usr/share/fonts)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or font log")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    # Runnable from a checkout without `pip install -e .`: the repository root holds facetrain/.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from facetrain.glyphs.build import BuildSettings, GlyphBuildError, build
+    from facetrain.glyphs.fonts import FONT_ROOTS
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="[build_glyphs] %(message)s")
+    logging.getLogger("fontTools").setLevel(logging.ERROR)   # noisy about old font timestamps
+    settings = BuildSettings(
+        out=args.out, seed=args.seed, train_classes=args.train_classes,
+        eval_classes=args.eval_classes, distractor_classes=args.distractor_classes,
+        min_designs=args.min_designs, size=args.size, jobs=args.jobs,
+        verification_pairs=args.verification_pairs, ijbc_impostor_pairs=args.ijbc_impostor_pairs,
+        holdout_designs=tuple(args.holdout_designs),
+        font_roots=tuple(args.font_roots) if args.font_roots else FONT_ROOTS)
+    start = time.time()
+    try:
+        m = build(settings, progress=not args.quiet)
+    except GlyphBuildError as err:
+        print(f"build_glyphs: {err}", file=sys.stderr)
+        return 2
+    used = sum(1 for d in m["designs"] if d["in_training"])
+    print(f"built {args.out} in {time.time() - start:.1f}s: {len(m['designs'])} designs "
+          f"({used} in training, {len(m['dropped_fonts'])} font faces dropped); "
+          f"train {len(m['train']['classes'])} classes / {m['train']['images']} images "
+          f"at {args.size}x{args.size}; eval {len(m['eval']['classes'])} classes "
+          f"(verification {m['verification']['pairs']} pairs, IJB-C {m['ijbc']['templates']} "
+          f"templates / {m['ijbc']['genuine_pairs']}+{m['ijbc']['impostor_pairs']} pairs, "
+          f"MegaFace {m['megaface']['facescrub_images']} probes / "
+          f"{m['megaface']['megaface_images']} distractors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

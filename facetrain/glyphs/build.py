@@ -1,0 +1,273 @@
+"""Build the embedded glyph benchmark: characters are identities, font designs their photos.
+
+Steps: find one face per installed CJK design (fonts.py); pick characters covered by at least
+`min_designs` designs in a seeded order; render each in each design, dropping blank renders;
+split into disjoint training, held-out evaluation and distractor classes; write the training set
+as an InsightFace-layout RecordIO and the held-out classes as an LFW-style pack, an IJB-C-style
+folder and a MegaFace-style probe/distractor set (eval_sets.py). Same seed -> same bytes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from facetrain.glyphs import eval_sets
+from facetrain.glyphs.fonts import (FONT_PACKAGES, FONT_ROOTS, PROBE_CHARS, DesignChoice,
+                                    FontFace, discover_faces, missing_packages, select_designs)
+from facetrain.glyphs.render import render_many
+
+log = logging.getLogger(__name__)
+
+DATA_ROOT = Path("data/glyphs")
+TRAIN_PREFIX = "train"             # <out>/train.rec, train.idx, property
+EVAL_DIR = "eval"                  # <out>/eval/{verification.bin, IJBC/, megaface/}
+VERIFICATION_BIN = "verification.bin"
+MANIFEST = "manifest.json"
+# Characters to render beyond what the splits need, since blank renders can drop a candidate
+# below min_designs; more are rendered in further rounds if still short.
+RENDER_SLACK = 1.1
+
+
+class GlyphBuildError(ValueError):
+    """A build setting or machine state that cannot produce the dataset; says what to change."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Every knob of a build; written into the manifest."""
+
+    out: str = str(DATA_ROOT)
+    seed: int = 0
+    train_classes: int = 2000
+    eval_classes: int = 500
+    distractor_classes: int = 500
+    min_designs: int = 20            # a class needs this many (non-blank) designs
+    size: int = 32                   # output image side (the property file says it)
+    jobs: int = 2                    # rendering processes
+    verification_pairs: int = 3000
+    ijbc_impostor_pairs: int = 100000
+    holdout_designs: Tuple[str, ...] = ()   # name/file substrings: designs kept out of training
+    font_roots: Tuple[str, ...] = field(default=FONT_ROOTS)
+
+    def validate(self) -> None:
+        for name in ("train_classes", "eval_classes", "min_designs", "size", "jobs"):
+            if getattr(self, name) < 1:
+                raise GlyphBuildError(f"--{name.replace('_', '-')} must be >= 1; "
+                                      f"got {getattr(self, name)}")
+        if self.distractor_classes < 1:
+            raise GlyphBuildError("--distractor-classes must be >= 1 (MegaFace needs "
+                                  f"distractors); got {self.distractor_classes}")
+        if self.min_designs < 2:
+            raise GlyphBuildError(f"--min-designs must be >= 2 (a class needs two images for a "
+                                  f"same-class pair); got {self.min_designs}")
+        if self.size < 8:
+            raise GlyphBuildError(f"--size must be >= 8 pixels; got {self.size}")
+
+
+@dataclass
+class Classes:
+    """Rendered classes: char -> [(design index, image uint8 [S, S])], in design order."""
+
+    train: List[Tuple[str, List[Tuple[int, np.ndarray]]]]
+    eval: List[Tuple[str, List[Tuple[int, np.ndarray]]]]
+    distractors: List[Tuple[str, List[Tuple[int, np.ndarray]]]]
+
+
+def class_name(ch: str) -> str:
+    """Folder-safe class name of a character: 'u4e00'."""
+    return f"u{ord(ch):04x}"
+
+
+def find_designs(settings: BuildSettings) -> DesignChoice:
+    """Designs on this machine; too few for `min_designs` is an error naming missing packages."""
+    choice = select_designs(discover_faces(settings.font_roots))
+    for face, why in choice.dropped:
+        log.info("font dropped: %s (%s): %s", face.key, face.name, why)
+    for face in choice.kept:
+        log.info("font kept: %s (%s), %d ideographs", face.key, face.name, len(face.coverage))
+    n_train = len(training_designs(choice.kept, settings.holdout_designs))
+    if n_train < settings.min_designs:
+        missing = missing_packages(FONT_PACKAGES)
+        fix = (f"install the missing font packages: sudo apt-get install {' '.join(missing)} "
+               "(or run scripts/setup.sh --fonts as root)") if missing else \
+            "all listed font packages are installed: lower --min-designs"
+        raise GlyphBuildError(f"found {len(choice.kept)} distinct CJK font designs under "
+                              f"{', '.join(settings.font_roots)} ({n_train} usable for training) "
+                              f"but --min-designs is {settings.min_designs}; {fix}")
+    return choice
+
+
+def training_designs(designs: Sequence[FontFace], holdout: Sequence[str]) -> List[int]:
+    """Indices of designs used for training: all but those whose name or file matches `holdout`."""
+    def held(face: FontFace) -> bool:
+        return any(h.lower() in face.name.lower() or h.lower() in face.key.lower()
+                   for h in holdout)
+    return [i for i, f in enumerate(designs) if not held(f)]
+
+
+def candidate_order(designs: Sequence[FontFace], use: Sequence[int], min_designs: int,
+                    seed: int) -> List[str]:
+    """Characters covered by >= min_designs of the designs `use`, in a seeded random order."""
+    counts: Dict[int, int] = {}
+    for i in use:
+        for cp in designs[i].coverage:
+            counts[cp] = counts.get(cp, 0) + 1
+    eligible = np.array(sorted(cp for cp, n in counts.items() if n >= min_designs), np.int64)
+    order = np.random.default_rng([seed, 0]).permutation(eligible)
+    return [chr(int(cp)) for cp in order]
+
+
+def render_chars(designs: Sequence[FontFace], chars: Sequence[str], size: int, jobs: int,
+                 progress: bool) -> Dict[str, List[Tuple[int, np.ndarray]]]:
+    """Render `chars` in every design covering them; blank renders are left out. One task per
+    design (a worker opens each font once); results are assembled in design order."""
+    tasks = []
+    for i, face in enumerate(designs):
+        mine = [c for c in chars if ord(c) in face.coverage]
+        probe = [c for c in PROBE_CHARS if ord(c) in face.coverage]
+        tasks.append((face.path, face.index, size, mine, probe))
+    results: List[Optional[Tuple]] = [None] * len(tasks)
+    bar = _progress(len(tasks), "render designs", progress)
+    if jobs > 1:
+        # spawn: the parent may hold threads (torch, tqdm); forking those is unsafe.
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
+            for i, res in pool.imap_unordered(_render_task, list(enumerate(tasks))):
+                results[i] = res
+                bar(1)
+    else:
+        for i, task in enumerate(tasks):
+            results[i] = render_many(*task)
+            bar(1)
+    bar(0, close=True)
+    out: Dict[str, List[Tuple[int, np.ndarray]]] = {c: [] for c in chars}
+    for i, (task, res) in enumerate(zip(tasks, results)):
+        for ch, img in zip(task[3], res):
+            if img is not None:
+                out[ch].append((i, img))
+    return out
+
+
+def _render_task(item: Tuple[int, Tuple]) -> Tuple[int, Tuple]:
+    i, task = item
+    return i, render_many(*task)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Callable[..., None]:
+    """A tqdm-backed `update(n, close=False)`; a no-op when progress is off."""
+    if not enabled:
+        return lambda n, close=False: None
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit="it", leave=False)
+
+    def update(n: int, close: bool = False) -> None:
+        bar.update(n)
+        if close:
+            bar.close()
+    return update
+
+
+def choose_classes(designs: Sequence[FontFace], settings: BuildSettings,
+                   progress: bool = True) -> Classes:
+    """Render candidates in seeded order until enough have >= min_designs non-blank training
+    designs, then split them: train, then held-out eval, then distractors (disjoint)."""
+    use = training_designs(designs, settings.holdout_designs)
+    order = candidate_order(designs, use, settings.min_designs, settings.seed)
+    need = settings.train_classes + settings.eval_classes + settings.distractor_classes
+    if len(order) < need:
+        raise GlyphBuildError(f"only {len(order)} characters are covered by >= "
+                              f"{settings.min_designs} designs but the splits need {need}: lower "
+                              "--min-designs or the class counts")
+    use_set = set(use)
+    good: List[Tuple[str, List[Tuple[int, np.ndarray]]]] = []
+    start = 0
+    while len(good) < need and start < len(order):
+        chunk = order[start:start + int((need - len(good)) * RENDER_SLACK) + 64]
+        start += len(chunk)
+        rendered = render_chars(designs, chunk, settings.size, settings.jobs, progress)
+        for ch in chunk:
+            if sum(1 for d, _ in rendered[ch] if d in use_set) >= settings.min_designs:
+                good.append((ch, rendered[ch]))
+    if len(good) < need:
+        raise GlyphBuildError(f"only {len(good)} characters render in >= {settings.min_designs} "
+                              f"designs (blank glyphs dropped); the splits need {need}")
+    good = good[:need]
+    n_tr, n_ev = settings.train_classes, settings.eval_classes
+    train = [(ch, [(d, im) for d, im in imgs if d in use_set]) for ch, imgs in good[:n_tr]]
+    return Classes(train, good[n_tr:n_tr + n_ev], good[n_tr + n_ev:])
+
+
+def write_train(prefix: Path, train: Sequence[Tuple[str, List[Tuple[int, np.ndarray]]]],
+                size: int, progress: bool) -> int:
+    """InsightFace-layout RecordIO via the data layer's writer; label = index in `train`."""
+    try:
+        from facetrain.data.dataset import write_insightface_dataset
+    except ImportError:     # the data layer keeps its writer in writer.py
+        from facetrain.data.writer import write_insightface_dataset
+
+    def items():
+        for label, (_ch, images) in enumerate(train):
+            for _d, img in images:
+                yield label, eval_sets.encode_jpeg(img)
+    n = sum(len(imgs) for _, imgs in train)
+    it = items()
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, total=n, desc="write train.rec", unit="img", leave=False)
+    write_insightface_dataset(str(prefix), it, len(train), size)
+    return n
+
+
+def build(settings: BuildSettings, progress: bool = True) -> Dict[str, object]:
+    """Build every output under settings.out; returns (and writes) the manifest."""
+    settings.validate()
+    choice = find_designs(settings)
+    designs = choice.kept
+    classes = choose_classes(designs, settings, progress)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_train = write_train(out / TRAIN_PREFIX, classes.train, settings.size, progress)
+    # Eval sets go to a scratch folder renamed at the end, so a failed build leaves no half set.
+    scratch = out / (EVAL_DIR + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    named_eval = [(class_name(ch), imgs) for ch, imgs in classes.eval]
+    named_dis = [(class_name(ch), imgs) for ch, imgs in classes.distractors]
+    ver = eval_sets.write_verification_pack(scratch / VERIFICATION_BIN, named_eval,
+                                            settings.verification_pairs,
+                                            np.random.default_rng([settings.seed, 1]))
+    ijbc = eval_sets.write_ijbc(scratch / "IJBC", named_eval, settings.ijbc_impostor_pairs,
+                                np.random.default_rng([settings.seed, 2]))
+    mega = eval_sets.write_megaface(scratch / "megaface", named_eval, named_dis)
+    shutil.rmtree(out / EVAL_DIR, ignore_errors=True)
+    scratch.rename(out / EVAL_DIR)
+    manifest = _manifest(settings, choice, classes, n_train, ver, ijbc, mega)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+                                encoding="utf-8")
+    return manifest
+
+
+def _manifest(settings: BuildSettings, choice: DesignChoice, classes: Classes, n_train: int,
+              ver: Dict, ijbc: Dict, mega: Dict) -> Dict[str, object]:
+    """What was built from what: settings, designs kept/dropped (why), classes, counts."""
+    train_idx = set(training_designs(choice.kept, settings.holdout_designs))
+    return {
+        "settings": asdict(settings),
+        "designs": [{"index": i, "file": f.path, "face": f.index, "name": f.name,
+                     "ideographs": len(f.coverage), "in_training": i in train_idx}
+                    for i, f in enumerate(choice.kept)],
+        "dropped_fonts": [{"file": f.path, "face": f.index, "name": f.name, "why": why}
+                          for f, why in choice.dropped],
+        "train": {"classes": "".join(ch for ch, _ in classes.train), "images": n_train},
+        "eval": {"classes": "".join(ch for ch, _ in classes.eval),
+                 "images": sum(len(i) for _, i in classes.eval)},
+        "distractors": {"classes": "".join(ch for ch, _ in classes.distractors),
+                        "images": sum(len(i) for _, i in classes.distractors)},
+        "verification": ver, "ijbc": ijbc, "megaface": mega,
+    }
