@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Iterator, List, Optional, Set, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -118,54 +118,73 @@ class DaliTrainLoader(TrainLoader):
             pipe.set_outputs(images, labels)
         return pipe
 
-    def _consumed(self, recs: List[str], idx: str, n: int, batches: int,
-                  lookup: dict) -> Set[int]:
-        """Positions a fresh pipeline would have served in its first `batches` batches.
+    def _dry_run(self, recs: List[str], idx: str, n: int, batches: int,
+                 lookup: dict) -> List[List[int]]:
+        """Positions a fresh pipeline serves in its first `batches` batches, batch by batch.
 
         Runs the same seeded reader without decoding and reads each sample's source info.
         """
         pipe = self._pipeline(recs, idx, n, decode=False)
         pipe.build()
-        seen: Set[int] = set()
+        out: List[List[int]] = []
         for _ in range(batches):
             _, info = pipe.run()
+            out.append([])
             for j in range(len(info)):
                 text = bytes(np.array(info[j])).decode()
                 path, _, off = text.rpartition(" at index ")
-                seen.add(lookup[(path, int(off))])
+                out[-1].append(lookup[(path, int(off))])
         del pipe
-        return seen
+        return out
+
+    def _lookup(self, positions: np.ndarray) -> dict:
+        ds = self.dataset
+        return {(str(ds.shards[ds.shard_ids[p]].rec), int(ds.offsets[p])): int(p)
+                for p in positions.tolist()}
 
     def _iter_batches(self, start_batch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         positions, _ = self.rank_plan()
-        n_left = (len(self) - start_batch) * self.cfg.batch_size
-        if n_left == 0:
+        if start_batch >= len(self):
             return
         idx = os.path.join(self._tmp, f"epoch{self.epoch}_rank{self.ctx.rank}.idx")
         recs = write_index_subset(self.dataset, positions, Path(idx))
         if start_batch:
-            ds = self.dataset
-            lookup = {(str(ds.shards[ds.shard_ids[p]].rec), int(ds.offsets[p])): int(p)
-                      for p in positions}
-            seen = self._consumed(recs, idx, positions.size, start_batch, lookup)
+            seen = {p for b in self._dry_run(recs, idx, positions.size, start_batch,
+                                             self._lookup(positions)) for p in b}
             positions = np.array([p for p in positions.tolist() if p not in seen], np.int64)
             recs = write_index_subset(self.dataset, positions, Path(idx))
         pipe = self._pipeline(recs, idx, positions.size, decode=True)
         pipe.build()
         try:
-            for _ in range(len(self) - start_batch):
-                yield self._to_torch(pipe)
+            for b in range(len(self) - start_batch):
+                try:
+                    images, labels = pipe.run()
+                except RuntimeError as exc:
+                    raise self._explain(exc, recs, idx, positions, b) from None
+                yield self._to_torch(images, labels)
         finally:
             del pipe
 
-    def _to_torch(self, pipe) -> Tuple[torch.Tensor, torch.Tensor]:
-        try:
-            images, labels = pipe.run()
-        except RuntimeError as exc:
-            raise DatasetError(f"DALI failed on a batch of {self.dataset.shards[0].rec.parent} "
-                               f"(the message names the file and byte offset): {exc}; find bad "
-                               "images with data_tools/inspect_rec.py --check-decode or use "
-                               "data.loader=torch with data.skip_bad_images=true") from None
+    def _explain(self, exc: Exception, recs, idx, positions, batch: int) -> DatasetError:
+        """Name the record DALI could not decode: replay the reader, decode with OpenCV."""
+        import cv2
+
+        ahead = 3   # the failing batch may be one the pipeline prefetched
+        cands = self._dry_run(recs, idx, positions.size, batch + ahead,
+                              self._lookup(positions))[batch:]
+        for p in (p for b in cands for p in b):
+            _, img = self.dataset.read(p)
+            if cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR) is None:
+                return DatasetError(f"{self.dataset.where(p)}: image bytes ({len(img)}) cannot be "
+                                    "decoded (DALI stopped the pipeline); remove the record, or "
+                                    "use data.loader=torch with data.skip_bad_images=true")
+        first = str(exc).strip().splitlines()
+        return DatasetError(f"DALI failed on a batch of {self.dataset.shards[0].rec} (records "
+                            "OpenCV decodes fine: "
+                            f"{', '.join(self.dataset.where(p) for p in cands[0][:4])} ...): "
+                            f"{' '.join(first[-3:])}")
+
+    def _to_torch(self, images, labels) -> Tuple[torch.Tensor, torch.Tensor]:
         lab = np.array(labels.as_tensor()).reshape(-1)
         lab_i = lab.astype(np.int64)
         if (lab_i != lab).any() or (lab_i < 0).any() or (lab_i >= self.num_classes).any():
