@@ -34,6 +34,7 @@ from facetrain.dist import single_process  # noqa: E402
 from facetrain.heads.partial_fc import PartialFC  # noqa: E402
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_MARGIN = MarginConfig("arcface", 64.0, 0.0, 0.5)
 
 
 @dataclass
@@ -66,12 +67,17 @@ def _long_tail_counts(num_classes: int, rng: np.random.RandomState) -> np.ndarra
         rng.permutation(num_classes)]
 
 
-def bench_one(classes: int, rate: float, leap: str, args, device: torch.device) -> Row:
-    rng = np.random.RandomState(0)
-    counts = _long_tail_counts(classes, rng)
+def build_head(classes: int, leap: str, args, device: torch.device) -> PartialFC:
+    counts = _long_tail_counts(classes, np.random.RandomState(0))
     leap_cfg = LeapConfig(mode="full" if leap == "on" else "off", update_interval=args.update_interval)
-    head_cfg = HeadConfig(rate, MarginConfig("arcface", 64.0, 0.0, 0.5))
-    head = PartialFC(args.dim, counts, head_cfg, leap_cfg, single_process(device), seed=0).train()
+    return PartialFC(args.dim, counts, HeadConfig(1.0, _MARGIN), leap_cfg, single_process(device),
+                     seed=0).train()
+
+
+def time_head(head: PartialFC, rate: float, leap: str, args, device: torch.device) -> Row:
+    """ms per forward + backward at sample rate `rate` (the head is reused across rates)."""
+    head.head_cfg = HeadConfig(rate, _MARGIN)
+    classes = head.num_classes
     gen = torch.Generator(device=device).manual_seed(0)
     # A small label pool so classes repeat and LEAP statistics become valid during warm-up.
     pool = torch.randint(0, classes, (max(args.batch_size // 4, 1),), generator=gen, device=device)
@@ -97,11 +103,7 @@ def bench_one(classes: int, rate: float, leap: str, args, device: torch.device) 
     ms = (time.perf_counter() - t0) * 1000 / args.steps
     if leap == "on" and head.leap_summary()["num_perturbed"] == 0:
         print(f"warning: LEAP perturbed no class at {classes} classes", file=sys.stderr)
-    row = Row(classes, rate, leap, args.batch_size, args.precision, str(device), ms, _peak_gib(device))
-    del head
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    return Row(classes, rate, leap, args.batch_size, args.precision, str(device), ms, _peak_gib(device))
 
 
 def run(args) -> List[Row]:
@@ -109,16 +111,20 @@ def run(args) -> List[Row]:
     classes = args.classes or ([93_431, 2_000_000] if device.type == "cuda" else [9_343, 20_000])
     rows: List[Row] = []
     for c in classes:
-        for rate in args.sample_rates:
-            base = None
-            for leap in args.leap:
-                row = bench_one(c, rate, leap, args, device)
+        base = {}
+        for leap in args.leap:
+            head = build_head(c, leap, args, device)
+            for rate in args.sample_rates:
+                row = time_head(head, rate, leap, args, device)
                 if leap == "off":
-                    base = row.ms_per_step
-                elif base is not None:
-                    row.leap_overhead_pct = 100.0 * (row.ms_per_step - base) / base
+                    base[rate] = row.ms_per_step
+                elif rate in base:
+                    row.leap_overhead_pct = 100.0 * (row.ms_per_step - base[rate]) / base[rate]
                 rows.append(row)
                 print(_fmt(row), flush=True)
+            del head
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -7,6 +7,18 @@ which would need a host sync (nonzero) every update.
 
 Variance: sigma_i^2 is the unbiased variance (n - 1) of class i's buffer, valid once it holds 2
 angles; Eq. 9's (K_i - 1) weights are the classical pooled-variance weights for it.
+
+Controls (leap.control, for the experiments of issue 6):
+- "none": LEAP as in leap.md.
+- "null": the baseline loss, but every step draws the same random angles LEAP would (same
+  generator, same shapes) and discards them, so a LEAP/null pair differs only in the cloud.
+- "uniform": the same average noise variance, untargeted. Let P be the classes LEAP would
+  perturb (valid stats and sigma_i^2 < sigma^2; vanilla: tail classes only) over all ranks; every
+  sample of ANY class with valid stats gets std = sqrt(mean over i in P of (sigma^2 - sigma_i^2)).
+
+Communication: per step one all-reduce of a global-batch-length vector (`batch_std`); at update
+steps two tiny all-reduces in `refresh` (3 and 2 scalars: the pooled variance's two sums plus
+the valid count, then the uniform control's mean gap plus the perturbed-class count).
 """
 from __future__ import annotations
 

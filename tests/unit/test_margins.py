@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import pytest
 import torch
 
 from facetrain.config import MarginConfig
@@ -77,3 +79,26 @@ def test_finite_at_plus_minus_one():
             assert torch.isfinite(cos.grad).all(), (kind, alpha)
             # Clipped angles stay in [0, pi]: logits within [-s - s*m, s].
             assert out.abs().max() <= 64.0 * 1.35 + 1e-4
+
+
+@pytest.mark.gpu
+def test_fused_cloud_on_cuda_matches_eager(monkeypatch):
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    cos = torch.rand(64, 1000, generator=g, device=dev) * 2 - 1
+    cos[0, :3] = torch.tensor([1.0, -1.0, 1.0], device=dev)
+    alpha = torch.randn(64, 1000, generator=g, device=dev) * 0.3
+    pert = torch.rand(64, 1, generator=g, device=dev) > 0.3
+    w = torch.randn(64, 1000, generator=g, device=dev)
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FACETRAIN_COMPILE_LEAP", flag)
+        c = cos.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")        # a compile failure would warn and fall back
+            out = _CloudCos.apply(c, alpha, pert)
+            (out * w).sum().backward()
+        results.append((out.detach(), c.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(results[1][1]).all()

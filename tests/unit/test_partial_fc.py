@@ -97,3 +97,33 @@ def test_errors_name_the_problem_and_the_fix():
     with pytest.raises(ValueError, match="memory sizes differ"):
         other.load_shard_state(PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="full"),
                                          single_process()).shard_state())
+
+
+@pytest.mark.gpu
+def test_cuda_head_matches_cpu():
+    from facetrain.dist import single_process as sp
+    emb, labels = torch.randn(32, 16), torch.randint(0, 23, (32,))
+    out = {}
+    for dev in ("cpu", "cuda"):
+        head = PartialFC(16, COUNTS, HeadConfig(1.0, MarginConfig("combined", 32.0, 0.1, 0.3)),
+                         LeapConfig(mode="off"), sp(torch.device(dev)), seed=4).train()
+        e = emb.to(dev).requires_grad_()
+        loss = head(e, labels.to(dev))
+        loss.backward()
+        out[dev] = (loss.cpu(), e.grad.cpu(), head.weight.grad.cpu())
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    head = PartialFC(16, COUNTS, HeadConfig(0.5), LeapConfig(mode="full", update_interval=1),
+                     sp(torch.device("cuda")), seed=4).train()
+    for step in range(8):
+        e = torch.randn(32, 16, device="cuda", requires_grad=True)
+        labels = torch.randint(0, 23, (32,), device="cuda")
+        if step >= 4:                      # after warm-up (and compiling): no host sync per step
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = head(e, labels)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.isfinite(loss) and torch.isfinite(e.grad).all()
+    assert head.leap_summary()["num_perturbed"] > 0
