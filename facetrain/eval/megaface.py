@@ -121,19 +121,46 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
         raise ValueError(f"n_distractors={m} but {distractors.shape[0]} distractor features exist")
     p = torch.from_numpy(l2_normalize(probes) if normalize else np.asarray(probes, np.float32))
     kmax = max(ranks)
-    top = torch.full((p.shape[0], kmax), -float("inf"))        # per probe: best kmax distractors
+    top = None                                                  # [P, kmax] best distractors
     k_neg = int(np.floor(max(fprs) * p.shape[0] * m * (1 + 1e-12))) + 1
     neg_top = TopScores(k_neg)
     for s in range(0, m, block):
         d = np.asarray(distractors[s:min(s + block, m)], dtype=np.float32)
         d = torch.from_numpy(l2_normalize(d) if normalize else d)
         sc = p @ d.T                                            # [P, block]
-        top = torch.topk(torch.cat([top, sc], 1), kmax, dim=1).values
+        top = _merge_row_topk(top, sc, kmax)
         if neg_top.values.size >= neg_top.k:      # only scores above the current k-th count
             neg_top.add(sc[sc > float(neg_top.values.min())].numpy())
         else:
             neg_top.add(sc.numpy())
     return _score(p, probe_ids, top.numpy(), neg_top, m, ranks, fprs)
+
+
+def _merge_row_topk(top: Optional[torch.Tensor], sc: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-row k largest of [top | sc]. After the first blocks few scores beat a row's current
+    k-th best, so only those survivors are merged (a full topk per block costs as much as the
+    matrix product). Rows of `top` stay sorted in decreasing order."""
+    if top is None or top.shape[1] < k:
+        both = sc if top is None else torch.cat([top, sc], 1)
+        kk = min(k, both.shape[1])
+        vals = torch.topk(both, kk, dim=1).values
+        if kk < k:
+            pad = torch.full((vals.shape[0], k - kk), -float("inf"), dtype=vals.dtype)
+            vals = torch.cat([vals, pad], 1)
+        return vals
+    rows, cols = torch.nonzero(sc > top[:, -1:], as_tuple=True)
+    if rows.numel() == 0:
+        return top
+    hit_rows, counts = torch.unique_consecutive(rows, return_counts=True)
+    width = int(counts.max())
+    cand = torch.full((hit_rows.numel(), width), -float("inf"), dtype=sc.dtype)
+    slot = torch.arange(rows.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                counts)
+    cand[torch.repeat_interleave(torch.arange(hit_rows.numel()), counts), slot] = sc[rows, cols]
+    merged = torch.topk(torch.cat([top[hit_rows], cand], 1), k, dim=1).values
+    top = top.clone()
+    top[hit_rows] = merged
+    return top
 
 
 def _score(p: torch.Tensor, probe_ids: np.ndarray, top: np.ndarray, neg_top: TopScores, m: int,

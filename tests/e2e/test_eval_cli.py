@@ -1,0 +1,150 @@
+"""The eval CLIs as users run them (subprocess), on tiny protocol folders in the exact formats:
+--features runs checked against the library, a no-argument run on the default locations with a
+TorchScript model, and bad input that must name the file and line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "unit"))
+from test_eval_builders import (make_ijbc, make_megaface, make_pack, make_reid,  # noqa: E402
+                                subject_features)
+
+
+def inproc(name, *args, capsys=None):
+    """Run a CLI's main in this process (cheap: torch is already imported); -> (rc, out, err)."""
+    import importlib
+    from eval_protocols import _common
+    mod = importlib.import_module(f"eval_protocols.{name}")
+    rc = _common.run(mod.main, [*args, "--quiet"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def cli(name, *args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "eval_protocols" / f"{name}.py"), *args,
+                           "--quiet"], cwd=cwd or REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+class MeanNet(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)), x[..., :4].mean((2, 3))], 1)
+
+
+def test_no_arguments_uses_defaults_or_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    r = cli("lfw", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "data/glyphs/eval/verification.bin" in r.stderr and "--pack" in r.stderr
+    # put a pack and a model where the defaults look: the bare command now works
+    (tmp_path / "data/glyphs/eval").mkdir(parents=True)
+    make_pack(tmp_path / "data/glyphs/eval/verification.bin", 20, np.random.default_rng(0))
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = inproc("lfw", capsys=capsys)
+    assert rc == 2 and "runs/*/export/backbone.pt" in err and "--model" in err
+    (tmp_path / "runs/a/export").mkdir(parents=True)
+    torch.jit.script(MeanNet()).save(str(tmp_path / "runs/a/export/backbone.pt"))
+    r = cli("lfw", "--image-size", "16", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "verification" in r.stdout and "TPR@FPR=1e-03" in r.stdout
+    rep = json.loads((tmp_path / "runs/eval/verification.json").read_text())
+    assert rep["verification"]["pairs"] == 20
+    assert (tmp_path / "runs/eval/verification.png").stat().st_size > 1000
+
+
+def test_lfw_features_match_library(tmp_path, capsys):
+    from facetrain.eval.verification import evaluate_pack_features
+    rng = np.random.default_rng(1)
+    issame = make_pack(tmp_path / "lfw.bin", 40, rng)
+    feats = rng.normal(size=(80, 8)).astype(np.float32)
+    np.save(tmp_path / "f.npy", feats)
+    r = cli("lfw", "--pack", str(tmp_path / "lfw.bin"), "--features", str(tmp_path / "f.npy"),
+            "--json", str(tmp_path / "r.json"), "--no-plot")
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "r.json").read_text())["lfw"]
+    ref = evaluate_pack_features(feats, issame)
+    assert got["accuracy_mean"] == pytest.approx(ref["accuracy_mean"])
+    np.save(tmp_path / "short.npy", feats[:-2])
+    rc, _, err = inproc("lfw", "--pack", str(tmp_path / "lfw.bin"), "--features",
+                        str(tmp_path / "short.npy"), capsys=capsys)
+    assert rc == 2 and "78 feature rows" in err and "80 images" in err
+
+
+def test_ijbc_features_1to1_and_1toN(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    info = make_ijbc(tmp_path / "IJBC", rng, n_subjects=6, with_1n=True)
+    np.save(tmp_path / "f.npy", subject_features(rng, info["subjects"], noise=0.3))
+    r = cli("ijbc", "--root", str(tmp_path / "IJBC"), "--features", str(tmp_path / "f.npy"),
+            "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert set(rep["1:1"]["tpr_at_fpr"]) == {"1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"}
+    assert rep["1:N"]["mean"]["rank1"] > 0.5
+    assert "IJBC 1:N" in r.stdout and (tmp_path / "r.png").is_file()
+    lmk = tmp_path / "IJBC/meta/ijbc_name_5pts_score.txt"
+    lines = lmk.read_text().splitlines()
+    lines[1] = " ".join(lines[1].split()[:-2])
+    lmk.write_text("\n".join(lines) + "\n")
+    rc, _, err = inproc("ijbc", "--root", str(tmp_path / "IJBC"), "--faceness", "--features",
+                        str(tmp_path / "f.npy"), capsys=capsys)
+    assert rc == 2 and "ijbc_name_5pts_score.txt:2: expected 12 fields" in err
+
+
+def test_ijbc_model_path_aligns_images(tmp_path, capsys):
+    make_ijbc(tmp_path / "IJBC", np.random.default_rng(3), n_subjects=3, templates_per=2,
+              with_images=True)
+    torch.jit.script(MeanNet()).save(str(tmp_path / "m.pt"))
+    rc, _, err = inproc("ijbc", "--root", str(tmp_path / "IJBC"), "--model",
+                        str(tmp_path / "m.pt"), "--json", str(tmp_path / "r.json"), "--no-plot",
+                        "--save-features", str(tmp_path / "f.npy"), capsys=capsys)
+    assert rc == 0, err
+    n_img = len((tmp_path / "IJBC/meta/ijbc_face_tid_mid.txt").read_text().splitlines())
+    assert np.load(tmp_path / "f.npy").shape == (n_img, 9)
+
+
+def test_megaface_features_and_devkit_files(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    info = make_megaface(tmp_path / "mf", rng, n_ids=4, per_id=3, n_distractors=30)
+    feats = np.r_[subject_features(rng, info["ids"], noise=0.5),
+                  rng.normal(size=(30, 16)).astype(np.float32)]
+    np.save(tmp_path / "f.npy", feats)
+    r = cli("megaface", "--root", str(tmp_path / "mf"), "--features", str(tmp_path / "f.npy"),
+            "--distractors", "20", "--devkit-out", str(tmp_path / "dk"), "--algo", "ft",
+            "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["distractors"] == 20 and rep["probes"] == 12 and "1e-06" in rep["tpr_at_fpr"]
+    raw = (tmp_path / "dk/facescrub" / f"{info['probes'][0]}_ft.bin").read_bytes()
+    assert raw[:16] == np.array([16, 1, 4, 5], "<i4").tobytes() and len(raw) == 16 + 64
+    rc, _, err = inproc("megaface", "--root", str(tmp_path / "mf"), "--features",
+                        str(tmp_path / "f.npy"), "--distractors", "31", capsys=capsys)
+    assert rc == 2 and "--distractors 31" in err
+
+
+def test_megaface_and_reid_model_path_with_a_bad_image(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    make_megaface(tmp_path / "mf", rng, n_ids=3, per_id=2, n_distractors=5, with_images=True)
+    make_reid(tmp_path / "market", rng, n_ids=3, n_cams=2)
+    torch.jit.script(MeanNet()).save(str(tmp_path / "m.pt"))
+    rc, out, err = inproc("reid", "--root", str(tmp_path / "market"), "--model",
+                          str(tmp_path / "m.pt"), "--image-size", "16", "8", "--json",
+                          str(tmp_path / "r.json"), capsys=capsys)
+    assert rc == 0, err
+    assert "mAP %" in out and (tmp_path / "r.png").is_file()
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert 0 <= rep["mAP"] <= 1 and rep["queries_scored"] == 6
+    bad = tmp_path / "mf/megaface_images" / (tmp_path / "mf/megaface_lst").read_text().split()[2]
+    bad.write_bytes(b"not a png")
+    rc, _, err = inproc("megaface", "--root", str(tmp_path / "mf"), "--model",
+                        str(tmp_path / "m.pt"), capsys=capsys)
+    assert rc == 2 and "(line 3 of" in err and "megaface_lst" in err

@@ -1,0 +1,94 @@
+"""MegaFace: devkit feature file bytes, lists/noise, and the streamed evaluator vs brute force."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from facetrain.eval import megaface
+
+from test_eval_builders import make_megaface, subject_features
+
+
+def test_feature_file_bytes_exact(tmp_path):
+    f = np.array([0.5, -1.25, 3.0], dtype=np.float64)
+    megaface.write_feature_file(tmp_path / "a" / "x.jpg_algo.bin", f)
+    data = (tmp_path / "a" / "x.jpg_algo.bin").read_bytes()
+    assert data == struct.pack("4i", 3, 1, 4, 5) + struct.pack("<3f", 0.5, -1.25, 3.0)
+    np.testing.assert_array_equal(megaface.read_feature_file(tmp_path / "a" / "x.jpg_algo.bin"), f)
+    (tmp_path / "bad.bin").write_bytes(struct.pack("4i", 4, 1, 4, 5) + b"\0" * 8)
+    with pytest.raises(ValueError, match="bad.bin: header"):
+        megaface.read_feature_file(tmp_path / "bad.bin")
+
+
+def test_devkit_files_follow_list_paths(tmp_path):
+    entries = ["Al/Al_1.png", "Bo/Bo_2.png"]
+    n = megaface.write_devkit_features(tmp_path, entries, np.eye(2, dtype=np.float32), "ft")
+    assert n == 2
+    np.testing.assert_array_equal(megaface.read_feature_file(tmp_path / "Bo/Bo_2.png_ft.bin"),
+                                  [0, 1])
+
+
+def test_layout_identities_and_noise(tmp_path):
+    info = make_megaface(tmp_path, np.random.default_rng(0))
+    (tmp_path / "facescrub_noises.txt").write_text("# header\nPerson_1_2.png\n")
+    (tmp_path / "megaface_noises.txt").write_text(info["distractors"][3] + "\n")
+    probes, ids, dis, keep_p, keep_d = megaface.load_layout(tmp_path)
+    np.testing.assert_array_equal(ids, info["ids"])
+    assert (~keep_p).sum() == 1 and not keep_p[probes.index("Person_1/Person_1_2.png")]
+    assert (~keep_d).sum() == 1 and not keep_d[3]
+    _, _, _, keep_p, _ = megaface.load_layout(tmp_path, use_noise=False)
+    assert keep_p.all()
+
+
+def test_list_errors_name_file_and_line(tmp_path):
+    (tmp_path / "facescrub_lst").write_text("A/a.png\nnofolder.png\n")
+    with pytest.raises(ValueError, match=r"facescrub_lst:2: 'nofolder.png' has no identity"):
+        megaface.probe_identities(megaface.read_list(tmp_path / "facescrub_lst"),
+                                  tmp_path / "facescrub_lst")
+    (tmp_path / "megaface_lst").write_text("a.png\n\nb.png\n")
+    with pytest.raises(ValueError, match=r"megaface_lst:2: empty line"):
+        megaface.read_list(tmp_path / "megaface_lst")
+    ds = megaface.ListImages(tmp_path / "megaface_images", ["a.png"], tmp_path / "megaface_lst")
+    with pytest.raises(FileNotFoundError, match=r"a\.png \(line 1 of .*megaface_lst\)"):
+        ds[0]
+
+
+def _brute(probes, ids, dis, fpr):
+    n = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    p, d = n(probes.astype(np.float64)), n(dis.astype(np.float64))
+    pd, pp = p @ d.T, p @ p.T
+    hits = {1: [], 3: []}
+    genuine = []
+    for i in range(len(p)):
+        for j in range(len(p)):
+            if i != j and ids[i] == ids[j]:
+                above = np.sum(pd[i] > pp[i, j])
+                for r in hits:
+                    hits[r].append(above < r)
+                if i < j:
+                    genuine.append(pp[i, j])
+    neg = np.sort(pd.ravel())[::-1]
+    k = int(np.floor(fpr * neg.size))
+    tpr = np.mean(np.array(genuine) > neg[k])
+    return np.mean(hits[1]), np.mean(hits[3]), tpr
+
+
+@pytest.mark.parametrize("block", [7, 1000])
+def test_evaluate_matches_brute_force(block):
+    rng = np.random.default_rng(1)
+    ids = np.repeat(np.arange(6), 4)
+    probes = subject_features(rng, ids, dim=8, noise=1.2)
+    dis = rng.normal(size=(200, 8)).astype(np.float32)
+    res = megaface.evaluate(probes, ids, dis, ranks=(1, 3), fprs=(1e-3,), block=block)
+    r1, r3, tpr = _brute(probes, ids, dis, 1e-3)
+    assert res["rank1"] == pytest.approx(r1) and res["rank3"] == pytest.approx(r3)
+    assert res["tpr_at_fpr"]["1e-03"] == pytest.approx(tpr)
+    assert 0 < res["rank1"] < 1                                  # a non-trivial case
+    sub = megaface.evaluate(probes, ids, dis, n_distractors=50, ranks=(1,), fprs=(1e-3,),
+                            block=block)
+    assert sub["distractors"] == 50
+    assert sub["rank1"] == pytest.approx(_brute(probes, ids, dis[:50], 1e-3)[0])
+    with pytest.raises(ValueError, match="n_distractors=500"):
+        megaface.evaluate(probes, ids, dis, n_distractors=500)
