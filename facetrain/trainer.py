@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from facetrain import checkpoint as ckpt
 from facetrain.config import Config, ConfigError
-from facetrain.dist import DistContext, all_gather_no_grad
+from facetrain.dist import DistContext
 from facetrain.engines import build_engine
 from facetrain.logging_utils import RunLogger, format_eta
 from facetrain.optim import LRSchedule
@@ -42,30 +42,32 @@ class LossMonitor:
 
     def __init__(self, device: torch.device, patience: int) -> None:
         self.patience = patience
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.run = torch.zeros((), dtype=torch.long, device=device)
-        self.worst = torch.zeros((), dtype=torch.long, device=device)
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        self.run, self.run_start = zero.clone(), zero.clone()      # current non-finite streak
+        self.worst, self.worst_start = zero.clone(), zero.clone()  # longest since last check
         self.total = torch.zeros((), device=device)
         self.count = 0
 
     def update(self, loss: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss)
         self.run = (self.run + 1) * bad
+        self.run_start = torch.where(bad & (self.run == 1), step, self.run_start)
+        longer = self.run > self.worst
+        self.worst_start = torch.where(longer, self.run_start, self.worst_start)
         self.worst = torch.maximum(self.worst, self.run)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
         self.total = self.total + torch.where(bad, torch.zeros_like(loss), loss.float())
         self.count += 1
 
     def check(self) -> None:
         """One host sync: raise if the loss was non-finite too often since the last check."""
-        worst, first = int(self.worst), int(self.first_bad)
+        worst, first = int(self.worst), int(self.worst_start)
         if worst >= self.patience:
             raise NonFiniteLossError(
                 f"the loss became non-finite (NaN/Inf) at step {first}"
                 + (f" and stayed so for {worst} steps" if self.patience > 1 else "")
                 + "; stopping. The last checkpoint before it is kept: lower optim.lr, raise "
-                "optim.warmup/grad_clip, or use train.precision=bf16, then resume")
-        self.first_bad.fill_(-1)
+                "schedule.warmup_epochs or optim.grad_clip, or use train.precision=bf16, "
+                "then resume")
         self.worst.zero_()
 
     def mean_and_reset(self) -> float:
@@ -103,7 +105,7 @@ class Trainer:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.head = PartialFC(cfg.model.embedding_size, self.loader.class_counts, cfg.head,
                               cfg.leap, ctx, seed=cfg.train.seed)
-        self.class_range = _class_range(self.head, ctx)
+        self.class_range = _class_range(self.head)
         self.engine = build_engine(cfg, ctx, backbone, self.head)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, self.steps_per_epoch,
                                    self.total_steps)
@@ -117,8 +119,11 @@ class Trainer:
             self._load(resume)
 
     # ---- the loop -----------------------------------------------------------------------
-    def fit(self) -> Dict[str, Any]:
-        """Train to the end; returns {"step", "epoch", "loss", "export"}."""
+    def fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
+        """Train to the end; returns {"step", "epoch", "loss", "export"}.
+
+        stop_after: leave after this optimizer step with a checkpoint, as a preempted job would
+        (the schedule still spans the whole run; tests use it for resume equivalence)."""
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
             cfg.save(self.out / "config.yaml")
@@ -129,14 +134,19 @@ class Trainer:
                       f"from step {self.step}")
         self.log.start(self.step)
         last_loss = float("nan")
-        while self.step < self.total_steps and self.epoch < cfg.train.epochs:
+        self._stop = min(self.total_steps, stop_after or self.total_steps)
+        while self.step < self._stop and self.epoch < cfg.train.epochs:
             self._begin_epoch()
+            epoch = self.epoch
             last_loss = self._run_epoch(last_loss)
-            if self.batch >= self.steps_per_epoch * cfg.optim.grad_accum:
-                self.epoch, self.batch = self.epoch + 1, 0
+            if self.epoch > epoch:
                 self._end_epoch()
         self.monitor.check()
         self._save()
+        if self.step < self.total_steps:
+            self.log.info(f"stopped at step {self.step} of {self.total_steps} (stop_after)")
+            self.log.close()
+            return {"step": self.step, "epoch": self.epoch, "loss": last_loss, "export": None}
         self._leap_stats("end")
         export = self._export()
         if cfg.eval.verification:
@@ -158,7 +168,8 @@ class Trainer:
         per_epoch = self.steps_per_epoch * accum
         batches = iter(self.loader.iter_from(self.batch))
         samples_per_step = cfg.data.batch_size * self.ctx.world_size * accum
-        while self.batch < per_epoch and self.step < self.total_steps:
+        while self.batch < per_epoch and self.step < self._stop:
+            epoch = self.epoch
             lr = self.schedule.apply(self.engine.optimizers, self.step)
             step_loss = torch.zeros((), device=self.ctx.device)
             for k in range(accum):
@@ -169,6 +180,8 @@ class Trainer:
                 self.batch += 1
             self.engine.step()
             self.step += 1
+            if self.batch >= per_epoch:      # the epoch is done: checkpoints say so from here on
+                self.epoch, self.batch = self.epoch + 1, 0
             self.monitor.update(step_loss / accum, self.step)
             self.log.advance(self.step)
             _maybe_die(self.ctx, self.step, self.out)
@@ -179,6 +192,8 @@ class Trainer:
             if cfg.eval.verification and cfg.eval.every_steps and \
                     self.step % cfg.eval.every_steps == 0:
                 self._verify()
+            if self.epoch > epoch:
+                break
         return last_loss
 
     def _log_step(self, lr: float, samples_per_step: int) -> float:
@@ -219,10 +234,12 @@ class Trainer:
         if self.ctx.is_main:
             replicated = {**self.engine.replicated_state(), "schedule": self.schedule.state_dict(),
                           "step": self.step, "epoch": self.epoch, "batch": self.batch,
-                          "world_size": self.ctx.world_size, "config": self.cfg.to_dict()}
+                          "world_size": self.ctx.world_size, "config": self.cfg.to_dict(),
+                          "global_batch": self.cfg.data.batch_size * self.ctx.world_size}
         shard = {**self.engine.shard_state(), "head": self.head.shard_state(),
                  "head_param_rows": [p.shape[0] for p in self.head.parameters()],
                  "class_range": self.class_range, "rng": ckpt.rng_state(self.ctx.device),
+                 "head_rng": {k: g.get_state() for k, g in _generators(self.head).items()},
                  "rank": self.ctx.rank}
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, replicated, shard, self.ctx,
                                     self.cfg.checkpoint.keep_last)
@@ -244,6 +261,9 @@ class Trainer:
             self.head.load_shard_state(shard["head"])
             self.engine.load_shard(shard)
             ckpt.set_rng_state(shard["rng"], self.ctx.device)
+            for name, gen in _generators(self.head).items():
+                if name in shard.get("head_rng", {}):
+                    gen.set_state(shard["head_rng"][name].cpu())
         else:
             # Another world size: every rank reads all shards and keeps its new class block;
             # classifier rows, LEAP state and optimizer rows move with their classes.
@@ -253,10 +273,11 @@ class Trainer:
             opt = ckpt.reshard_optimizer_state(shards, self.class_range)
             self.engine.load_shard({**shards[0], "head_optim": opt}, all_shards=shards)
             _seed_everything(self.cfg.train.seed + 7919 * self.step, self.ctx.rank)
-            # Same samples seen: the position is kept in global samples, not per-rank batches.
+            # Keep the position in global samples, not per-rank batches.
             accum = self.cfg.optim.grad_accum
-            consumed = self.batch * old_world
-            self.batch = consumed // self.ctx.world_size // accum * accum
+            consumed = self.batch * rep.get("global_batch", self.cfg.data.batch_size * old_world)
+            new_global = self.cfg.data.batch_size * self.ctx.world_size
+            self.batch = consumed // new_global // accum * accum
         self.log.info(f"resumed from {path} (step {self.step}, epoch {self.epoch}, batch "
                       f"{self.batch}, saved by {old_world} ranks, now {self.ctx.world_size})")
 
@@ -330,14 +351,15 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-def _class_range(head: torch.nn.Module, ctx: DistContext) -> tuple:
-    """This rank's class block [start, end): shards are contiguous in rank order, so the start
-    is the sum of the lower ranks' row counts (one small all-gather at start-up)."""
-    rows = next(iter(head.parameters())).shape[0]
-    sizes = torch.tensor([rows], dtype=torch.long, device=ctx.device)
-    sizes = all_gather_no_grad(sizes, ctx.group).cpu().tolist()
-    start = int(sum(sizes[:ctx.rank]))
-    return (start, start + int(rows))
+def _class_range(head: torch.nn.Module) -> tuple:
+    """This rank's class block [start, end) (contiguous blocks in rank order)."""
+    return (int(head.start), int(head.end))
+
+
+def _generators(module: torch.nn.Module) -> Dict[str, torch.Generator]:
+    """The module's own random streams (PartialFC's sampling/LEAP generators are not part of
+    its shard_state, but resuming with the same losses needs them)."""
+    return {k: v for k, v in vars(module).items() if isinstance(v, torch.Generator)}
 
 
 def _maybe_die(ctx: DistContext, step: int, out: Path) -> None:
