@@ -142,7 +142,7 @@ class LeapState(torch.nn.Module):
         center = torch.where(self.seen[cls].unsqueeze(1), old + self.cfg.center_lr * (batch_mean - old),
                              batch_mean)
         self.centers[cls] = center                        # duplicates write identical rows
-        self.seen[cls] = True
+        self.seen.index_fill_(0, cls, True)
         # Angle to the updated centre; clamp because rounding can push |cos| past 1.
         beta = torch.acos(torch.clamp((f * F.normalize(center, dim=1)).sum(1), -1.0, 1.0))
         self._write_ring(cls, beta, cnt, seg_cnt, seg, local[order])

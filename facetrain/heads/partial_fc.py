@@ -210,7 +210,7 @@ class PartialFC(torch.nn.Module):
         k = min(c, max(math.ceil(self.head_cfg.sample_rate * c), n))
         score = torch.rand(c + 1, generator=self._sample_gen, device=self.weight.device)
         # Positives get a score above any random one; samples of other shards hit the scratch slot.
-        score[torch.where(local, col, torch.full_like(col, c))] = 2.0
+        score.index_fill_(0, torch.where(local, col, torch.full_like(col, c)), 2.0)
         index = torch.topk(score[:c], k, sorted=False).indices.sort().values
         self.last_sample_index = index
         return index
