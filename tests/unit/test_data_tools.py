@@ -1,0 +1,83 @@
+"""data_tools CLIs, run in-process: make_longtail defaults and messages, folders_to_rec (identity
+folders and Market-1501 names), inspect_rec, rebuild_index."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facetrain.data.dataset import RecordDataset
+from test_dataset import make_dataset
+
+TOOLS = Path(__file__).resolve().parents[2] / "data_tools"
+
+
+def tool(name):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_make_longtail_defaults_and_missing_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert tool("make_longtail")(["--head", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "data/glyphs/train.rec" in err and "build_glyphs.py" in err and "--input" in err
+    make_dataset(tmp_path / "data" / "glyphs", [9, 7, 6, 5, 2])
+    assert tool("make_longtail")(["--head", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "2 head classes (16 images) + 2 tail classes (10 images)" in out
+    ds = RecordDataset.open("data/longtail_H2_Tall_S5")
+    assert ds.class_counts.tolist() == [9, 7, 5, 5]
+    assert tool("make_longtail")(["--head", "1", "--tail", "1", "--tail-samples", "3",
+                                  "--output", "x", "--shard-size", "4", "--no-progress"]) == 0
+    assert RecordDataset.open("x").class_counts.tolist() == [9, 3]
+
+
+def _write_img(path: Path, value: int, shape=(20, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full(shape + (3,), value, np.uint8))
+
+
+def test_folders_to_rec_both_layouts(tmp_path, capsys):
+    for who, n in (("bob", 2), ("alice", 3)):
+        for i in range(n):
+            _write_img(tmp_path / "faces" / who / f"{i}.jpg", 30 * i)
+    main = tool("folders_to_rec")
+    assert main([str(tmp_path / "faces"), str(tmp_path / "f" / "train"), "--size", "16",
+                 "--no-progress"]) == 0
+    ds = RecordDataset.open(str(tmp_path / "f" / "train"))
+    assert ds.class_counts.tolist() == [3, 2] and ds.image_shape == (16, 16)
+    with open(tmp_path / "f" / "labels.csv") as fh:
+        assert [r["identity"] for r in csv.DictReader(fh)] == ["alice", "bob"]
+    for name in ("0002_c1s1_000451_03.jpg", "0002_c2s1_000301_01.jpg", "0007_c1s1_000001_01.jpg",
+                 "-1_c1s1_000002_01.jpg"):
+        _write_img(tmp_path / "market" / name, 100)
+    assert main([str(tmp_path / "market"), str(tmp_path / "m" / "train"), "--no-progress"]) == 0
+    assert "1 junk files with id < 0 left out" in capsys.readouterr().out
+    ds = RecordDataset.open(str(tmp_path / "m" / "train"))
+    assert ds.class_counts.tolist() == [2, 1] and ds.image_shape == (20, 10)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "0001_c1.jpg").write_bytes(b"nope")
+    assert main([str(tmp_path / "bad"), str(tmp_path / "b" / "train"), "--no-progress"]) == 2
+    assert "0001_c1.jpg: cannot be decoded" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "train.rec").exists()
+
+
+def test_inspect_and_rebuild_index(tmp_path, capsys):
+    prefix, _ = make_dataset(tmp_path, [4, 1, 2])
+    assert tool("inspect_rec")([prefix, "--check-decode"]) == 0
+    out = capsys.readouterr().out
+    assert "layout        insightface" in out and "classes       3" in out
+    assert "images        7" in out and "undecodable   0" in out
+    (tmp_path / "train.idx").unlink()
+    assert tool("inspect_rec")([prefix]) == 2
+    assert "train.idx is missing" in capsys.readouterr().err
+    assert tool("rebuild_index")([prefix]) == 0
+    assert "rebuilt 1 index file(s)" in capsys.readouterr().out
+    assert RecordDataset.open(prefix).class_counts.tolist() == [4, 1, 2]
+    assert tool("rebuild_index")([prefix]) == 0
+    assert "nothing to do" in capsys.readouterr().out
