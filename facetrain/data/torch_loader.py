@@ -85,14 +85,27 @@ def _worker_init(_: int) -> None:
     cv2.setNumThreads(1)   # one decode thread per worker: the workers are the parallelism
 
 
+class _BatchPlan:
+    """Batches [(position, flip)] of one rank's epoch from `start`, made lazily (no big lists)."""
+
+    def __init__(self, idx: np.ndarray, flips: np.ndarray, batch_size: int, start: int):
+        self.idx, self.flips, self.b, self.start = idx, flips, batch_size, start
+
+    def __len__(self) -> int:
+        return self.idx.size // self.b - self.start
+
+    def __iter__(self) -> Iterator[List[Tuple[int, bool]]]:
+        for i in range(self.start, self.idx.size // self.b):
+            sl = slice(i * self.b, (i + 1) * self.b)
+            yield list(zip(self.idx[sl].tolist(), self.flips[sl].tolist()))
+
+
 class TorchTrainLoader(TrainLoader):
     """torch.utils.data.DataLoader over `RecordImages` with a seeded per-rank batch plan."""
 
-    def _batch_plan(self, start_batch: int) -> List[List[Tuple[int, bool]]]:
+    def _batch_plan(self, start_batch: int) -> _BatchPlan:
         idx, flips = self.rank_plan()
-        b = self.cfg.batch_size
-        pairs = list(zip(idx.tolist(), flips.tolist()))
-        return [pairs[i * b:(i + 1) * b] for i in range(start_batch, len(self))]
+        return _BatchPlan(idx, flips, self.cfg.batch_size, start_batch)
 
     def _iter_batches(self, start_batch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         plan = self._batch_plan(start_batch)
