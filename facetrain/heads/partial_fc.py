@@ -151,7 +151,10 @@ class PartialFC(torch.nn.Module):
         state = {"format": FORMAT, "num_classes": self.num_classes, "class_start": self.start,
                  "class_end": self.end, "embedding_size": self.embedding_size,
                  "weight": self.weight.detach().cpu().clone(), "calls": self.calls, "epoch": self.epoch,
-                 "leap": None, "leap_globals": torch.zeros(4, dtype=torch.float64)}
+                 "leap": None, "leap_globals": torch.zeros(4, dtype=torch.float64),
+                 # Random streams resume exactly only on the same world size (reshard drops them).
+                 "world_size": self.ctx.world_size,
+                 "rng": [g.get_state() for g in (self._sample_gen, self._logit_gen, self._shared_gen)]}
         if self.leap is not None:
             state["leap"] = self.leap.export()
             state["leap_globals"] = self.leap.globals.cpu().clone()
@@ -173,9 +176,11 @@ class PartialFC(torch.nn.Module):
         with_leap = all(s["leap"] is not None for s in states)
         leap = reshard_tree([s["leap"] for s in states], bounds, list(_LEAP_KEYS) + ["memory_size"],
                             {"memory": "memory_size"}) if with_leap else [None] * world_size
+        same = len(states) == world_size
         return [{**{k: v for k, v in states[0].items() if k not in ("weight", "leap")},
                  "class_start": bounds[r], "class_end": bounds[r + 1], "weight": rows[r]["weight"],
-                 "leap": leap[r], "leap_globals": states[0]["leap_globals"].clone()}
+                 "leap": leap[r], "leap_globals": states[0]["leap_globals"].clone(),
+                 "world_size": world_size, "rng": states[r].get("rng") if same else None}
                 for r in range(world_size)]
 
     def load_shard_state(self, state: Dict) -> None:
@@ -196,6 +201,9 @@ class PartialFC(torch.nn.Module):
         if self.leap is not None and state["leap"] is not None:
             self.leap.load(state["leap"], state["leap_globals"], where)
         self.calls, self.epoch = int(state["calls"]), int(state["epoch"])
+        if state.get("rng") is not None and state.get("world_size") == self.ctx.world_size:
+            for gen, rng in zip((self._sample_gen, self._logit_gen, self._shared_gen), state["rng"]):
+                gen.set_state(rng)
 
     # ---- internals --------------------------------------------------------------------------
     def _group(self):

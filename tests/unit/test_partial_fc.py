@@ -81,6 +81,18 @@ def test_shard_state_roundtrip_and_reshard_1_to_3():
     torch.testing.assert_close(back["weight"], state["weight"])
 
 
+def test_resume_on_same_world_size_continues_the_random_streams():
+    cfg = LeapConfig(mode="full", update_interval=1)
+    head = PartialFC(4, COUNTS, HeadConfig(0.5), cfg, single_process(), seed=3).train()
+    emb, labels = torch.randn(20, 4), torch.randint(0, 23, (20,))
+    head(emb, labels)
+    state = head.shard_state()
+    other = PartialFC(4, COUNTS, HeadConfig(0.5), cfg, single_process(), seed=8).train()
+    other.load_shard_state(state)
+    torch.testing.assert_close(other(emb, labels), head(emb, labels))
+    assert torch.equal(other.last_sample_index, head.last_sample_index)
+
+
 def test_errors_name_the_problem_and_the_fix():
     head = PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="off"), single_process())
     with pytest.raises(ValueError, match=r"embeddings must be \[B, 4\]"):
