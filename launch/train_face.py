@@ -39,6 +39,30 @@ def _data_present(rec: str) -> bool:
     return path.with_suffix(".rec").is_file() or Path(rec + ".rec").is_file() or path.is_file()
 
 
+def _init_group_after_restart(device: str) -> None:
+    """After a `torchrun --max-restarts` restart, create the default group on a store prefix of
+    its own. The restarted workers reuse the agent's store, where the failed attempt's gloo
+    addresses are still published under the same keys; a rank that reads one of those stale
+    entries fails with "connectFullMesh ... Connection refused". facetrain.dist.init_distributed
+    then finds the group initialised and only builds the context."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    timeout = datetime.timedelta(seconds=1800)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"facetrain_restart_{attempt}", store)
+    dist.init_process_group("nccl" if use_cuda else "gloo", store=store, timeout=timeout,
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
 def main(argv=None) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
@@ -61,6 +85,7 @@ def main(argv=None) -> int:
         print(f"train_face.py: training data {cfg.data.rec!r} (from {args.config}) is missing; "
               f"{DATA_HINT}", file=sys.stderr)
         return 2
+    _init_group_after_restart(cfg.train.device)
     ctx = init_distributed(cfg.train.device)
     try:
         Trainer(cfg, ctx).fit()
