@@ -121,46 +121,58 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
         raise ValueError(f"n_distractors={m} but {distractors.shape[0]} distractor features exist")
     p = torch.from_numpy(l2_normalize(probes) if normalize else np.asarray(probes, np.float32))
     kmax = max(ranks)
-    top = None                                                  # [P, kmax] best distractors
+    top = torch.full((p.shape[0], kmax), -float("inf"))        # best distractors per probe
     k_neg = int(np.floor(max(fprs) * p.shape[0] * m * (1 + 1e-12))) + 1
     neg_top = TopScores(k_neg)
     for s in range(0, m, block):
-        d = np.asarray(distractors[s:min(s + block, m)], dtype=np.float32)
-        d = torch.from_numpy(l2_normalize(d) if normalize else d)
-        sc = p @ d.T                                            # [P, block]
-        top = _merge_row_topk(top, sc, kmax)
-        if neg_top.values.size >= neg_top.k:      # only scores above the current k-th count
-            neg_top.add(sc[sc > float(neg_top.values.min())].numpy())
-        else:
-            neg_top.add(sc.numpy())
+        d = torch.from_numpy(np.asarray(distractors[s:min(s + block, m)], dtype=np.float32))
+        if normalize:                                   # torch: threaded, unlike numpy's norm
+            d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        groups = _grouped(p @ d.T)                              # [P, n_groups, GROUP]
+        gmax = groups.amax(2)                                   # [P, n_groups]
+        top = _row_topk(top, groups, gmax, kmax)
+        _add_top_negatives(neg_top, groups, gmax)
     return _score(p, probe_ids, top.numpy(), neg_top, m, ranks, fprs)
 
 
-def _merge_row_topk(top: Optional[torch.Tensor], sc: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-row k largest of [top | sc]. After the first blocks few scores beat a row's current
-    k-th best, so only those survivors are merged (a full topk per block costs as much as the
-    matrix product). Rows of `top` stay sorted in decreasing order."""
-    if top is None or top.shape[1] < k:
-        both = sc if top is None else torch.cat([top, sc], 1)
-        kk = min(k, both.shape[1])
-        vals = torch.topk(both, kk, dim=1).values
-        if kk < k:
-            pad = torch.full((vals.shape[0], k - kk), -float("inf"), dtype=vals.dtype)
-            vals = torch.cat([vals, pad], 1)
-        return vals
-    rows, cols = torch.nonzero(sc > top[:, -1:], as_tuple=True)
-    if rows.numel() == 0:
-        return top
-    hit_rows, counts = torch.unique_consecutive(rows, return_counts=True)
-    width = int(counts.max())
-    cand = torch.full((hit_rows.numel(), width), -float("inf"), dtype=sc.dtype)
-    slot = torch.arange(rows.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
-                                                                counts)
-    cand[torch.repeat_interleave(torch.arange(hit_rows.numel()), counts), slot] = sc[rows, cols]
-    merged = torch.topk(torch.cat([top[hit_rows], cand], 1), k, dim=1).values
-    top = top.clone()
-    top[hit_rows] = merged
-    return top
+GROUP = 64
+
+
+def _grouped(sc: torch.Tensor) -> torch.Tensor:
+    """[P, B] -> [P, ceil(B / GROUP), GROUP], padded with -inf.
+
+    Why groups: the k largest values of a row lie in the k groups with the largest maxima, so
+    one max-reduction plus small top-k calls replace a full top-k or a threshold mask over the
+    whole [P, B] block (each of those costs about as much as the matrix product here)."""
+    pad = (-sc.shape[1]) % GROUP
+    if pad:
+        sc = torch.nn.functional.pad(sc, (0, pad), value=-float("inf"))
+    return sc.view(sc.shape[0], -1, GROUP)
+
+
+def _row_topk(top: torch.Tensor, groups: torch.Tensor, gmax: torch.Tensor, k: int
+              ) -> torch.Tensor:
+    """Merge each row's k best of this block into `top` [P, k] (kept sorted, decreasing)."""
+    kg = min(k, gmax.shape[1])
+    gi = torch.topk(gmax, kg, dim=1).indices                    # [P, kg]
+    cand = groups.gather(1, gi.unsqueeze(2).expand(-1, -1, GROUP)).flatten(1)
+    return torch.topk(torch.cat([top, cand], 1), k, dim=1).values
+
+
+def _add_top_negatives(neg_top: TopScores, groups: torch.Tensor, gmax: torch.Tensor) -> None:
+    """Feed the block's candidates for the global k largest impostor scores to `neg_top`:
+    only groups whose max reaches both the block's k-th largest group max (a lower bound of
+    its k-th largest value) and the current global k-th value can contribute."""
+    flat = gmax.flatten()
+    if neg_top.values.size >= neg_top.k:       # full: the global k-th value is the bar
+        thr = float(neg_top.values.min())
+    elif neg_top.k < flat.numel():
+        thr = float(torch.topk(flat, neg_top.k).values[-1])
+    else:
+        thr = -float("inf")
+    sel = torch.nonzero(flat >= thr).squeeze(1)
+    vals = groups.flatten(0, 1)[sel].flatten()
+    neg_top.add(vals[(vals >= thr) & (vals > -float("inf"))].numpy())
 
 
 def _score(p: torch.Tensor, probe_ids: np.ndarray, top: np.ndarray, neg_top: TopScores, m: int,

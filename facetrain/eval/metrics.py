@@ -36,9 +36,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.nd
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"a ROC needs both classes; got {n_pos} genuine and {n_neg} impostor pairs")
-    order = np.argsort(scores)[::-1]     # ties are grouped below, so any order
-    s = scores[order]
-    y = labels[order]
+    s, y = _sort_desc_with_labels(scores, labels)
     # Last index of each run of equal scores: that is where the threshold `>= s` stops.
     last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
     tps = np.cumsum(y, dtype=np.int64)[last]
@@ -47,6 +45,22 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.nd
     fpr = np.r_[0.0, fps / n_neg]
     thr = np.r_[np.inf, s[last].astype(np.float64)]
     return fpr, tpr, thr
+
+
+def _sort_desc_with_labels(scores: np.ndarray, labels: np.ndarray
+                           ) -> Tuple[np.ndarray, np.ndarray]:
+    """Scores sorted decreasingly with their labels. Hand-made because np.argsort of 15M floats
+    takes seconds while np.sort of integers is SIMD-fast: each float32 is mapped to an
+    order-preserving uint32, the label is packed into the low bit of a uint64, one sort."""
+    f = np.ascontiguousarray(scores, dtype=np.float32)
+    bits = f.view(np.uint32)
+    flip = np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    key = ((bits ^ flip).astype(np.uint64) << np.uint64(1)) | labels.astype(np.uint64)
+    key = np.sort(key)[::-1]
+    y = (key & np.uint64(1)).astype(bool)
+    ub = (key >> np.uint64(1)).astype(np.uint32)
+    back = np.where(ub >> 31, np.uint32(0x80000000), np.uint32(0xFFFFFFFF))
+    return (ub ^ back).view(np.float32), y
 
 
 def tpr_at_fpr_from_roc(fpr: np.ndarray, tpr: np.ndarray,

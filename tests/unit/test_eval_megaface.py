@@ -75,7 +75,7 @@ def _brute(probes, ids, dis, fpr):
     return np.mean(hits[1]), np.mean(hits[3]), tpr
 
 
-@pytest.mark.parametrize("block", [7, 1000])
+@pytest.mark.parametrize("block", [7, 130, 1000])
 def test_evaluate_matches_brute_force(block):
     rng = np.random.default_rng(1)
     ids = np.repeat(np.arange(6), 4)
