@@ -159,18 +159,22 @@ def _template_pairs(cls: np.ndarray, impostors: int, rng: np.random.Generator
     """(tid1, tid2, label) sorted by tids: every same-class pair plus `impostors` distinct
     different-class pairs (fewer if that many do not exist). Template ids are 1-based."""
     n = cls.size
-    pairs = set()
-    for c in np.unique(cls):
-        members = np.flatnonzero(cls == c) + 1
-        pairs.update((int(a), int(b), 1) for i, a in enumerate(members) for b in members[i + 1:])
-    n_genuine = len(pairs)
-    possible = n * (n - 1) // 2 - n_genuine
-    target = n_genuine + min(impostors, possible)
-    while len(pairs) < target:
-        a, b = rng.integers(0, n, size=(2, 2 * (target - len(pairs)) + 16))
-        for x, y in zip(a.tolist(), b.tolist()):
-            if cls[x] != cls[y] and len(pairs) < target:
-                pairs.add((min(x, y) + 1, max(x, y) + 1, 0))
+    genuine = [(int(a), int(b)) for c in np.unique(cls)
+               for i, a in enumerate(np.flatnonzero(cls == c))
+               for b in np.flatnonzero(cls == c)[i + 1:]]
+    target = min(impostors, n * (n - 1) // 2 - len(genuine))
+    # Pairs as keys lo * n + hi; draw in batches, keep first occurrences in draw order.
+    keys = np.zeros(0, np.int64)
+    while keys.size < target:
+        a, b = rng.integers(0, n, size=(2, 2 * (target - keys.size) + 16))
+        ok = cls[a] != cls[b]
+        lo, hi = np.minimum(a, b)[ok], np.maximum(a, b)[ok]
+        keys = np.concatenate([keys, lo.astype(np.int64) * n + hi])
+        _, first = np.unique(keys, return_index=True)
+        keys = keys[np.sort(first)]
+    keys = keys[:target]
+    pairs = [(a + 1, b + 1, 1) for a, b in genuine]
+    pairs += [(int(k // n) + 1, int(k % n) + 1, 0) for k in keys.tolist()]
     return sorted(pairs)
 
 

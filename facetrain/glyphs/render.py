@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from PIL import ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 # Fraction of the output side that the ink of a typical character fills.
 FILL = 0.875
@@ -33,11 +33,14 @@ def load_font(path: str, index: int, size: int) -> ImageFont.FreeTypeFont:
 
 def raw_ink(font: ImageFont.FreeTypeFont, ch: str) -> np.ndarray:
     """The glyph's ink coverage, uint8 [h, w], cropped to its ink box; shape (0, 0) if none."""
-    mask = font.getmask(ch, mode="L")
-    w, h = mask.size
-    if w == 0 or h == 0:
+    left, top, right, bottom = font.getbbox(ch)
+    if right <= left or bottom <= top:
         return np.zeros((0, 0), np.uint8)
-    ink = np.asarray(mask, dtype=np.uint8).reshape(h, w)
+    # Drawing into an "L" image and reading it through the array interface is ~2x faster than
+    # converting font.getmask()'s core image element by element.
+    canvas = Image.new("L", (right - left, bottom - top))
+    ImageDraw.Draw(canvas).text((-left, -top), ch, font=font, fill=255)
+    ink = np.asarray(canvas)
     rows = np.flatnonzero(ink.max(axis=1) > 0)
     cols = np.flatnonzero(ink.max(axis=0) > 0)
     if rows.size == 0:
