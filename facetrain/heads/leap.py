@@ -208,14 +208,3 @@ class LeapState(torch.nn.Module):
             getattr(self, key)[:-1].copy_(state[key])
         self.memory[:-1].copy_(state["memory"])
         self.globals.copy_(globals_.to(torch.float64))
-
-
-def draw_alpha(std: torch.Tensor, shape: Tuple[int, int], granularity: str,
-               logit_gen: torch.Generator, sample_gen: torch.Generator) -> torch.Tensor:
-    """Angles alpha ~ N(0, std_n^2): [N, C_s] per logit (this rank's own stream) or [N, 1] per
-    sample (a stream identical on every rank, so a sample shares one angle across shards)."""
-    if granularity == "sample":
-        z = torch.randn(shape[0], 1, generator=sample_gen, device=std.device)
-    else:
-        z = torch.randn(shape, generator=logit_gen, device=std.device)
-    return z.mul_(std.unsqueeze(1))

@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 from facetrain.config import MarginConfig
+from facetrain.heads import noise as _noise
 
 # Clamp for arccos: fp32 resolves 1 - 6e-8, so 1e-6 keeps acos' derivative finite (<= ~707).
 EPS = 1e-6
@@ -49,29 +50,43 @@ def target_cos(cos_t: torch.Tensor, alpha_t: torch.Tensor, m_cos: float, m_arc: 
     return torch.where(alpha_t != 0, angular, cos_t - m_cos)
 
 
-def cloud_forward(cos_blk: torch.Tensor, alpha: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-    """One elementwise expression (fusable by torch.compile): cos(clip(acos(c) + alpha, 0, pi))
-    on perturbed rows, c itself elsewhere. cos_blk [B, C], alpha [B, C] or [B, 1], perturbed [B, 1]."""
-    pert = torch.cos(torch.clamp(_angle(cos_blk) + alpha, 0.0, math.pi))
-    return torch.where(perturbed, pert, cos_blk)
+class Cloud(NamedTuple):
+    """LEAP feature cloud of one step: std [B, 1] per sample (0 = not perturbed) and the noise
+    keys of facetrain.heads.noise (row_key [B, 1], col_key [1, C_s] or [1, 1])."""
+
+    std: torch.Tensor
+    row_key: torch.Tensor
+    col_key: torch.Tensor
 
 
-def cloud_backward(grad: torch.Tensor, cos_blk: torch.Tensor, out: torch.Tensor,
-                   perturbed: torch.Tensor) -> torch.Tensor:
-    """d out / d cos = sin(theta') / sin(theta) on perturbed rows (0 where the clamp or the clip
-    bites, since then sin(theta') = 0 or the clamp's derivative is 0), 1 elsewhere."""
+def _perturbed_angle(cos_blk, std, row_key, col_key):
+    return torch.clamp(_angle(cos_blk) + std * _noise.gauss(row_key, col_key), 0.0, math.pi)
+
+
+def cloud_forward(cos_blk: torch.Tensor, std: torch.Tensor, row_key: torch.Tensor,
+                  col_key: torch.Tensor) -> torch.Tensor:
+    """One elementwise expression (fusable by torch.compile, noise drawn inline):
+    cos(clip(acos(c) + std * z, 0, pi)) on rows with std > 0, c itself elsewhere. [B, C_s]."""
+    return torch.where(std > 0, torch.cos(_perturbed_angle(cos_blk, std, row_key, col_key)), cos_blk)
+
+
+def cloud_backward(grad: torch.Tensor, cos_blk: torch.Tensor, std: torch.Tensor,
+                   row_key: torch.Tensor, col_key: torch.Tensor) -> torch.Tensor:
+    """d out / d cos = sin(theta') / sin(theta) on perturbed rows, recomputing theta' (and the
+    noise) instead of storing them; 0 where the clamp bites (|c| >= 1 - EPS) or the clip does
+    (theta' in {0, pi}, so sin(theta') = 0); 1 on unperturbed rows."""
     inside = (cos_blk > -1.0 + EPS) & (cos_blk < 1.0 - EPS)
-    sin_out = torch.sqrt(torch.clamp(1.0 - out * out, min=0.0))
+    sin_out = torch.sin(_perturbed_angle(cos_blk, std, row_key, col_key))
     sin_in = torch.sqrt(torch.clamp(1.0 - cos_blk * cos_blk, min=2.0 * EPS))
     ratio = torch.where(inside, sin_out / sin_in, torch.zeros_like(sin_out))
-    return torch.where(perturbed, grad * ratio, grad)
+    return torch.where(std > 0, grad * ratio, grad)
 
 
 _FUSED: Dict[str, Callable] = {}
 
 
 def _maybe_fused(name: str, fn: Callable, like: torch.Tensor) -> Callable:
-    """On CUDA, `fn` compiled by torch.compile into one kernel (eager it is ~6 passes over the
+    """On CUDA, `fn` compiled by torch.compile into one kernel (eager it is ~20 passes over the
     [B, C] block, the bulk of LEAP's cost); eager on CPU, with FACETRAIN_COMPILE_LEAP=0, or if
     compiling fails (warned once)."""
     if not like.is_cuda or os.environ.get("FACETRAIN_COMPILE_LEAP", "1") == "0":
@@ -95,45 +110,43 @@ def _call_fused(name: str, fn: Callable, *args: torch.Tensor) -> torch.Tensor:
 
 
 class _CloudCos(torch.autograd.Function):
-    """LEAP perturbation of a whole logit block. A custom Function so that backward keeps only
-    the input and output blocks (plain autograd would keep ~4 [B, C] intermediates)."""
+    """LEAP perturbation of a whole logit block. Backward keeps only the input block and the
+    small keys (plain autograd would keep the noise and ~4 [B, C] intermediates)."""
 
     @staticmethod
-    def forward(ctx, cos_blk, alpha, perturbed):  # type: ignore[override]
-        out = _call_fused("cloud_forward", cloud_forward, cos_blk, alpha, perturbed)
-        ctx.save_for_backward(cos_blk, out, perturbed)
-        return out
+    def forward(ctx, cos_blk, std, row_key, col_key):  # type: ignore[override]
+        ctx.save_for_backward(cos_blk, std, row_key, col_key)
+        return _call_fused("cloud_forward", cloud_forward, cos_blk, std, row_key, col_key)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        cos_blk, out, perturbed = ctx.saved_tensors
-        grad_in = _call_fused("cloud_backward", cloud_backward, grad.contiguous(), cos_blk, out, perturbed)
-        return grad_in, None, None
+        cos_blk, std, row_key, col_key = ctx.saved_tensors
+        grad_in = _call_fused("cloud_backward", cloud_backward, grad.contiguous(), cos_blk, std,
+                              row_key, col_key)
+        return grad_in, None, None, None
 
 
 def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: torch.Tensor,
-                  margin: MarginConfig, alpha: torch.Tensor | None = None,
-                  perturbed: torch.Tensor | None = None) -> torch.Tensor:
+                  margin: MarginConfig, cloud: Optional[Cloud] = None) -> torch.Tensor:
     """Scaled logits of one shard's block, margin on the targets this shard owns.
 
     cos_blk [B, C_s] fp32 (sharded over classes, replicated over the global batch);
     target_col [B] int64: column of each sample's class in this block (any valid column where
-    is_local [B] is False); alpha: LEAP angles [B, C_s] or [B, 1] (None = no perturbation);
-    perturbed [B, 1] bool: rows whose class has a feature cloud. Returns [B, C_s] fp32.
+    is_local [B] is False); cloud: LEAP's per-sample std and noise keys (None = no perturbation).
+    Returns [B, C_s] fp32.
     """
     m_cos, m_arc = margin_values(margin)
     col = target_col.view(-1, 1)
     cos_t = cos_blk.gather(1, col).squeeze(1)
-    if alpha is None:
+    if cloud is None:
         base = cos_blk
         alpha_t = torch.zeros_like(cos_t)
     else:
-        if perturbed is None:
-            raise ValueError("margin_logits: alpha was given without the perturbed row mask")
-        base = _CloudCos.apply(cos_blk, alpha, perturbed)
-        alpha_t = torch.where(perturbed.view(-1),
-                              alpha.expand_as(cos_blk).gather(1, col).squeeze(1),
-                              torch.zeros_like(cos_t))
+        base = _CloudCos.apply(cos_blk, cloud.std, cloud.row_key, cloud.col_key)
+        # The target's own angle: the same noise value the block used at that column.
+        ck = cloud.col_key.view(-1).expand(cos_blk.shape[1])[target_col].view(-1, 1)
+        alpha_t = (cloud.std * _noise.gauss(cloud.row_key, ck)).view(-1)
+        alpha_t = torch.where(cloud.std.view(-1) > 0, alpha_t, torch.zeros_like(alpha_t))
     new_t = target_cos(cos_t, alpha_t, m_cos, m_arc) * margin.scale
     # Rows whose class lives on another shard write back their own current value (a no-op
     # that keeps the scatter free of a host sync to select the local rows). `keep` is gathered

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from facetrain.config import HeadConfig, LeapConfig
 from facetrain.dist import DistContext, all_gather_no_grad, all_gather_with_grad
 from facetrain.heads.dist_softmax import dist_softmax_cross_entropy
-from facetrain.heads.leap import LeapState, draw_alpha
-from facetrain.heads.margins import margin_logits
+from facetrain.heads.leap import LeapState
+from facetrain.heads.margins import Cloud, margin_logits
+from facetrain.heads.noise import noise_keys
 from facetrain.heads.partition import check_contiguous, class_range, partition_bounds, reshard_tree
 
 FORMAT = "facetrain.partial_fc/1"
@@ -71,10 +72,12 @@ class PartialFC(torch.nn.Module):
         self.weight = torch.nn.Parameter(init_rows(self.start, self.end, embedding_size, seed).to(ctx.device))
         self.leap = None if leap_cfg.mode == "off" else LeapState(
             counts[self.start:self.end], self.start, embedding_size, leap_cfg, ctx.device)
-        # Streams: sampling and per-logit angles differ per rank; per-sample angles are shared.
-        self._sample_gen = _generator(ctx.device, seed * 7919 + 2 * ctx.rank + 1)
-        self._logit_gen = _generator(ctx.device, seed * 7919 + 2 * ctx.rank + 2)
-        self._shared_gen = _generator(ctx.device, seed * 7919 + 104729)
+        # Class sampling: a stream per rank. LEAP angles: keyed on (draw, sample, global class),
+        # the same on every rank and for every world size (facetrain/heads/noise.py).
+        self._sample_gen = _generator(ctx.device, seed * 7919 + ctx.rank + 1)
+        self._noise_seed = seed * 7919 + 104729
+        self.register_buffer("noise_counter", torch.zeros((), dtype=torch.int64, device=ctx.device),
+                             persistent=False)
         self.epoch = 0
         self.calls = 0                       # training forwards seen (drives update_interval)
         self.last_sample_index: torch.Tensor | None = None   # [k] local rows of the last step
@@ -114,22 +117,26 @@ class PartialFC(torch.nn.Module):
         local = (lab >= self.start) & (lab < self.end)
         col = torch.where(local, lab - self.start, torch.zeros_like(lab))
         weight = self.weight
-        if self.training and self.head_cfg.sample_rate < 1.0:
+        sampled = self.training and self.head_cfg.sample_rate < 1.0
+        index = None
+        if sampled:
             index = self._sample(col, local, lab.shape[0])
             weight = weight[index]            # gradient lands only on the sampled rows
             col = torch.searchsorted(index, col).clamp(max=index.shape[0] - 1)
             col = torch.where(local, col, torch.zeros_like(col))
         cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()
-        alpha = perturbed = None
+        cloud = None
         if self.perturbing:
             std = self.leap.batch_std(lab, self._group())
-            alpha = draw_alpha(std, tuple(cos.shape), self.leap_cfg.alpha_granularity,
-                               self._logit_gen, self._shared_gen)
-            if self.leap_cfg.control == "null":
-                alpha = None                  # same random draws, never applied
-            else:
-                perturbed = (std > 0).unsqueeze(1)
-        return margin_logits(cos, col, local, self.head_cfg.margin, alpha, perturbed), col, local
+            ids = None
+            if self.leap_cfg.alpha_granularity == "logit":
+                ids = index + self.start if sampled else torch.arange(
+                    self.start, self.end, device=cos.device)
+            keys = noise_keys(self._noise_seed, self.noise_counter, lab.shape[0], ids)
+            self.noise_counter += 1           # "null" advances the stream the same way, unused
+            if self.leap_cfg.control != "null":
+                cloud = Cloud(std.unsqueeze(1), *keys)
+        return margin_logits(cos, col, local, self.head_cfg.margin, cloud), col, local
 
     def leap_summary(self) -> Dict[str, float]:
         """Global LEAP numbers (replicated); syncs with the host, so call it at log time."""
@@ -152,9 +159,11 @@ class PartialFC(torch.nn.Module):
                  "class_end": self.end, "embedding_size": self.embedding_size,
                  "weight": self.weight.detach().cpu().clone(), "calls": self.calls, "epoch": self.epoch,
                  "leap": None, "leap_globals": torch.zeros(4, dtype=torch.float64),
-                 # Random streams resume exactly only on the same world size (reshard drops them).
-                 "world_size": self.ctx.world_size,
-                 "rng": [g.get_state() for g in (self._sample_gen, self._logit_gen, self._shared_gen)]}
+                 # The sampling stream resumes exactly only on the same world size (reshard drops
+                 # it); the LEAP noise counter is world-size independent.
+                 "world_size": self.ctx.world_size, "noise_counter": int(self.noise_counter),
+                 "noise_seed": self._noise_seed,
+                 "rng": self._sample_gen.get_state()}
         if self.leap is not None:
             state["leap"] = self.leap.export()
             state["leap_globals"] = self.leap.globals.cpu().clone()
@@ -201,9 +210,10 @@ class PartialFC(torch.nn.Module):
         if self.leap is not None and state["leap"] is not None:
             self.leap.load(state["leap"], state["leap_globals"], where)
         self.calls, self.epoch = int(state["calls"]), int(state["epoch"])
+        self.noise_counter.fill_(int(state["noise_counter"]))
+        self._noise_seed = int(state["noise_seed"])
         if state.get("rng") is not None and state.get("world_size") == self.ctx.world_size:
-            for gen, rng in zip((self._sample_gen, self._logit_gen, self._shared_gen), state["rng"]):
-                gen.set_state(rng)
+            self._sample_gen.set_state(state["rng"])
 
     # ---- internals --------------------------------------------------------------------------
     def _group(self):

@@ -1,9 +1,9 @@
 """PartialFC on 1, 2 and 3 gloo processes (uneven class blocks) against single-process references.
 
 One spawn per world size runs every check: margins x sampling (loss, embedding and weight grads
-vs a float64 full softmax), LEAP with per-sample angles (same stream on every rank count, so the
-perturbed loss must match too), LEAP statistics vs a single-process head, and save -> reshard
-2 -> 3 -> load.
+vs a float64 full softmax), LEAP (its angles are keyed on sample and global class, so the
+perturbed loss and gradients must match a single-process head too), LEAP statistics vs a
+single-process head, and save -> reshard 2 -> 3 -> load.
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def _check_leap(ctx) -> None:
     classes = torch.arange(0, C, 6)        # repeated labels so stats become valid quickly
     n = B * ctx.world_size
     sl = slice(ctx.rank * B, (ctx.rank + 1) * B)
-    for mode in ("full", "vanilla"):
-        cfg = LeapConfig(mode=mode, update_interval=1, alpha_granularity="sample", head_threshold=30)
+    for mode, gran in (("full", "logit"), ("full", "sample"), ("vanilla", "logit")):
+        cfg = LeapConfig(mode=mode, update_interval=1, alpha_granularity=gran, head_threshold=30)
         head, ref = _leap_pair(ctx, cfg)
         perturbed_seen = 0
         for step in range(8):
@@ -93,7 +93,7 @@ def _check_leap(ctx) -> None:
             e = emb.clone().requires_grad_()
             ref_loss = ref(e, labels)
             ref_loss.backward()
-            tag = f"leap {mode} step {step} ws={ctx.world_size}"
+            tag = f"leap {mode}/{gran} step {step} ws={ctx.world_size}"
             torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4, msg=tag)
             torch.testing.assert_close(local.grad, e.grad[sl], rtol=1e-3, atol=1e-5, msg=tag)
             for mine, full in zip(head.class_stats(), ref.class_stats()):

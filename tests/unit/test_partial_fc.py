@@ -119,7 +119,7 @@ def test_cuda_head_matches_cpu():
     for dev in ("cpu", "cuda"):
         head = PartialFC(16, COUNTS, HeadConfig(1.0, MarginConfig("combined", 32.0, 0.1, 0.3)),
                          LeapConfig(mode="off"), sp(torch.device(dev)), seed=4).train()
-        e = emb.to(dev).requires_grad_()
+        e = emb.clone().to(dev).requires_grad_()
         loss = head(e, labels.to(dev))
         loss.backward()
         out[dev] = (loss.cpu(), e.grad.cpu(), head.weight.grad.cpu())
