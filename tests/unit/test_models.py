@@ -127,11 +127,9 @@ def test_torch_compile_traces_without_graph_breaks() -> None:
     model = _build("tiny").train()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     x = _input("tiny")
-    torch.manual_seed(2)
     out = compiled(x)
     out.square().mean().backward()
-    model.zero_grad()
-    torch.manual_seed(2)
-    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # no dropout: train-mode outputs are deterministic
+        torch.testing.assert_close(out.detach(), model.forward(x), rtol=1e-4, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compiled(x).dtype == torch.float32
