@@ -259,7 +259,9 @@ class Trainer:
         if old_world == self.ctx.world_size:
             shard = ckpt.load_shard(path, self.ctx.rank, map_location=self.ctx.device)
             self.head.load_shard_state(shard["head"])
-            self.engine.load_shard(shard)
+            everyone = ckpt.load_all_shards(path, map_location="cpu") \
+                if getattr(self.engine, "needs_all_shards", False) else None
+            self.engine.load_shard(shard, all_shards=everyone)
             ckpt.set_rng_state(shard["rng"], self.ctx.device)
             for name, gen in _generators(self.head).items():
                 if name in shard.get("head_rng", {}):

@@ -126,4 +126,5 @@ class DDPEngine:
             self.scaler.load_state_dict(state["scaler"])
 
     def load_shard(self, state: Dict[str, Any], all_shards: Any = None) -> None:
+        """all_shards is unused: this engine's optimizer rows come resharded in `state`."""
         self.head_opt.load_state_dict(state["head_optim"])

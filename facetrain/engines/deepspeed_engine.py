@@ -1,0 +1,140 @@
+"""DeepSpeed engine: the backbone under ZeRO stage 1/2 (optimizer state, and with stage 2 the
+gradients, partitioned over the ranks), bf16/fp16 from DeepSpeed's own mixed precision.
+
+The classifier stays model-parallel outside DeepSpeed with its own optimizer over this rank's
+class rows (already sharded by class, so ZeRO has nothing to add there). Gradient accumulation
+is DeepSpeed's: `engine.backward` divides the loss by the accumulation factor, which scales the
+classifier's gradients the same way, and `engine.step()` is called after every micro-batch so
+DeepSpeed's boundary counter matches the trainer's.
+
+Checkpoints: each rank saves its ZeRO partition (`optimizer.state_dict()` with
+`elastic_checkpoint` on) in its own file; a resume hands every rank's partition to
+`load_state_dict`, which re-partitions for a different number of ranks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from facetrain.config import Config, ConfigError
+from facetrain.dist import DistContext
+from facetrain.engines import undo_gradient_averaging
+from facetrain.optim import build_optimizer
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _skip_cpu_shm_comm_build(deepspeed: Any) -> None:
+    """DeepSpeed's CPU accelerator compiles a shared-memory all-reduce op (~35 s) at first init
+    when the op probes as compatible. It only serves inference all-reduce; training collectives
+    go through torch.distributed (gloo). DeepSpeed has no switch for it, but its probe result is
+    a module-level dict meant to be edited ("edits to it persist"), so mark the op unavailable."""
+    compatible = deepspeed.ops.__compatible_ops__
+    compatible["deepspeed_shm_comm"] = False
+
+
+def ds_config(cfg: Config) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for the backbone (per-rank batch, ZeRO stage, precision, clip)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage, "elastic_checkpoint": True},
+        # ZeRO refuses a client torch optimizer it has not tested unless told otherwise.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """Same surface as DDPEngine (micro_step, step, optimizers, checkpoint parts)."""
+
+    name = "deepspeed"
+    needs_all_shards = True        # a resume reads every rank's ZeRO partition
+
+    def __init__(self, cfg: Config, ctx: DistContext, backbone: torch.nn.Module,
+                 head: torch.nn.Module) -> None:
+        if not ctx.distributed or ctx.group is not dist.group.WORLD:
+            raise ConfigError("train.engine=deepspeed needs torchrun (a world process group; "
+                              "DeepSpeed's data-parallel group is the world); use train.engine=ddp "
+                              "for a single process")
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
+        try:
+            import deepspeed
+        except ImportError as err:
+            raise ImportError("train.engine=deepspeed needs DeepSpeed: pip install "
+                              "'facetrain[deepspeed]'") from err
+        if ctx.device.type == "cpu":
+            _skip_cpu_shm_comm_build(deepspeed)
+        self.cfg, self.ctx, self.head = cfg, ctx, head
+        self.head_opt = build_optimizer(cfg.optim, head.parameters())
+        backbone_opt = build_optimizer(cfg.optim, backbone.parameters())
+        for group in backbone_opt.param_groups:
+            # ZeRO's elastic checkpoint records param_groups[0]["step"] and asserts on it when
+            # re-partitioning; torch's SGD/Adam keep no such key (unused by them otherwise).
+            group.setdefault("step", 0)
+        self.model, self.zero_opt, _, _ = deepspeed.initialize(
+            model=backbone, optimizer=backbone_opt, config=ds_config(cfg),
+            dist_init_required=False)
+        self.backbone = self.model.module
+        self.in_dtype: Optional[torch.dtype] = _DTYPES.get(cfg.train.precision)
+
+    @property
+    def optimizers(self) -> List[Any]:
+        return [self.zero_opt, self.head_opt]
+
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns the detached global mean loss."""
+        if self.in_dtype is not None:
+            images = images.to(self.in_dtype)          # DeepSpeed casts the module itself
+        emb = undo_gradient_averaging(self.model(images).float(), self.ctx.world_size)
+        loss = self.head(emb, labels)
+        self.model.backward(loss)
+        if not sync:
+            self.model.step()                          # not a boundary: only counts
+        return loss.detach()
+
+    def step(self) -> None:
+        """Boundary step: DeepSpeed reduces, clips and steps the backbone; then the classifier
+        steps unless DeepSpeed skipped the step for an fp16 overflow."""
+        if self.cfg.train.precision == "fp16":
+            # DeepSpeed's loss scale also multiplied the classifier's gradients.
+            inv = 1.0 / float(self.zero_opt.loss_scale)
+            for p in self.head.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(inv)
+        self.model.step()
+        if self.cfg.train.precision != "fp16" or self.model.was_step_applied():
+            self.head_opt.step()
+        self.head_opt.zero_grad(set_to_none=True)
+
+    # ---- checkpoint parts -------------------------------------------------------------
+    def replicated_state(self) -> Dict[str, Any]:
+        """ZeRO stage 1/2 keeps the weights replicated: rank 0 saves them."""
+        return {"backbone": self.backbone.state_dict(), "engine": "deepspeed",
+                "zero_stage": self.cfg.train.zero_stage}
+
+    def shard_state(self) -> Dict[str, Any]:
+        return {"head_optim": self.head_opt.state_dict(), "zero_optim": self.zero_opt.state_dict()}
+
+    def load_replicated(self, state: Dict[str, Any]) -> None:
+        if state.get("engine") != "deepspeed":
+            raise ConfigError("this checkpoint was written by the ddp engine; resume it with "
+                              "train.engine=ddp (optimizer states of the two engines differ)")
+        self.backbone.load_state_dict(state["backbone"])
+
+    def load_shard(self, state: Dict[str, Any], all_shards: Optional[Sequence[Dict]] = None
+                   ) -> None:
+        self.head_opt.load_state_dict(state["head_optim"])
+        if not all_shards:
+            raise ValueError("DeepSpeedEngine.load_shard needs every rank's saved file "
+                             "(all_shards): ZeRO partitions are restored from all of them")
+        # Weights were loaded into the module above; the fp32 partitions are refreshed from it.
+        self.zero_opt.load_state_dict([s["zero_optim"] for s in all_shards],
+                                      load_optimizer_states=True, load_from_fp32_weights=False)
