@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One prepared GPU session (run on a lent H100/H200 through the device tool, ~6-8 minutes):
+# InsightFace's anchor and our harness on the same card at the same moment, then the classifier
+# and backbone benchmarks and the GPU-marked tests. Results land in $OUT.
+#   carry: third_party  (third_party/anchor_insightface.py = shared/bench/anchor_insightface.py and
+#                        third_party/recognition/arcface_torch from a snapshot of insightface; never committed)
+# STAGES: space-separated subset of "info anchor ours compile classifier tests" (default: all).
+set -uo pipefail
+OUT=${OUT:-/tmp/facetrain_gpu}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+STAGES=${STAGES:-"info anchor ours compile classifier tests"}
+has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
+log() { echo "=== $(date +%T) $*"; }
+if has info; then
+  log info; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+fi
+if has anchor && [ -d third_party/recognition/arcface_torch ]; then
+  log anchor
+  timeout 240 python3 third_party/anchor_insightface.py third_party/recognition/arcface_torch 2>&1 \
+    | grep -v Warning | tee "$OUT/anchor.log"
+fi
+if has ours; then
+  log "ours: bf16 channels_last eager, all anchor rows"
+  timeout 200 python3 benchmarks/train_throughput.py --device cuda --channels-last --split \
+    --json "$OUT/ours_bf16_cl.json" 2>&1 | tee "$OUT/ours.log"
+  log "ours: fp16 like-for-like (InsightFace's precision)"
+  timeout 60 python3 benchmarks/train_throughput.py --device cuda --precision fp16 \
+    --rows r50-b256-c93k --json "$OUT/ours_fp16.json" 2>&1 | tee -a "$OUT/ours.log"
+fi
+if has compile; then
+  log "ours: bf16 channels_last + torch.compile, target rows"
+  timeout 240 python3 benchmarks/train_throughput.py --device cuda --channels-last --compile \
+    --rows r50-b256-c93k,r50-b256-c93k-leap,r50-b256-c2m-sr0.1,r50-b256-c2m-sr0.1-leap \
+    --json "$OUT/ours_compile.json" 2>&1 | tail -12 | tee "$OUT/ours_compile.log"
+fi
+if has classifier; then
+  log classifier; timeout 120 python3 benchmarks/classifier_bench.py --device cuda 2>&1 | tail -15 | tee "$OUT/classifier.log"
+fi
+if has tests; then
+  log "gpu tests"; timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_margins.py tests/unit/test_partial_fc.py tests/unit/test_models_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+fi
+log done

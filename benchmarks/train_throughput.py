@@ -1,0 +1,245 @@
+"""Training throughput: the real facetrain step on synthetic on-device batches.
+
+The step is the trainer's own: backbone (DDP when launched under torchrun) -> all-gather ->
+sharded PartialFC (class sampling, LEAP, margin, distributed softmax CE) -> backward -> clip ->
+both optimizers (facetrain.engines.DDPEngine). Only the loader is replaced by a few fixed
+on-device batches, so the numbers compare one to one with shared/anchors.md (InsightFace's
+arcface_torch measured the same way: 8 warm-up steps, 30 timed).
+
+    python benchmarks/train_throughput.py                       # CPU, tiny sizes (CI keeps it working)
+    python benchmarks/train_throughput.py --device cuda         # the anchor table's rows
+    python benchmarks/train_throughput.py --device cuda --rows r50-b256-c93k --precision fp16
+    torchrun --nproc_per_node=8 benchmarks/train_throughput.py --device cuda   # scaling
+
+Prints one table (samples/s over the whole job, peak GPU memory of rank 0) and writes JSON with
+--json. `--split` adds a CUDA-event split of one step into forward / backward / optimizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    # Run as a script from a checkout: make `facetrain` importable without installing.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facetrain.config import config_from_dict  # noqa: E402
+from facetrain.dist import DistContext, destroy, init_distributed  # noqa: E402
+from facetrain.engines import build_engine  # noqa: E402
+from facetrain.heads.partial_fc import PartialFC  # noqa: E402
+from facetrain.models.registry import build_backbone  # noqa: E402
+
+# name -> (backbone, batch per rank, classes, sample_rate, image side, leap)
+GPU_ROWS: Dict[str, tuple] = {
+    "r50-b128-c93k": ("iresnet50", 128, 93_431, 1.0, 112, "off"),
+    "r50-b256-c93k": ("iresnet50", 256, 93_431, 1.0, 112, "off"),
+    "r50-b256-c93k-leap": ("iresnet50", 256, 93_431, 1.0, 112, "full"),
+    "r50-b256-c2m-sr0.1": ("iresnet50", 256, 2_000_000, 0.1, 112, "off"),
+    "r50-b256-c2m-sr0.1-leap": ("iresnet50", 256, 2_000_000, 0.1, 112, "full"),
+    "r50-b256-c2m": ("iresnet50", 256, 2_000_000, 1.0, 112, "off"),
+    "r50-b256-c2m-leap": ("iresnet50", 256, 2_000_000, 1.0, 112, "full"),
+}
+CPU_ROWS: Dict[str, tuple] = {
+    "tiny-b64-c2k": ("tiny", 64, 2_000, 1.0, 32, "off"),
+    "tiny-b64-c2k-leap": ("tiny", 64, 2_000, 1.0, 32, "full"),
+    "tiny-b64-c20k-sr0.1": ("tiny", 64, 20_000, 0.1, 32, "off"),
+    "tiny-b64-c20k-sr0.1-leap": ("tiny", 64, 20_000, 0.1, 32, "full"),
+}
+
+
+@dataclass
+class Result:
+    row: str
+    backbone: str
+    batch_per_rank: int
+    world_size: int
+    classes: int
+    sample_rate: float
+    leap: str
+    precision: str
+    compile: bool
+    channels_last: bool
+    samples_per_s: float
+    ms_per_step: float
+    peak_mem_gib: float
+    split_ms: Optional[Dict[str, float]] = None
+    error: Optional[str] = None
+
+
+def synthetic_counts(classes: int, seed: int = 0) -> np.ndarray:
+    """Long-tailed K_i: a quarter of the classes are head (50-150 images), the rest tail (2-8),
+    so LEAP's statistics have head and tail classes to work with."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(2, 9, size=classes)
+    head = rng.random(classes) < 0.25
+    counts[head] = rng.integers(50, 151, size=int(head.sum()))
+    return counts.astype(np.int64)
+
+
+def build_cfg(backbone: str, batch: int, sample_rate: float, side: int, leap: str,
+              args: argparse.Namespace):
+    return config_from_dict({
+        "data": {"batch_size": batch, "image_size": side},
+        "model": {"backbone": backbone, "channels_last": args.channels_last,
+                  "compile": args.compile},
+        "head": {"sample_rate": sample_rate,
+                 "margin": {"kind": "arcface", "scale": 64.0, "m_arc": 0.5, "m_cos": 0.0}},
+        "leap": {"mode": leap, "update_interval": 5, "start_epoch": 0},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                  "grad_clip": 5.0},
+        "train": {"precision": args.precision, "device": args.device},
+    })
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext) -> Result:
+    backbone_name, batch, classes, rate, side, leap = spec
+    cfg = build_cfg(backbone_name, batch, rate, side, leap, args)
+    dev = ctx.device
+    torch.manual_seed(ctx.rank)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    backbone = build_backbone(backbone_name, embedding_size=512, dropout=0.0,
+                              image_size=side).to(dev)
+    if args.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    if args.compile:
+        backbone = torch.compile(backbone)
+    head = PartialFC(512, synthetic_counts(classes), cfg.head, cfg.leap, ctx, seed=0).to(dev)
+    engine = build_engine(cfg, ctx, backbone, head)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = [torch.randn(batch, 3, side, side, device=dev).contiguous(memory_format=fmt)
+              for _ in range(4)]
+    gen = torch.Generator(device="cpu").manual_seed(ctx.rank)
+    labels = [torch.randint(0, classes, (batch,), generator=gen).to(dev) for _ in range(4)]
+    i = [0]
+
+    def step() -> None:
+        k = i[0] % 4
+        i[0] += 1
+        engine.micro_step(images[k], labels[k], sync=True)
+        engine.step()
+
+    for _ in range(args.warmup):
+        step()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    split = _split(engine, images[0], labels[0], dev) if args.split and dev.type == "cuda" else None
+    res = Result(name, backbone_name, batch, ctx.world_size, classes, rate, leap, args.precision,
+                 args.compile, args.channels_last,
+                 samples_per_s=batch * ctx.world_size * args.steps / dt,
+                 ms_per_step=1000 * dt / args.steps, peak_mem_gib=_peak_gib(dev), split_ms=split)
+    del engine, head, backbone, images
+    return res
+
+
+def _split(engine, images: torch.Tensor, labels: torch.Tensor, dev: torch.device) -> Dict[str, float]:
+    """One step timed in three parts with CUDA events (forward, backward, optimizer)."""
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    ev[0].record()
+    with engine.autocast():
+        loss = engine.head(engine.model(images), labels)
+    ev[1].record()
+    engine.scaler.scale(loss).backward()
+    ev[2].record()
+    engine.step()
+    ev[3].record()
+    torch.cuda.synchronize(dev)
+    return {"forward": ev[0].elapsed_time(ev[1]), "backward": ev[1].elapsed_time(ev[2]),
+            "optimizer": ev[2].elapsed_time(ev[3])}
+
+
+def format_table(results: List[Result]) -> str:
+    head = (f"{'row':<26} {'prec':<5} {'cmp':<3} {'ws':>2} {'samples/s':>10} {'ms/step':>8} "
+            f"{'peak GiB':>8}  split f/b/o ms")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.row:<26} ERROR {r.error}")
+            continue
+        split = "" if not r.split_ms else "/".join(f"{r.split_ms[k]:.1f}" for k in
+                                                    ("forward", "backward", "optimizer"))
+        lines.append(f"{r.row:<26} {r.precision:<5} {'y' if r.compile else 'n':<3} "
+                     f"{r.world_size:>2} {r.samples_per_s:>10.1f} {r.ms_per_step:>8.1f} "
+                     f"{r.peak_mem_gib:>8.2f}  {split}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu runs tiny sizes; cuda runs the anchor table's rows")
+    p.add_argument("--rows", default="", help="comma-separated row names (default: all of the device's)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--channels-last", action="store_true", help="channels_last backbone and images")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--split", action="store_true", help="CUDA-event split of one extra step")
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> List[Result]:
+    args = parse_args(argv)
+    table = GPU_ROWS if args.device == "cuda" else CPU_ROWS
+    names = [n for n in args.rows.split(",") if n] or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {unknown}; known for {args.device}: {', '.join(table)}")
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = init_distributed(args.device)
+    results = []
+    for name in names:
+        try:
+            res = run_row(name, table[name], args, ctx)
+        except torch.OutOfMemoryError as exc:      # keep going: one row must not lose the others
+            res = Result(name, *table[name][:1], 0, ctx.world_size, 0, 0.0, "", args.precision,
+                         args.compile, args.channels_last, 0.0, 0.0, 0.0, error=repr(exc)[:200])
+        if ctx.is_main:
+            print(json.dumps(asdict(res)), flush=True)
+        results.append(res)
+    if ctx.is_main:
+        print(format_table(results))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+    destroy(ctx)
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()
