@@ -112,7 +112,7 @@ class Trainer:
         patience = FP16_NONFINITE_PATIENCE if cfg.train.precision == "fp16" else 1
         self.monitor = LossMonitor(ctx.device, patience)
         self.step = self.epoch = self.batch = 0     # batch = micro-batches done in this epoch
-        self._saved_step = -1
+        self._saved_step = self._verified_step = -1
         self.log = RunLogger(self.out, ctx.is_main, self.total_steps, cfg.train.tensorboard)
         resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
         if resume is not None:
@@ -149,7 +149,7 @@ class Trainer:
             return {"step": self.step, "epoch": self.epoch, "loss": last_loss, "export": None}
         self._leap_stats("end")
         export = self._export()
-        if cfg.eval.verification:
+        if cfg.eval.verification and self._verified_step != self.step:
             self._verify()
         self.log.info(f"done: step {self.step}, epoch {self.epoch}, outputs in {self.out}")
         self.log.close()
@@ -319,6 +319,7 @@ class Trainer:
 
     def _verify(self) -> None:
         """Verification accuracy on each `eval.verification` pack (rank 0; others wait)."""
+        self._verified_step = self.step
         if self.ctx.is_main:
             from facetrain.eval.embed import extract_features
             from facetrain.eval.verification import evaluate_pack_features, load_pack

@@ -34,12 +34,14 @@ class DDPEngine:
                  head: torch.nn.Module) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.backbone, self.head = backbone, head
+        self._ddp: DistributedDataParallel | None = None
         if ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.model: torch.nn.Module = DistributedDataParallel(
-                backbone, device_ids=ids, process_group=ctx.group)
-        else:
-            self.model = backbone
+            self._ddp = DistributedDataParallel(backbone, device_ids=ids, process_group=ctx.group)
+        self.model: torch.nn.Module = self._ddp if self._ddp is not None else backbone
+        if cfg.model.compile:
+            # Compiling the DDP wrapper lets dynamo split graphs at DDP's bucket boundaries.
+            self.model = torch.compile(self.model)
         self.backbone_opt = build_optimizer(cfg.optim, backbone.parameters())
         self.head_opt = build_optimizer(cfg.optim, head.parameters())
         self.dtype = _DTYPES.get(cfg.train.precision)
@@ -63,8 +65,8 @@ class DDPEngine:
         The loss is divided by optim.grad_accum so the summed gradient is the mean over the
         step's samples, whatever the accumulation factor.
         """
-        no_sync = self.ctx.distributed and not sync
-        with self.model.no_sync() if no_sync else contextlib.nullcontext():
+        no_sync = self._ddp is not None and not sync
+        with self._ddp.no_sync() if no_sync else contextlib.nullcontext():
             with self.autocast():
                 emb = self.model(images)
                 emb = undo_gradient_averaging(emb, self.ctx.world_size)

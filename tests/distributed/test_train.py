@@ -160,3 +160,46 @@ def test_loss_monitor_patience():
         mon.update(torch.tensor(float("nan")), step)
     with pytest.raises(NonFiniteLossError, match="step 5 and stayed so for 4 steps"):
         mon.check()
+
+
+def _make_pack(rec: str, path: Path, pairs: int = 20) -> str:
+    """An LFW-style pack (pickle of (bins, issame)) from the tiny dataset's images."""
+    import pickle
+
+    from facetrain.data.dataset import RecordDataset
+
+    ds = RecordDataset.open(rec)
+    items = [ds.read(i) for i in range(len(ds))]
+    by_class = {}
+    for label, img in items:
+        by_class.setdefault(label, []).append(img)
+    rng = np.random.RandomState(0)
+    bins, issame = [], []
+    for i in range(pairs):
+        a = int(rng.randint(len(COUNTS)))
+        b = a if i % 2 == 0 else (a + 1) % len(COUNTS)
+        bins += [by_class[a][0], by_class[b][1]]
+        issame.append(a == b)
+    with open(path, "wb") as fh:
+        pickle.dump((bins, issame), fh)
+    return str(path)
+
+
+def test_mixed_precision_channels_last_and_verification_in_training(tmp_path):
+    rec = make_tiny_rec(tmp_path / "data")
+    pack = _make_pack(rec, tmp_path / "pack.bin")
+    out = tmp_path / "bf16"
+    Trainer(tiny_config(rec, out, ["train.precision=bf16", "model.channels_last=true",
+                                   "train.max_steps=6", f"eval.verification=[{pack}]",
+                                   "eval.every_steps=3", "data.batch_size=8"]),
+            single_process()).fit()
+    log = (out / "log.txt").read_text()
+    assert log.count("verification pack step") == 2        # steps 3 and 6 (the end)
+    assert "pack_acc" in (out / "metrics.jsonl").read_text()
+    assert np.isfinite(_losses(out)).all() and len(_losses(out)) == 6
+    out = tmp_path / "fp16"                                  # GradScaler path (CPU autocast)
+    t = Trainer(tiny_config(rec, out, ["train.precision=fp16", "train.max_steps=4",
+                                       "data.batch_size=8"]), single_process())
+    assert t.engine.scaler.is_enabled()
+    t.fit()
+    assert np.isfinite(_losses(out)).all() and len(_losses(out)) == 4
