@@ -61,7 +61,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if n_dis > df.shape[0]:
         raise _common.UsageError(f"--distractors {n_dis} but only {df.shape[0]} distractors remain "
                                  "after noise removal")
-    res = megaface.evaluate(pf[keep_p], ids[keep_p], df, n_dis)
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    res = megaface.evaluate(pf[keep_p], ids[keep_p], df, n_dis, device=device)
     res["probes_dropped_as_noise"] = int((~keep_p).sum())
     res["distractors_dropped_as_noise"] = int((~keep_d).sum())
     _common.print_table(["distractors", "probes", "rank-1 %", "rank-5 %", "rank-10 %",

@@ -46,8 +46,10 @@ def test_score_pairs_matches_brute_force(dense):
     n_pairs = 2000 if dense else 20
     r1 = rng.integers(0, 25, n_pairs)
     r2 = rng.integers(20, 50, n_pairs)
-    got = ijbc.score_pairs(t, r1, r2, block_rows=7)
-    np.testing.assert_allclose(got, [t[a] @ t[b] for a, b in zip(r1, r2)], atol=1e-5)
+    ref = [t[a] @ t[b] for a, b in zip(r1, r2)]
+    for block_bytes in (7 * 30 * 4, 2**20):                      # 7-row blocks, one block
+        got = ijbc.score_pairs(t, r1, r2, block_bytes=block_bytes)
+        np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_verify_features_matches_sklearn(tmp_path):

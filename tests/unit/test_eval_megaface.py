@@ -92,3 +92,15 @@ def test_evaluate_matches_brute_force(block):
     assert sub["rank1"] == pytest.approx(_brute(probes, ids, dis[:50], 1e-3)[0])
     with pytest.raises(ValueError, match="n_distractors=500"):
         megaface.evaluate(probes, ids, dis, n_distractors=500)
+
+
+@pytest.mark.gpu
+def test_cuda_scoring_matches_cpu():
+    rng = np.random.default_rng(2)
+    ids = np.repeat(np.arange(8), 3)
+    probes = subject_features(rng, ids, dim=16, noise=1.3)
+    dis = rng.normal(size=(900, 16)).astype(np.float32)
+    cpu = megaface.evaluate(probes, ids, dis, fprs=(1e-3,), block=250)
+    gpu = megaface.evaluate(probes, ids, dis, fprs=(1e-3,), block=250, device="cuda")
+    assert gpu["rank1"] == pytest.approx(cpu["rank1"], abs=0.02)
+    assert gpu["tpr_at_fpr"]["1e-03"] == pytest.approx(cpu["tpr_at_fpr"]["1e-03"], abs=0.02)
