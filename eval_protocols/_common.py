@@ -30,8 +30,10 @@ def add_common_args(parser: argparse.ArgumentParser, default_json: str,
                    help="write the extracted features to this .npy for later --features runs")
     g.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     if len(image_size) == 1:
-        g.add_argument("--image-size", type=int, default=image_size[0],
-                       help="network input side in pixels")
+        g.add_argument("--image-size", type=int, default=None,
+                       help="network input side in pixels (default: the exported model's "
+                            f"image_size, else {image_size[0]})")
+        parser.set_defaults(default_image_size=image_size[0])
     else:
         g.add_argument("--image-size", type=int, nargs=2, default=list(image_size),
                        metavar=("H", "W"), help="network input height and width in pixels")
@@ -62,9 +64,22 @@ def require(path: Path, what: str, flag: str) -> Path:
 def features_or_extract(args: argparse.Namespace, n_expected: int, what: str,
                         dataset_factory: Callable[[], object]) -> np.ndarray:
     """--features if given (checked against n_expected rows), else run the model."""
-    from facetrain.eval.embed import extract_features, load_backbone, load_features
+    from facetrain.eval.embed import extract_features, load_features
     if args.features:
         return load_features(args.features, n_expected, what)
+    model, device = load_model(args)
+    feats = extract_features(model, dataset_factory(), args.batch_size, flip=not args.no_flip,
+                             device=device, image_size=args.image_size,
+                             progress=not args.quiet, desc=what)
+    if args.save_features:
+        Path(args.save_features).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.save_features, feats)
+    return feats
+
+
+def load_model(args: argparse.Namespace):
+    """--model (default: the newest export) on --device; also settles args.image_size."""
+    from facetrain.eval.embed import load_backbone_with_info
     model_path = args.model
     if model_path is None:
         from facetrain.eval import defaults
@@ -74,15 +89,14 @@ def features_or_extract(args: argparse.Namespace, n_expected: int, what: str,
                              "launch/train_face.py); pass --model PATH or --features PATH.npy")
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_backbone(model_path, device)
-    print(f"model: {model_path}", file=sys.stderr)
-    feats = extract_features(model, dataset_factory(), args.batch_size, flip=not args.no_flip,
-                             device=device, image_size=args.image_size,
-                             progress=not args.quiet, desc=what)
-    if args.save_features:
-        Path(args.save_features).parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.save_features, feats)
-    return feats
+    model, info = load_backbone_with_info(model_path, device)
+    if args.image_size is None:                    # faces: follow the model, else 112
+        size = info.get("image_size") or args.default_image_size
+        if isinstance(size, (list, tuple)):
+            size = size[0] if len(set(size)) == 1 else tuple(size)
+        args.image_size = size
+    print(f"model: {model_path} (input {args.image_size})", file=sys.stderr)
+    return model, device
 
 
 def print_table(headers: Sequence[str], rows: List[Sequence[object]], title: str = "") -> None:

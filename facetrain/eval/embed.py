@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,13 +31,20 @@ def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Mo
     "backbone": name, "kwargs": {...}, "state_dict": ...}`` (rebuilt through
     facetrain.models.registry.build_backbone) or a TorchScript file.
     """
+    return load_backbone_with_info(path, device)[0]
+
+
+def load_backbone_with_info(path: str | Path, device: torch.device | str = "cpu"
+                            ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """`load_backbone` plus what the file says about the model: {"backbone": name,
+    "image_size": the input side from the export's kwargs, or None (TorchScript)}."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone file {path} does not exist: pass --model PATH to an "
                                 "exported backbone.pt (or a TorchScript file)")
     device = torch.device(device)
     if _is_torchscript(path):
-        return torch.jit.load(str(path), map_location=device).eval()
+        return torch.jit.load(str(path), map_location=device).eval(), {"image_size": None}
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as load_err:  # not a plain torch file: TorchScript archives land here
@@ -46,9 +53,9 @@ def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Mo
         except Exception as jit_err:
             raise ValueError(f"{path} is neither a facetrain backbone export ({load_err}) nor a "
                              f"TorchScript file ({jit_err})") from jit_err
-        return model.eval()
+        return model.eval(), {"image_size": None}
     if isinstance(obj, torch.jit.ScriptModule):
-        return obj.eval()
+        return obj.eval(), {"image_size": None}
     if not isinstance(obj, dict) or obj.get("format") != BACKBONE_FORMAT:
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a dict with format={BACKBONE_FORMAT!r} (written by "
@@ -63,7 +70,8 @@ def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Mo
     from facetrain.models.registry import build_backbone  # heavy import only when needed
     model = build_backbone(obj["backbone"], **obj["kwargs"])
     model.load_state_dict(obj["state_dict"])
-    return model.to(device).eval()
+    return model.to(device).eval(), {"backbone": obj["backbone"],
+                                     "image_size": obj["kwargs"].get("image_size")}
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -148,3 +148,25 @@ def test_megaface_and_reid_model_path_with_a_bad_image(tmp_path, capsys):
     rc, _, err = inproc("megaface", "--root", str(tmp_path / "mf"), "--model",
                         str(tmp_path / "m.pt"), capsys=capsys)
     assert rc == 2 and "(line 3 of" in err and "megaface_lst" in err
+
+
+def test_trainer_export_is_loaded_at_its_own_input_size(tmp_path, capsys):
+    """The trainer's real export (registry backbone + export_backbone): no --image-size needed,
+    the export's kwargs give the input side (a 16-px tiny net fails at the default 112)."""
+    from facetrain.checkpoint import export_backbone
+    from facetrain.eval.verification import evaluate_pack_features, load_pack, PackImages
+    from facetrain.eval.embed import extract_features
+    from facetrain.models.registry import build_backbone
+    kwargs = {"embedding_size": 8, "dropout": 0.0, "image_size": 16}
+    torch.manual_seed(0)
+    model = build_backbone("tiny", **kwargs).eval()
+    paths = export_backbone(model, "tiny", kwargs, tmp_path / "export", image_size=16, onnx=False)
+    make_pack(tmp_path / "p.bin", 10, np.random.default_rng(6))
+    rc, out, err = inproc("lfw", "--pack", str(tmp_path / "p.bin"), "--model", str(paths["torch"]),
+                          "--json", str(tmp_path / "r.json"), "--no-plot", capsys=capsys)
+    assert rc == 0, err
+    bins, issame = load_pack(tmp_path / "p.bin")
+    ref = evaluate_pack_features(extract_features(model, PackImages(bins, "p"), image_size=16,
+                                                  progress=False), issame)
+    got = json.loads((tmp_path / "r.json").read_text())["p"]
+    assert got["accuracy_mean"] == pytest.approx(ref["accuracy_mean"])
