@@ -40,6 +40,23 @@ DEFAULT_METRICS: Tuple[Metric, ...] = (
 Results = Mapping[str, Mapping[int, Mapping[str, float]]]
 
 
+def metrics_from_eval(verification: Optional[Mapping] = None, ijbc: Optional[Mapping] = None,
+                      megaface: Optional[Mapping] = None) -> Dict[str, float]:
+    """One run's DEFAULT_METRICS values from the facetrain.eval results: verification
+    (`accuracy_mean`), IJB-C 1:1 (`tpr_at_fpr` keyed "1e-03"/"1e-04") and MegaFace (`rank1`).
+    Missing evaluations or keys are left out (the table shows n/a)."""
+    out: Dict[str, float] = {}
+    if verification and "accuracy_mean" in verification:
+        out["verification_acc"] = float(verification["accuracy_mean"])
+    tpr = (ijbc or {}).get("tpr_at_fpr", {})
+    for fpr in ("1e-03", "1e-04"):
+        if fpr in tpr:
+            out[f"ijbc_tpr@{fpr.replace('-0', '-')}"] = float(tpr[fpr])
+    if megaface and "rank1" in megaface:
+        out["megaface_rank1"] = float(megaface["rank1"])
+    return out
+
+
 def _stats(values: Sequence[float]) -> Dict[str, Optional[float]]:
     """mean, sample std (None below 2 values), min, max, n of a list of numbers."""
     v = np.asarray(values, dtype=np.float64)
