@@ -69,6 +69,18 @@ class BuildSettings:
                                   f"same-class pair); got {self.min_designs}")
         if self.size < 8:
             raise GlyphBuildError(f"--size must be >= 8 pixels; got {self.size}")
+        folds = 2 * eval_sets.VERIFICATION_FOLDS
+        if self.verification_pairs < folds or self.verification_pairs % folds:
+            raise GlyphBuildError(f"--verification-pairs must be a positive multiple of {folds} "
+                                  "(10 folds, each half same-class and half different-class "
+                                  f"pairs); got {self.verification_pairs}")
+        if self.eval_classes < folds:
+            raise GlyphBuildError(f"--eval-classes must be >= {folds} (each of the 10 "
+                                  "verification folds draws different-class pairs from its own "
+                                  f"classes); got {self.eval_classes}")
+        if self.ijbc_impostor_pairs < 1:
+            raise GlyphBuildError("--ijbc-impostor-pairs must be >= 1; "
+                                  f"got {self.ijbc_impostor_pairs}")
 
 
 @dataclass

@@ -42,7 +42,10 @@ def test_class_name_is_folder_safe():
 @pytest.mark.parametrize("kw, msg", [({"min_designs": 1}, "--min-designs must be >= 2"),
                                      ({"train_classes": 0}, "--train-classes must be >= 1"),
                                      ({"distractor_classes": 0}, "--distractor-classes"),
-                                     ({"size": 4}, "--size must be >= 8")])
+                                     ({"size": 4}, "--size must be >= 8"),
+                                     ({"verification_pairs": 50}, "multiple of 20"),
+                                     ({"eval_classes": 19}, "--eval-classes must be >= 20"),
+                                     ({"ijbc_impostor_pairs": 0}, "--ijbc-impostor-pairs")])
 def test_settings_errors_name_the_flag(kw, msg):
     with pytest.raises(GlyphBuildError, match=msg):
         BuildSettings(**kw).validate()
