@@ -14,13 +14,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "data_tools"))
 import build_glyphs  # noqa: E402
+import glyph_fonts  # noqa: E402
 
 from facetrain.data.dataset import RecordDataset  # noqa: E402
 from facetrain.eval.ijbc import read_meta  # noqa: E402
 from facetrain.eval.megaface import read_list  # noqa: E402
 from facetrain.eval.verification import load_pack  # noqa: E402
 from facetrain.glyphs import build  # noqa: E402
-from facetrain.glyphs.fonts import find_font_files  # noqa: E402
+from facetrain.glyphs.fonts import FONT_PACKAGES, find_font_files  # noqa: E402
 
 # 11 designs plus twins: ipagp (proportional) and the extra faces of the .ttc collections.
 FILES = ["ipag.ttf", "ipagp.ttf", "ipam.ttf", "wqy-zenhei.ttc", "wqy-microhei.ttc", "uming.ttc",
@@ -139,3 +140,13 @@ def test_too_few_designs_names_missing_packages(tmp_path, font_root, monkeypatch
     assert rc == 2 and "found 11 distinct CJK font designs" in err
     assert "apt-get install fonts-foo fonts-bar" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_glyph_fonts_cli(font_root, capsys):
+    assert glyph_fonts.main(["--roots", str(font_root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("11 distinct CJK designs (18 CJK faces found):")
+    assert "dropped  ipagp.ttf#0" in out and "same design as ipag.ttf#0" in out
+    assert glyph_fonts.main(["--missing-packages"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert set(listed) <= set(FONT_PACKAGES)
