@@ -40,6 +40,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--holdout-designs", nargs="*", default=[],
                    help="designs kept out of training (name or file substrings, e.g. Kouzan "
                         "Soseki kiloji); they still appear in the evaluation sets")
+    p.add_argument("--eval-heldout-only", action="store_true",
+                   help="with --holdout-designs: evaluation and distractor images use only the "
+                        "held-out designs (styles never seen in training)")
     p.add_argument("--font-roots", nargs="+", default=None,
                    help="folders searched for fonts (default: /usr/share/fonts)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or font log")
@@ -61,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         eval_classes=args.eval_classes, distractor_classes=args.distractor_classes,
         min_designs=args.min_designs, size=args.size, jobs=args.jobs,
         verification_pairs=args.verification_pairs, ijbc_impostor_pairs=args.ijbc_impostor_pairs,
-        holdout_designs=tuple(args.holdout_designs),
+        holdout_designs=tuple(args.holdout_designs), eval_heldout_only=args.eval_heldout_only,
         font_roots=tuple(args.font_roots) if args.font_roots else FONT_ROOTS)
     start = time.time()
     try:

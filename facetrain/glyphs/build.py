@@ -54,6 +54,7 @@ class BuildSettings:
     verification_pairs: int = 3000
     ijbc_impostor_pairs: int = 100000
     holdout_designs: Tuple[str, ...] = ()   # name/file substrings: designs kept out of training
+    eval_heldout_only: bool = False          # eval/distractor images only in held-out designs
     font_roots: Tuple[str, ...] = field(default=FONT_ROOTS)
 
     def validate(self) -> None:
@@ -78,6 +79,9 @@ class BuildSettings:
             raise GlyphBuildError(f"--eval-classes must be >= {folds} (each of the 10 "
                                   "verification folds draws different-class pairs from its own "
                                   f"classes); got {self.eval_classes}")
+        if self.eval_heldout_only and not self.holdout_designs:
+            raise GlyphBuildError("--eval-heldout-only needs --holdout-designs (which designs "
+                                  "to keep out of training and evaluate on)")
         if self.ijbc_impostor_pairs < 1:
             raise GlyphBuildError("--ijbc-impostor-pairs must be >= 1; "
                                   f"got {self.ijbc_impostor_pairs}")
@@ -204,7 +208,10 @@ def choose_classes(designs: Sequence[FontFace], settings: BuildSettings,
         start += len(chunk)
         rendered = render_chars(designs, chunk, settings.size, settings.jobs, progress)
         for ch in chunk:
-            if sum(1 for d, _ in rendered[ch] if d in use_set) >= settings.min_designs:
+            n_use = sum(1 for d, _ in rendered[ch] if d in use_set)
+            # Held-out-only evaluation needs two held-out renders for a same-class pair.
+            if n_use >= settings.min_designs and (not settings.eval_heldout_only
+                                                  or len(rendered[ch]) - n_use >= 2):
                 good.append((ch, rendered[ch]))
     if len(good) < need:
         raise GlyphBuildError(f"only {len(good)} characters render in >= {settings.min_designs} "
@@ -212,7 +219,10 @@ def choose_classes(designs: Sequence[FontFace], settings: BuildSettings,
     good = good[:need]
     n_tr, n_ev = settings.train_classes, settings.eval_classes
     train = [(ch, [(d, im) for d, im in imgs if d in use_set]) for ch, imgs in good[:n_tr]]
-    return Classes(train, good[n_tr:n_tr + n_ev], good[n_tr + n_ev:])
+    rest = good[n_tr:]
+    if settings.eval_heldout_only:
+        rest = [(ch, [(d, im) for d, im in imgs if d not in use_set]) for ch, imgs in rest]
+    return Classes(train, rest[:n_ev], rest[n_ev:])
 
 
 def write_train(prefix: Path, train: Sequence[Tuple[str, List[Tuple[int, np.ndarray]]]],

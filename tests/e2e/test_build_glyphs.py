@@ -150,3 +150,19 @@ def test_glyph_fonts_cli(font_root, capsys):
     assert glyph_fonts.main(["--missing-packages"]) == 0
     listed = capsys.readouterr().out.split()
     assert set(listed) <= set(FONT_PACKAGES)
+
+
+def test_holdout_designs_stay_out_of_training(font_root, tmp_path):
+    out = tmp_path / "h"
+    args = ["--out", str(out), "--font-roots", str(font_root), "--train-classes", "10",
+            "--eval-classes", "20", "--distractor-classes", "4", "--min-designs", "6",
+            "--verification-pairs", "20", "--ijbc-impostor-pairs", "50", "--quiet", "--jobs", "1",
+            "--holdout-designs", "Kouzan", "Konatu", "--eval-heldout-only"]
+    assert build_glyphs.main(args) == 0
+    m = _manifest(out)
+    held = {d["index"] for d in m["designs"] if not d["in_training"]}
+    assert {m["designs"][i]["name"] for i in held} == {"KouzanBrushFont", "Konatu"}
+    ds = RecordDataset.open(str(out / "train"))
+    assert ds.class_counts.max() <= 9                  # 11 designs - 2 held out
+    probes = read_list(out / "eval" / "megaface" / "facescrub_lst")
+    assert {int(p.split("/d")[1][:2]) for p in probes} == held
