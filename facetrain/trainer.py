@@ -217,6 +217,8 @@ class Trainer:
         if stats is None or not self.ctx.is_main:
             return
         mean, var, valid, counts = stats
+        if not valid.any():                  # leap.mode=off: the classifier tracks no angles
+            return
         head = counts > self.cfg.leap.head_threshold
         row = {}
         for name, mask in (("head", head & valid), ("tail", ~head & valid)):
