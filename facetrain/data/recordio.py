@@ -205,7 +205,7 @@ def read_index(idx_path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
-def iter_index_chunks(idx_path: Union[str, Path], chunk_bytes: int = 1 << 24
+def iter_index_chunks(idx_path: Union[str, Path], chunk_bytes: int = 1 << 22
                       ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """(keys, offsets) int64 arrays of a .idx file, a bounded chunk at a time (streaming)."""
     idx_path = Path(idx_path)

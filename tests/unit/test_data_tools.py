@@ -6,7 +6,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 
 from facetrain.data.dataset import RecordDataset
 from test_dataset import make_dataset

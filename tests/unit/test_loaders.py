@@ -1,8 +1,5 @@
 """Loader contract, torch and DALI (CPU): shapes, range, RGB, flip, resize, equal per-rank batch
 counts with uneven totals, disjoint rank shards, epoch reshuffle, iter_from, bad images."""
-from dataclasses import replace
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
@@ -10,7 +7,7 @@ import torch
 
 from facetrain.config import DataConfig
 from facetrain.data import build_train_loader
-from facetrain.data.dataset import DatasetError, RecordDataset, write_insightface_dataset
+from facetrain.data.dataset import DatasetError, write_insightface_dataset
 from facetrain.dist import DistContext
 
 COUNTS = [5, 4, 4, 3, 3, 2, 2]          # 23 images: uneven over 3 ranks x batch 2

@@ -5,7 +5,7 @@ import torch
 
 from facetrain.data import build_train_loader
 from facetrain.dist import DistContext
-from test_loaders import COUNTS, cfg, colour_image, ids_of, rec  # noqa: F401  (rec: fixture)
+from test_loaders import cfg, ids_of, rec  # noqa: F401  (rec: a fixture)
 
 
 def gpu_ctx(rank=0, world=1):

@@ -1,7 +1,5 @@
 """Long-tail subset semantics on a tiny dataset: ranking, ties, head/tail, seeded picks, bytes."""
 import csv
-from pathlib import Path
-
 import numpy as np
 import pytest
 
