@@ -108,6 +108,11 @@ def find_designs(settings: BuildSettings) -> DesignChoice:
         log.info("font dropped: %s (%s): %s", face.key, face.name, why)
     for face in choice.kept:
         log.info("font kept: %s (%s), %d ideographs", face.key, face.name, len(face.coverage))
+    for h in settings.holdout_designs:
+        if len(training_designs(choice.kept, (h,))) == len(choice.kept):
+            raise GlyphBuildError(f"--holdout-designs {h!r} matches no kept design; use part of "
+                                  "a name or file from: " + ", ".join(
+                                      f"{f.name} ({f.key})" for f in choice.kept))
     n_train = len(training_designs(choice.kept, settings.holdout_designs))
     if n_train < settings.min_designs:
         missing = missing_packages(FONT_PACKAGES)

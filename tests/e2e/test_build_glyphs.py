@@ -166,3 +166,10 @@ def test_holdout_designs_stay_out_of_training(font_root, tmp_path):
     assert ds.class_counts.max() <= 9                  # 11 designs - 2 held out
     probes = read_list(out / "eval" / "megaface" / "facescrub_lst")
     assert {int(p.split("/d")[1][:2]) for p in probes} == held
+
+
+def test_unknown_holdout_design_is_an_error(font_root, tmp_path, capsys):
+    rc = build_glyphs.main(["--out", str(tmp_path / "o"), "--font-roots", str(font_root),
+                            "--holdout-designs", "Helvetica", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'Helvetica' matches no kept design" in err and "IPAGothic" in err
