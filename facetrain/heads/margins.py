@@ -96,7 +96,8 @@ def _maybe_fused(name: str, fn: Callable, like: torch.Tensor) -> Callable:
     return _FUSED[name]
 
 
-def _call_fused(name: str, fn: Callable, *args: torch.Tensor) -> torch.Tensor:
+def call_fused(name: str, fn: Callable, *args):
+    """fn(*args), compiled on CUDA (see _maybe_fused); args[0] must be a tensor."""
     impl = _maybe_fused(name, fn, args[0])
     if impl is fn:
         return fn(*args)
@@ -116,14 +117,21 @@ class _CloudCos(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cos_blk, std, row_key, col_key):  # type: ignore[override]
         ctx.save_for_backward(cos_blk, std, row_key, col_key)
-        return _call_fused("cloud_forward", cloud_forward, cos_blk, std, row_key, col_key)
+        return call_fused("cloud_forward", cloud_forward, cos_blk, std, row_key, col_key)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         cos_blk, std, row_key, col_key = ctx.saved_tensors
-        grad_in = _call_fused("cloud_backward", cloud_backward, grad.contiguous(), cos_blk, std,
+        grad_in = call_fused("cloud_backward", cloud_backward, grad.contiguous(), cos_blk, std,
                               row_key, col_key)
         return grad_in, None, None, None
+
+
+def _target_alpha(std, row_key, col_key, target_col, num_cols: int):
+    """The target's own angle [B]: the same noise value the block used at that column."""
+    ck = col_key.view(-1).expand(num_cols)[target_col].view(-1, 1)
+    alpha_t = (std * _noise.gauss(row_key, ck)).view(-1)
+    return torch.where(std.view(-1) > 0, alpha_t, torch.zeros_like(alpha_t))
 
 
 def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: torch.Tensor,
@@ -143,10 +151,8 @@ def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: tor
         alpha_t = torch.zeros_like(cos_t)
     else:
         base = _CloudCos.apply(cos_blk, cloud.std, cloud.row_key, cloud.col_key)
-        # The target's own angle: the same noise value the block used at that column.
-        ck = cloud.col_key.view(-1).expand(cos_blk.shape[1])[target_col].view(-1, 1)
-        alpha_t = (cloud.std * _noise.gauss(cloud.row_key, ck)).view(-1)
-        alpha_t = torch.where(cloud.std.view(-1) > 0, alpha_t, torch.zeros_like(alpha_t))
+        alpha_t = call_fused("target_alpha", _target_alpha, cloud.std, cloud.row_key, cloud.col_key,
+                             target_col, cos_blk.shape[1])
     new_t = target_cos(cos_t, alpha_t, m_cos, m_arc) * margin.scale
     # Rows whose class lives on another shard write back their own current value (a no-op
     # that keeps the scatter free of a host sync to select the local rows). `keep` is gathered

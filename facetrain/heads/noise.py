@@ -10,8 +10,8 @@ costs ~3 extra passes over the block). Keys:
 - step key: hash(seed, draw counter). The counter is a device tensor bumped once per draw (no host
   sync) and is the same on every rank, so the angles do not depend on how classes are sharded:
   1, 2 or 3 ranks draw the same alpha for the same (sample, class).
-Integer arithmetic stays below 2^63 (16-bit split multiply), so CPU and GPU agree bit for bit on
-the keys. 24-bit uniforms bound |z| by about 5.9.
+Integer arithmetic is int32 with wrapping multiplies (as in murmur3), so CPU and GPU agree bit
+for bit on the keys; int32 rather than int64 because 64-bit multiplies are emulated on GPUs.
 """
 from __future__ import annotations
 
@@ -20,46 +20,51 @@ from typing import Optional, Tuple
 
 import torch
 
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for 0 <= x < 2^32 without int64 overflow."""
-    hi = ((x >> 16) * c) & 0xFFFF
-    return ((hi << 16) + (x & 0xFFFF) * c) & _M32
+# murmur3 fmix32 constants as signed int32 (int32 products wrap, which is the point).
+_C1 = 0x85EBCA6B - (1 << 32)
+_C2 = 0xC2B2AE35 - (1 << 32)
+_C3 = 0x9E3779B1 - (1 << 32)
+_C4 = 0x27D4EB2F
+_C5 = 0x165667B1
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """murmur3 fmix32 on int64 tensors holding 32-bit values."""
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+    """murmur3 fmix32 on int32 tensors: wrapping multiplies, logical shifts via masks."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _C1
+    x = x ^ ((x >> 13) & 0x7FFFF)
+    x = x * _C2
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def gauss(row_key: torch.Tensor, col_key: torch.Tensor) -> torch.Tensor:
-    """Standard normal of broadcast(row_key [B, 1], col_key [1, C]) -> [B, C] float32."""
-    h1 = mix32(row_key ^ col_key)
-    h2 = mix32(h1 ^ 0x68E31DA4)
-    u1 = ((h1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
-    u2 = ((h2 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    """Standard normal of broadcast(row_key [B, 1], col_key [1, C]) -> [B, C] float32: one
+    hash per element, its two 16-bit halves feed Box-Muller (|z| <= 4.9)."""
+    h = mix32(row_key ^ col_key)
+    u1 = (((h >> 16) & 0xFFFF).to(torch.float32) + 0.5) * (1.0 / 65536.0)
+    u2 = ((h & 0xFFFF).to(torch.float32) + 0.5) * (1.0 / 65536.0)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def _keys(counter: torch.Tensor, class_ids: Optional[torch.Tensor], seed: int,
+          num_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    step = mix32(counter.to(torch.int32) * _C3 + (seed & 0x7FFFFFFF))
+    rows = torch.arange(num_rows, device=counter.device, dtype=torch.int32)
+    row_key = mix32((rows * _C1) ^ step).unsqueeze(1)
+    if class_ids is None:
+        col_key = mix32(step ^ _C4).view(1, 1)
+    else:
+        col_key = mix32((class_ids.to(torch.int32) * _C2) ^ mix32(step + _C5)).unsqueeze(0)
+    return row_key, col_key
 
 
 def noise_keys(seed: int, counter: torch.Tensor, num_rows: int,
                class_ids: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(row_key [N, 1], col_key [1, C_s] or [1, 1]) int64 for one draw.
+    """(row_key [N, 1], col_key [1, C_s] or [1, 1]) int32 for one draw.
 
     counter: 0-d int64 device tensor (the draw index; the caller bumps it). class_ids [C_s]
     global ids of the block's columns (per-logit angles) or None (one angle per sample).
+    On CUDA the ~60 tiny integer ops run as one compiled kernel (launch overhead otherwise).
     """
-    step = mix32(counter * 0x9E3779B1 + (seed & _M32))
-    rows = torch.arange(num_rows, device=counter.device, dtype=torch.int64)
-    row_key = mix32(_mul32(rows, 0x85EBCA77) ^ step).unsqueeze(1)
-    if class_ids is None:
-        col_key = mix32(step ^ 0x27D4EB2F).view(1, 1)
-    else:
-        col_key = mix32(_mul32(class_ids.to(torch.int64), 0xC2B2AE3D) ^ mix32(step + 0x165667B1)).unsqueeze(0)
-    return row_key, col_key
+    from facetrain.heads.margins import call_fused   # late: margins imports this module
+    return call_fused("noise_keys", _keys, counter, class_ids, seed, num_rows)
