@@ -179,24 +179,7 @@ def _open_insightface(shards, indexes, header):
         raise DatasetError(f"{shards[0].rec}: identity record key {int(id_keys[missing][0])} "
                            f"(header says identity keys {lo}..{hi - 1}) is not in the index; "
                            "the dataset is incomplete")
-    order = first[pos]
-    starts = np.empty(hi - lo, np.int64)
-    ends = np.empty(hi - lo, np.int64)
-    fds = {}
-    try:
-        for c, j in enumerate(order):
-            s = int(sids_all[j])
-            fd = fds.get(s) or fds.setdefault(s, os.open(shards[s].rec, os.O_RDONLY))
-            where = f"{shards[s].rec}: identity record key {lo + c}"
-            payload, _ = rio.read_record_at(fd, int(offs_all[j]), shards[s].rec, lo + c)
-            h, _ = rio.unpack_record(payload, where)
-            if h.flag != 2:
-                raise DatasetError(f"{where}: expected a 2-float label [first_image, end); got "
-                                   f"flag {h.flag}")
-            starts[c], ends[c] = int(h.label[0]), int(h.label[1])
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    starts, ends = _identity_ranges(shards, sids_all[first[pos]], offs_all[first[pos]], lo)
     counts = ends - starts
     if (counts < 0).any() or (starts < 1).any() or (ends > lo).any():
         c = int(np.nonzero((counts < 0) | (starts < 1) | (ends > lo))[0][0])
@@ -212,6 +195,27 @@ def _open_insightface(shards, indexes, header):
                            f"but the index lists {img_keys.size} image keys (overlapping "
                            "ranges or missing images)")
     return "insightface", labels.astype(np.int64), img_sids, img_keys, img_offs, counts
+
+
+def _identity_ranges(shards, sids: np.ndarray, offs: np.ndarray, lo: int
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """[start, end) image keys of every class from its identity record (key lo + class)."""
+    starts = np.empty(sids.size, np.int64)
+    ends = np.empty(sids.size, np.int64)
+    fds: dict = {}
+    try:
+        for c, (s, off) in enumerate(zip(sids.tolist(), offs.tolist())):
+            fd = fds.get(s) or fds.setdefault(s, os.open(shards[s].rec, os.O_RDONLY))
+            where = f"{shards[s].rec}: identity record key {lo + c}"
+            h, _ = rio.unpack_record(rio.read_record_at(fd, off, shards[s].rec, lo + c)[0], where)
+            if h.flag != 2:
+                raise DatasetError(f"{where}: expected a 2-float label [first_image, end); got "
+                                   f"flag {h.flag}")
+            starts[c], ends[c] = int(h.label[0]), int(h.label[1])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return starts, ends
 
 
 def _open_im2rec(shards, indexes):

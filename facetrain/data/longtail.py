@@ -186,6 +186,22 @@ class StreamingSource:
             yield sid, keys, offs, labels
 
 
+def _select(src: StreamingSource, new_label: np.ndarray, is_head: np.ndarray, picks: np.ndarray
+            ) -> Tuple[np.ndarray, ...]:
+    """One streaming pass: (new label, shard, offset, key) of every kept image, dataset order."""
+    counts = src.counts
+    stride = int(counts.max()) + 1
+    seen = np.zeros(counts.size, np.int64)
+    sel: List[Tuple[np.ndarray, ...]] = []
+    for sid, keys, offs, labels in src.chunks():
+        ords = _ordinals(labels, seen)
+        seen += np.bincount(labels, minlength=counts.size)
+        keep = is_head[labels] | np.isin(labels * stride + ords, picks)
+        sel.append((new_label[labels[keep]], np.full(int(keep.sum()), sid, np.int32),
+                    offs[keep], keys[keep]))
+    return tuple(np.concatenate(x) for x in zip(*sel))
+
+
 def _ordinals(labels: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """Position of each image within its class, counting images of earlier chunks (`seen`)."""
     order = np.argsort(labels, kind="stable")
@@ -224,16 +240,10 @@ def make_longtail(input_path: str, output_dir: str, head: int, tail: Optional[in
     is_head = np.zeros(counts.size, bool)
     is_head[head_ids] = True
     picks = pick_tail_images(counts, tail_ids, tail_samples, seed)
-    stride = int(counts.max()) + 1
-    seen = np.zeros(counts.size, np.int64)
-    sel: List[Tuple[np.ndarray, ...]] = []
-    for sid, keys, offs, labels in src.chunks():
-        ords = _ordinals(labels, seen)
-        seen += np.bincount(labels, minlength=counts.size)
-        keep = is_head[labels] | np.isin(labels * stride + ords, picks)
-        sel.append((new_label[labels[keep]], np.full(int(keep.sum()), sid, np.int32),
-                    offs[keep], keys[keep]))
-    nl, sids, offs, keys = (np.concatenate(x) for x in zip(*sel))
+    nl, sids, offs, keys = _select(src, new_label, is_head, picks)
+    if nl.size == 0:
+        raise ValueError(f"{input_path}: --head {head} with --tail-samples {tail_samples} selects "
+                         "no image; raise --head or lower --tail-samples")
     order = np.argsort(nl, kind="stable")     # group by new label, dataset order inside
     shape = src.image_shape or _probe_shape(src, int(sids[order[0]]), int(offs[order[0]]))
     out = Path(output_dir)

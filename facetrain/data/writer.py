@@ -82,27 +82,7 @@ def write_insightface_dataset(path_prefix: Union[str, Path], items: Iterable[Tup
     try:
         # Placeholder header, patched once the image count is known (same byte length).
         out.write(0, rio.pack_irheader([0.0, 0.0], 0, 0, b""), image=False)
-        key, current = 1, -1
-        for label, data in items:
-            label = int(label)
-            if not 0 <= label < num_classes:
-                raise ValueError(f"{prefix}: item {key - 1} has label {label}, outside "
-                                 f"[0, {num_classes})")
-            if label != current:
-                if starts[label] >= 0:
-                    raise ValueError(f"{prefix}: items must be grouped by label; label {label} "
-                                     f"reappears at item {key - 1}")
-                if current >= 0:
-                    ends[current] = key
-                starts[label], current = key, label
-            if framed:
-                out.write_framed(key, data)
-            else:
-                out.write(key, rio.pack_irheader(float(label), key, 0, data), image=True)
-            key += 1
-        if current >= 0:
-            ends[current] = key
-        n_images = key - 1
+        starts, ends, key = _write_images(out, items, num_classes, framed, prefix)
         lo, hi = key, key + num_classes
         if hi > _MAX_FLOAT_KEY:
             raise ValueError(f"{prefix}: {hi} records exceed the 2^24 keys the InsightFace layout "
@@ -111,14 +91,7 @@ def write_insightface_dataset(path_prefix: Union[str, Path], items: Iterable[Tup
             a, b = (starts[c], ends[c]) if starts[c] >= 0 else (lo, lo)
             out.write(lo + c, rio.pack_irheader([float(a), float(b)], lo + c, 0, b""),
                       image=False)
-        for wr in out.writers:
-            wr._rec.flush()
-            wr._idx.flush()
-        first = out.writers[0]
-        header = rio.encode_record(rio.pack_irheader([float(lo), float(hi)], 0, 0, b""))
-        first._rec.seek(0)
-        first._rec.write(header)
-        first._rec.seek(0, os.SEEK_END)
+        _patch_header(out.writers[0], lo, hi)
         prop_tmp = prefix.parent / f".{PROPERTY}.tmp{os.getpid()}"
         prop_tmp.write_text(f"{num_classes},{h},{w}\n")
     except BaseException:
@@ -128,7 +101,45 @@ def write_insightface_dataset(path_prefix: Union[str, Path], items: Iterable[Tup
     for wr in out.writers:
         wr.close()
     os.replace(prop_tmp, prefix.parent / PROPERTY)
-    return n_images
+    return lo - 1
+
+
+def _write_images(out: _ShardedWriter, items: Iterable[Tuple[int, bytes]], num_classes: int,
+                  framed: bool, prefix: Path) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Write image records as keys 1, 2, ...; return per-class [start, end) keys and next key."""
+    starts = np.full(num_classes, -1, np.int64)
+    ends = np.full(num_classes, -1, np.int64)
+    key, current = 1, -1
+    for label, data in items:
+        label = int(label)
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{prefix}: item {key - 1} has label {label}, outside "
+                             f"[0, {num_classes})")
+        if label != current:
+            if starts[label] >= 0:
+                raise ValueError(f"{prefix}: items must be grouped by label; label {label} "
+                                 f"reappears at item {key - 1}")
+            if current >= 0:
+                ends[current] = key
+            starts[label], current = key, label
+        if framed:
+            out.write_framed(key, data)
+        else:
+            out.write(key, rio.pack_irheader(float(label), key, 0, data), image=True)
+        key += 1
+    if current >= 0:
+        ends[current] = key
+    return starts, ends, key
+
+
+def _patch_header(first: rio.IndexedRecordWriter, lo: int, hi: int) -> None:
+    """Overwrite the placeholder header record (offset 0) with labels [lo, hi]; same length,
+    and positive float labels can never contain the magic word, so no re-framing."""
+    first._rec.flush()
+    header = rio.encode_record(rio.pack_irheader([float(lo), float(hi)], 0, 0, b""))
+    first._rec.seek(0)
+    first._rec.write(header)
+    first._rec.seek(0, os.SEEK_END)
 
 
 def relabel_framed(framed: bytes, new_label: int, new_key: int) -> bytes:
