@@ -148,3 +148,15 @@ def test_writer_is_atomic_on_error(tmp_path):
     with pytest.raises(ValueError, match="grouped by label"):
         write_insightface_dataset(tmp_path / "train", [(0, b"a"), (1, b"b"), (0, b"c")], 2, 8)
     assert os.listdir(tmp_path) == []
+
+
+def test_label_cache_goes_to_user_cache_when_data_is_read_only(tmp_path, monkeypatch):
+    from facetrain.data import cache
+
+    make_im2rec(tmp_path / "ro" / "train.rec", [1, 0, 1])
+    monkeypatch.setenv("FACETRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache.os, "access", lambda path, mode: False)
+    ds = RecordDataset.open(str(tmp_path / "ro" / "train"))
+    assert ds.class_counts.tolist() == [1, 2]
+    assert not (tmp_path / "ro" / "train.labels.npy").exists()
+    assert len(list((tmp_path / "cache").glob("*/train.labels.npy"))) == 1

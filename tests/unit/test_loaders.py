@@ -149,3 +149,30 @@ def test_undecodable_image_dali(tmp_path):
 def test_too_small_for_batch(rec):
     with pytest.raises(ValueError, match=r"batch_size=16 x 2 ranks needs at least 32 images"):
         build_train_loader(cfg(rec, "torch", batch_size=16), ctx(0, 2), seed=0)
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_sharded_dataset(tmp_path, kind):
+    items = [(c, colour_image(c, i, 16)) for c, n in enumerate(COUNTS) for i in range(n)]
+    write_insightface_dataset(tmp_path / "train", items, len(COUNTS), 16, shard_size=4)
+    ld = build_train_loader(cfg(str(tmp_path), kind, batch_size=1), ctx(), seed=0)
+    assert len(ld.dataset.shards) == 6 and len(ld) == 23
+    got = sorted(i for x, y in ld for i in ids_of(x, y))
+    assert got == sorted((c, i) for c, n in enumerate(COUNTS) for i in range(n))
+
+
+def test_image_only_index_for_plain_dali(tmp_path):
+    from facetrain.data.dali_loader import write_image_only_index
+    from facetrain.data.dataset import RecordDataset
+
+    items = [(c, colour_image(c, 0, 16)) for c in range(5)]
+    write_insightface_dataset(tmp_path / "train", items, 5, 16, shard_size=2)
+    ds = RecordDataset.open(str(tmp_path))
+    path = write_image_only_index(ds)
+    assert path == tmp_path / "train_000.images.idx"
+    lines = [tuple(map(int, ln.split("\t"))) for ln in path.read_text().splitlines()]
+    concat = b"".join(s.rec.read_bytes() for s in ds.shards)
+    assert [k for k, _ in lines] == list(range(5))          # images only, no header/identity
+    for k, off in lines:                                     # global offsets, DALI's convention
+        assert concat[off:off + 4] == b"\x0a\x23\xd7\xce"
+        assert concat[off + 8 + 4:off + 8 + 8] == np.float32(k).tobytes()
