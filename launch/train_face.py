@@ -36,7 +36,8 @@ def _data_present(rec: str) -> bool:
     path = Path(rec)
     if path.is_dir():
         return any(path.glob("*.rec"))
-    return path.with_suffix(".rec").is_file() or Path(rec + ".rec").is_file() or path.is_file()
+    return (path.with_suffix(".rec").is_file() or Path(rec + ".rec").is_file() or path.is_file()
+            or any(path.parent.glob(path.name + "_*.rec")))      # shards prefix_000.rec, ...
 
 
 def _init_group_after_restart(device: str) -> None:
