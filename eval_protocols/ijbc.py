@@ -42,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = ijbc.read_meta(root, args.prefix, need_landmarks=not args.features or args.faceness)
     feats = _common.features_or_extract(
         args, len(meta.names), str(ijbc.meta_path(root, args.prefix, "face_tid_mid")),
-        lambda: ijbc.AlignedImages(meta, args.image_size))
+        lambda: _checked(ijbc.AlignedImages(meta, args.image_size)))
     res = ijbc.verify_features(meta, feats, args.faceness, args.normalize_images)
     fpr, tpr = res.pop("roc")
     t_ids, tfeat = res.pop("template_ids"), res.pop("template_features")
@@ -69,6 +69,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from facetrain.eval.plots import plot_roc
         print(f"plot: {plot_roc({f'{name} 1:1': (fpr, tpr)}, png, f'{name} 1:1 ROC')}")
     return 0
+
+
+def _checked(images):
+    images.check_exist()
+    return images
 
 
 if __name__ == "__main__":

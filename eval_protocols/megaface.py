@@ -46,6 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def images():
         fs = megaface.ListImages(root / "facescrub_images", probes, root / "facescrub_lst")
         mf = megaface.ListImages(root / "megaface_images", dis, root / "megaface_lst")
+        fs.check_exist()
+        mf.check_exist()
         return _Concat(fs, mf)
 
     feats = _common.features_or_extract(

@@ -140,6 +140,15 @@ class AlignedImages:
     def __len__(self) -> int:
         return len(self.meta.names)
 
+    def check_exist(self) -> None:
+        """Fail before a long extraction when images are missing (first one and count named)."""
+        crop = self.meta.root / "loose_crop"
+        missing = [i for i, n in enumerate(self.meta.names) if not (crop / n).is_file()]
+        if missing:
+            tm = meta_path(self.meta.root, self.meta.prefix, "face_tid_mid")
+            raise FileNotFoundError(f"{crop / self.meta.names[missing[0]]} (line {missing[0] + 1} "
+                                    f"of {tm}) does not exist; {len(missing)} images are missing")
+
     def __getitem__(self, i: int) -> np.ndarray:
         import cv2
         path = self.meta.root / "loose_crop" / self.meta.names[i]

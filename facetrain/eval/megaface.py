@@ -223,6 +223,15 @@ class ListImages:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def check_exist(self) -> None:
+        """Fail before a long extraction when listed images are missing (first one named)."""
+        missing = [i for i, e in enumerate(self.entries) if not (self.image_dir / e).is_file()]
+        if missing:
+            i = missing[0]
+            raise FileNotFoundError(f"{self.image_dir / self.entries[i]} (line {i + 1} of "
+                                    f"{self.list_path}) does not exist; {len(missing)} listed "
+                                    "images are missing")
+
     def __getitem__(self, i: int) -> np.ndarray:
         path = self.image_dir / self.entries[i]
         where = f"{path} (line {i + 1} of {self.list_path})"

@@ -148,6 +148,10 @@ def test_megaface_and_reid_model_path_with_a_bad_image(tmp_path, capsys):
     rc, _, err = inproc("megaface", "--root", str(tmp_path / "mf"), "--model",
                         str(tmp_path / "m.pt"), capsys=capsys)
     assert rc == 2 and "(line 3 of" in err and "megaface_lst" in err
+    bad.unlink()                                    # missing: found before any extraction
+    rc, _, err = inproc("megaface", "--root", str(tmp_path / "mf"), "--model",
+                        str(tmp_path / "m.pt"), capsys=capsys)
+    assert rc == 2 and "(line 3 of" in err and "1 listed images are missing" in err
 
 
 def test_trainer_export_is_loaded_at_its_own_input_size(tmp_path, capsys):
