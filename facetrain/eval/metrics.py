@@ -52,7 +52,10 @@ def _sort_desc_with_labels(scores: np.ndarray, labels: np.ndarray
     """Scores sorted decreasingly with their labels. Hand-made because np.argsort of 15M floats
     takes seconds while np.sort of integers is SIMD-fast: each float32 is mapped to an
     order-preserving uint32, the label is packed into the low bit of a uint64, one sort."""
-    f = np.ascontiguousarray(scores, dtype=np.float32)
+    if scores.dtype != np.float32:                  # keep float64 exact: a plain argsort
+        order = np.argsort(scores)[::-1]
+        return scores[order].astype(np.float64), labels[order]
+    f = np.ascontiguousarray(scores)
     bits = f.view(np.uint32)
     flip = np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
     key = ((bits ^ flip).astype(np.uint64) << np.uint64(1)) | labels.astype(np.uint64)

@@ -16,9 +16,12 @@ def _data(seed=0, n=3000, ties=True):
     return y, (np.round(s, 1) if ties else s)
 
 
-@pytest.mark.parametrize("ties", [True, False])
-def test_roc_matches_sklearn(ties):
+@pytest.mark.parametrize("ties,dtype", [(True, np.float64), (False, np.float64),
+                                        (True, np.float32), (False, np.float32)])
+def test_roc_matches_sklearn(ties, dtype):
     y, s = _data(ties=ties)
+    s = s.astype(dtype)
+    s[:5] = [-0.0, 0.0, -3.5, np.float32(7.25), -1e-30]          # signed zeros, extremes
     fpr, tpr, thr = metrics.roc_curve(y, s)
     f2, t2, th2 = sk_roc(y, s, drop_intermediate=False)
     np.testing.assert_allclose(fpr, f2)
