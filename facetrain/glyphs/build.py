@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -254,12 +255,19 @@ def write_train(prefix: Path, train: Sequence[Tuple[str, List[Tuple[int, np.ndar
 def build(settings: BuildSettings, progress: bool = True) -> Dict[str, object]:
     """Build every output under settings.out; returns (and writes) the manifest."""
     settings.validate()
+    clock = time.perf_counter()
     choice = find_designs(settings)
     designs = choice.kept
+    log.info("step 1/4: %d designs kept, %d font faces dropped (%.1fs)", len(designs),
+             len(choice.dropped), time.perf_counter() - clock)
     classes = choose_classes(designs, settings, progress)
+    log.info("step 2/4: rendered %d + %d + %d classes (%.1fs)", len(classes.train),
+             len(classes.eval), len(classes.distractors), time.perf_counter() - clock)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     n_train = write_train(out / TRAIN_PREFIX, classes.train, settings.size, progress)
+    log.info("step 3/4: wrote %s.rec, %d images (%.1fs)", out / TRAIN_PREFIX, n_train,
+             time.perf_counter() - clock)
     # Eval sets go to a scratch folder renamed at the end, so a failed build leaves no half set.
     scratch = out / (EVAL_DIR + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -274,6 +282,8 @@ def build(settings: BuildSettings, progress: bool = True) -> Dict[str, object]:
     mega = eval_sets.write_megaface(scratch / "megaface", named_eval, named_dis)
     shutil.rmtree(out / EVAL_DIR, ignore_errors=True)
     scratch.rename(out / EVAL_DIR)
+    log.info("step 4/4: wrote %s (verification, IJBC, megaface) (%.1fs)", out / EVAL_DIR,
+             time.perf_counter() - clock)
     manifest = _manifest(settings, choice, classes, n_train, ver, ijbc, mega)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
                                 encoding="utf-8")

@@ -31,6 +31,7 @@ LOOSE_CANVAS = 1.75                # loose crop side / glyph side
 LOOSE_MAX_ROTATION_DEG = 20.0
 LOOSE_SCALE = (0.8, 1.25)
 LOOSE_MAX_SHIFT = 0.08             # of the canvas side
+ENUMERATE_PAIRS_UP_TO = 4_000_000  # template pairs listed outright below this many
 
 
 def encode_jpeg(gray: np.ndarray) -> bytes:
@@ -163,7 +164,23 @@ def _template_pairs(cls: np.ndarray, impostors: int, rng: np.random.Generator
                for i, a in enumerate(np.flatnonzero(cls == c))
                for b in np.flatnonzero(cls == c)[i + 1:]]
     target = min(impostors, n * (n - 1) // 2 - len(genuine))
-    # Pairs as keys lo * n + hi; draw in batches, keep first occurrences in draw order.
+    if n * (n - 1) // 2 <= ENUMERATE_PAIRS_UP_TO:
+        # Few templates: choose among all different-class pairs (rejection sampling would
+        # crawl when nearly all of them are wanted).
+        lo, hi = np.triu_indices(n, 1)
+        diff = cls[lo] != cls[hi]
+        pick = np.sort(rng.choice(int(diff.sum()), target, replace=False))
+        keys = lo[diff][pick].astype(np.int64) * n + hi[diff][pick]
+    else:
+        keys = _sample_pair_keys(cls, target, rng)
+    pairs = [(a + 1, b + 1, 1) for a, b in genuine]
+    pairs += [(int(k // n) + 1, int(k % n) + 1, 0) for k in keys.tolist()]
+    return sorted(pairs)
+
+
+def _sample_pair_keys(cls: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """`target` distinct different-class pairs as keys lo * n + hi, by rejection sampling."""
+    n = cls.size
     keys = np.zeros(0, np.int64)
     while keys.size < target:
         a, b = rng.integers(0, n, size=(2, 2 * (target - keys.size) + 16))
@@ -172,10 +189,7 @@ def _template_pairs(cls: np.ndarray, impostors: int, rng: np.random.Generator
         keys = np.concatenate([keys, lo.astype(np.int64) * n + hi])
         _, first = np.unique(keys, return_index=True)
         keys = keys[np.sort(first)]
-    keys = keys[:target]
-    pairs = [(a + 1, b + 1, 1) for a, b in genuine]
-    pairs += [(int(k // n) + 1, int(k % n) + 1, 0) for k in keys.tolist()]
-    return sorted(pairs)
+    return keys[:target]
 
 
 def write_megaface(root: Path, probes: Sequence[ClassImages],

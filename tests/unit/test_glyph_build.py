@@ -49,3 +49,18 @@ def test_class_name_is_folder_safe():
 def test_settings_errors_name_the_flag(kw, msg):
     with pytest.raises(GlyphBuildError, match=msg):
         BuildSettings(**kw).validate()
+
+
+@pytest.mark.parametrize("enumerate_up_to", [10 ** 9, 0])   # list all pairs / rejection sampling
+def test_template_pairs(monkeypatch, enumerate_up_to):
+    import numpy as np
+    from facetrain.glyphs import eval_sets
+    monkeypatch.setattr(eval_sets, "ENUMERATE_PAIRS_UP_TO", enumerate_up_to)
+    cls = np.repeat(np.arange(6), 3)                       # 6 classes x 3 templates
+    pairs = eval_sets._template_pairs(cls, 40, np.random.default_rng(0))
+    assert pairs == sorted(set(pairs)) and all(a < b for a, b, _ in pairs)
+    assert all((cls[a - 1] == cls[b - 1]) == bool(lab) for a, b, lab in pairs)
+    assert sum(lab for *_, lab in pairs) == 6 * 3 and len(pairs) == 18 + 40
+    every = eval_sets._template_pairs(cls, 10 ** 6, np.random.default_rng(0))
+    assert len(every) == 18 * 17 // 2                      # capped at all pairs that exist
+    assert eval_sets._template_pairs(cls, 40, np.random.default_rng(0)) == pairs
