@@ -49,13 +49,13 @@ def test_sampling_keeps_every_positive_and_only_sampled_rows_get_gradient():
 
 def test_bf16_autocast_matmul_stays_close_to_fp32():
     head = PartialFC(16, COUNTS, HeadConfig(1.0, MarginConfig("arcface", 32.0, 0.0, 0.3)),
-                     LeapConfig(mode="full", update_interval=1), single_process(), seed=0).train()
-    emb, labels = torch.randn(8, 16), torch.randint(0, 23, (8,))
+                     LeapConfig(mode="off"), single_process(), seed=0).train()
+    g = torch.Generator().manual_seed(0)
+    emb, labels = torch.randn(8, 16, generator=g), torch.randint(0, 23, (8,), generator=g)
     ref = head(emb, labels)
-    head.calls = 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = head(emb, labels)
-    assert low.dtype == torch.float32
+    assert low.dtype == torch.float32      # the softmax / CE stays fp32
     assert abs(low.item() - ref.item()) < 0.05 * abs(ref.item())
 
 
