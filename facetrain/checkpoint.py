@@ -232,7 +232,9 @@ def export_backbone(backbone: torch.nn.Module, name: str, kwargs: Dict[str, Any]
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+    # float32 whatever the training precision (DeepSpeed bf16/fp16 casts the module itself).
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
+             for k, v in backbone.state_dict().items()}
     payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "backbone": name,
                "kwargs": dict(kwargs), "state_dict": state}
     paths = {"torch": out_dir / "backbone.pt"}

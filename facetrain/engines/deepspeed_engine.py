@@ -47,6 +47,10 @@ def ds_config(cfg: Config) -> Dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "fp16": {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16},
+        # DeepSpeed casts parameters only; BatchNorm needs its running statistics in the same
+        # dtype as its weight, so buffers follow the parameters (as module.half() used to).
+        **({"data_types": {"buffer_dtype": cfg.train.precision}}
+           if cfg.train.precision in ("bf16", "fp16") else {}),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -1,6 +1,6 @@
 """The DeepSpeed engine on CPU/gloo: ZeRO-1 gives the DDP engine's loss sequence (fp32, up to
-rounding) and resumes with the same losses; a ZeRO-2 checkpoint from 2 ranks resumes on 1 rank (classifier
-and ZeRO partitions re-split). The runs share processes (`run_spawn`, what torchrun would
+rounding) and resumes with the same losses; bf16 and fp16 train; a ZeRO-2 checkpoint from 2 ranks resumes
+on 1 rank (classifier and ZeRO partitions re-split). The runs share processes (`run_spawn`, what torchrun would
 start) because importing DeepSpeed costs seconds per process; the launcher's own path is
 covered by tests/e2e/test_launch.py."""
 from __future__ import annotations
@@ -41,6 +41,10 @@ def _two_ranks(ctx, root: str, rec: str) -> None:
     _train(ctx, rec, root / "z1", z1, stop_after=4)
     _train(ctx, rec, root / "z1", z1)                        # resumes at step 4
     _train(ctx, rec, root / "z2", ["train.engine=deepspeed", "train.zero_stage=2"], stop_after=4)
+    for precision in ("bf16", "fp16"):        # DeepSpeed's own mixed precision (module cast)
+        _train(ctx, rec, root / precision, ["train.engine=deepspeed", "train.zero_stage=2",
+                                            f"train.precision={precision}",
+                                            "train.max_steps=4"])
 
 
 def _one_rank(ctx, root: str, rec: str) -> None:
@@ -61,6 +65,11 @@ def test_deepspeed_zero1_matches_ddp_and_resumes_zero2_reshards(tmp_path):
     # rounding at first; the rounding then grows over steps on this tiny, noisy problem.
     np.testing.assert_allclose(full[:4], ref[:4], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(full, ref, rtol=2e-2)
+    for precision in ("bf16", "fp16"):
+        # A smoke test: the same first loss as fp32 up to rounding, then the same trend.
+        got = _losses(tmp_path / precision)
+        np.testing.assert_allclose(got[0], ref[0], rtol=0.01)
+        np.testing.assert_allclose(got, ref[:4], rtol=0.25)
     run_spawn(_one_rank, 1, str(tmp_path), rec)
     log = (tmp_path / "z2" / "log.txt").read_text()
     assert "saved by 2 ranks, now 1" in log and "done: step 6" in log
