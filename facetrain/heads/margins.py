@@ -37,17 +37,18 @@ def _angle(cos: torch.Tensor) -> torch.Tensor:
     return torch.acos(cos.clamp(-1.0 + EPS, 1.0 - EPS))
 
 
-def target_cos(cos_t: torch.Tensor, alpha_t: torch.Tensor, m_cos: float, m_arc: float) -> torch.Tensor:
+def target_cos(cos_t: torch.Tensor, alpha_t: torch.Tensor, m_cos: float | torch.Tensor,
+               m_arc: float | torch.Tensor) -> torch.Tensor:
     """Margin (and LEAP angle) on the target cosines only.
 
     cos_t [B] fp32: cosine of each sample to its own class; alpha_t [B]: its LEAP angle at the
-    target logit (0 where unperturbed). Returns [B] (unscaled). O(B), plain autograd.
+    target logit (0 where unperturbed); margins scalars or [B]. Returns [B] (unscaled). O(B),
+    plain autograd.
     """
+    m_arc = torch.as_tensor(m_arc, dtype=cos_t.dtype, device=cos_t.device)
     angular = torch.cos(torch.clamp(_angle(cos_t) + alpha_t + m_arc, 0.0, math.pi)) - m_cos
-    if m_arc > 0.0:
-        return angular
-    # CosFace rows without a perturbation stay exactly cos - m (no acos round trip).
-    return torch.where(alpha_t != 0, angular, cos_t - m_cos)
+    # Entries with neither an angular margin nor a perturbation stay exactly cos - m_cos.
+    return torch.where((alpha_t != 0) | (m_arc != 0), angular, cos_t - m_cos)
 
 
 class Cloud(NamedTuple):
@@ -64,14 +65,15 @@ def _perturbed_angle(cos_blk, std, row_key, col_key):
 
 
 def cloud_forward(cos_blk: torch.Tensor, std: torch.Tensor, row_key: torch.Tensor,
-                  col_key: torch.Tensor) -> torch.Tensor:
-    """One elementwise expression (fusable by torch.compile, noise drawn inline):
-    cos(clip(acos(c) + std * z, 0, pi)) on rows with std > 0, c itself elsewhere. [B, C_s]."""
-    return torch.where(std > 0, torch.cos(_perturbed_angle(cos_blk, std, row_key, col_key)), cos_blk)
+                  col_key: torch.Tensor, scale: float) -> torch.Tensor:
+    """One elementwise expression (fusable by torch.compile, noise drawn inline, logit scale
+    folded in): s * cos(clip(acos(c) + std * z, 0, pi)) on rows with std > 0, s * c elsewhere."""
+    out = torch.where(std > 0, torch.cos(_perturbed_angle(cos_blk, std, row_key, col_key)), cos_blk)
+    return out * scale
 
 
 def cloud_backward(grad: torch.Tensor, cos_blk: torch.Tensor, std: torch.Tensor,
-                   row_key: torch.Tensor, col_key: torch.Tensor) -> torch.Tensor:
+                   row_key: torch.Tensor, col_key: torch.Tensor, scale: float) -> torch.Tensor:
     """d out / d cos = sin(theta') / sin(theta) on perturbed rows, recomputing theta' (and the
     noise) instead of storing them; 0 where the clamp bites (|c| >= 1 - EPS) or the clip does
     (theta' in {0, pi}, so sin(theta') = 0); 1 on unperturbed rows."""
@@ -79,7 +81,7 @@ def cloud_backward(grad: torch.Tensor, cos_blk: torch.Tensor, std: torch.Tensor,
     sin_out = torch.sin(_perturbed_angle(cos_blk, std, row_key, col_key))
     sin_in = torch.sqrt(torch.clamp(1.0 - cos_blk * cos_blk, min=2.0 * EPS))
     ratio = torch.where(inside, sin_out / sin_in, torch.zeros_like(sin_out))
-    return torch.where(std > 0, grad * ratio, grad)
+    return torch.where(std > 0, grad * ratio, grad) * scale
 
 
 _FUSED: Dict[str, Callable] = {}
@@ -115,16 +117,17 @@ class _CloudCos(torch.autograd.Function):
     small keys (plain autograd would keep the noise and ~4 [B, C] intermediates)."""
 
     @staticmethod
-    def forward(ctx, cos_blk, std, row_key, col_key):  # type: ignore[override]
+    def forward(ctx, cos_blk, std, row_key, col_key, scale):  # type: ignore[override]
         ctx.save_for_backward(cos_blk, std, row_key, col_key)
-        return call_fused("cloud_forward", cloud_forward, cos_blk, std, row_key, col_key)
+        ctx.scale = scale
+        return call_fused("cloud_forward", cloud_forward, cos_blk, std, row_key, col_key, scale)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         cos_blk, std, row_key, col_key = ctx.saved_tensors
         grad_in = call_fused("cloud_backward", cloud_backward, grad.contiguous(), cos_blk, std,
-                              row_key, col_key)
-        return grad_in, None, None, None
+                             row_key, col_key, ctx.scale)
+        return grad_in, None, None, None, None
 
 
 def _target_alpha(std, row_key, col_key, target_col, num_cols: int):
@@ -147,17 +150,17 @@ def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: tor
     col = target_col.view(-1, 1)
     cos_t = cos_blk.gather(1, col).squeeze(1)
     if cloud is None:
-        base = cos_blk
+        logits = cos_blk * margin.scale
         alpha_t = torch.zeros_like(cos_t)
     else:
-        base = _CloudCos.apply(cos_blk, cloud.std, cloud.row_key, cloud.col_key)
+        logits = _CloudCos.apply(cos_blk, cloud.std, cloud.row_key, cloud.col_key, margin.scale)
         alpha_t = call_fused("target_alpha", _target_alpha, cloud.std, cloud.row_key, cloud.col_key,
                              target_col, cos_blk.shape[1])
-    new_t = target_cos(cos_t, alpha_t, m_cos, m_arc) * margin.scale
-    # Rows whose class lives on another shard write back their own current value (a no-op
-    # that keeps the scatter free of a host sync to select the local rows). `keep` is gathered
-    # from `base`, not from `logits`, so the in-place scatter below is autograd-safe.
-    keep = base.gather(1, col).squeeze(1) * margin.scale
-    val = torch.where(is_local, new_t, keep)
-    logits = base * margin.scale
+    # Every row rewrites its target column. A row whose class lives on another shard rewrites
+    # (column 0) with its own value, margin-free: a no-op that avoids a host sync to select the
+    # local rows. The values come from an O(B) side path on cos_blk, so the in-place scatter
+    # never touches a tensor autograd saved, and the gradient of the overwritten entries flows
+    # through that side path.
+    loc = is_local.to(cos_t.dtype)
+    val = target_cos(cos_t, alpha_t, m_cos * loc, m_arc * loc) * margin.scale
     return logits.scatter_(1, col, val.view(-1, 1))

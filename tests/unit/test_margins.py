@@ -60,7 +60,7 @@ def _cloud(rows, cols, std, granularity="logit", counter=0):
 def test_cloud_gradient_matches_autograd_of_the_formula():
     cos = _cos(4, 6, seed=1).float().requires_grad_()
     cloud = _cloud(4, 6, [0.3, 0.0, 0.2, 0.5])
-    out = _CloudCos.apply(cos, cloud.std, cloud.row_key, cloud.col_key)
+    out = _CloudCos.apply(cos, cloud.std, cloud.row_key, cloud.col_key, 1.0)
     w = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
     (out * w).sum().backward()
     c2 = cos.detach().clone().requires_grad_()
@@ -117,7 +117,7 @@ def test_fused_cloud_on_cuda_matches_eager(monkeypatch):
         with warnings.catch_warnings():
             # A compile failure warns and falls back to eager: make that an error here.
             warnings.filterwarnings("error", message="LEAP: torch.compile")
-            out = _CloudCos.apply(c, std, row_key, col_key)
+            out = _CloudCos.apply(c, std, row_key, col_key, 3.0)
             (out * w).sum().backward()
         results.append((out.detach(), c.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
