@@ -73,11 +73,13 @@ def bench_ijbc(scale: float, dim: int, seed: int) -> Dict[str, float]:
     return out
 
 
-def bench_megaface(n_distractors: int, n_ids: int, dim: int, seed: int) -> Dict[str, float]:
+def bench_megaface(n_distractors: int, n_ids: int, n_probes: int, dim: int, seed: int
+                   ) -> Dict[str, float]:
     from facetrain.eval import megaface
     rng = np.random.default_rng(seed)
-    per = rng.integers(3, 11, n_ids)                              # ~6.7 images per identity
-    ids = np.repeat(np.arange(n_ids), per)
+    base = n_probes // n_ids                                      # FaceScrub: ~6.7 per identity
+    ids = np.sort(np.r_[np.repeat(np.arange(n_ids), base),
+                        rng.choice(n_ids, n_probes - base * n_ids, replace=False)])
     centres = rng.standard_normal((n_ids, dim), dtype=np.float32)
     probes = centres[ids] + 0.9 * rng.standard_normal((ids.size, dim), dtype=np.float32)
     dis = rng.standard_normal((n_distractors, dim), dtype=np.float32)
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="fraction of IJB-C's sizes to use")
     p.add_argument("--distractors", type=int, default=1_000_000, help="MegaFace distractors")
     p.add_argument("--identities", type=int, default=530, help="MegaFace probe identities")
+    p.add_argument("--probes", type=int, default=3530, help="MegaFace probe images")
     p.add_argument("--dim", type=int, default=512, help="feature dimension")
     p.add_argument("--skip", choices=("ijbc", "megaface"), action="append", default=[],
                    help="skip one benchmark (repeatable)")
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
         print("IJB-C 1:1  " + ", ".join(f"{k}={v:.4g}" for k, v in report["ijbc"].items()),
               flush=True)
     if "megaface" not in args.skip:
-        report["megaface"] = bench_megaface(args.distractors, args.identities, args.dim, 1)
+        report["megaface"] = bench_megaface(args.distractors, args.identities, args.probes,
+                                            args.dim, 1)
         print("MegaFace   " + ", ".join(f"{k}={v:.4g}" for k, v in report["megaface"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
