@@ -75,9 +75,10 @@ class DDPEngine:
         return loss.detach()
 
     def _poison_head_grads_on_any_overflow(self) -> None:
-        """fp16: make a non-finite gradient on ANY rank's classifier shard skip the step on
-        every rank. Each rank's GradScaler sees only its own shard; without this the ranks'
-        scales (and their backbone steps) would drift apart."""
+        """fp16: make a non-finite gradient on ANY rank's classifier shard skip the classifier
+        step on every rank and back off every rank's scale. Each rank's GradScaler sees only
+        its own shard; without this the ranks' scales would drift apart. (The backbone's
+        gradient is replicated, so its skip decision is already the same everywhere.)"""
         grads = [p.grad for p in self.head.parameters() if p.grad is not None]
         if not grads or not self.ctx.distributed:
             return

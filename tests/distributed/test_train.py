@@ -1,7 +1,7 @@
 """The trainer on 1 and 2 gloo processes: DDP gradients equal a single process on the same global
 batch, gradient accumulation is invisible, the loss falls, a stopped-and-resumed run repeats the
-uninterrupted loss sequence, checkpoints reshard 1->2 and 2->1, and a NaN loss stops the run
-with the last good checkpoint kept. One spawn runs every 2-process scenario."""
+uninterrupted loss sequence, checkpoints reshard 1->2 and 2->1, an fp16 overflow on one rank
+skips the step everywhere, and a NaN loss stops the run with the last good checkpoint kept. One spawn runs every 2-process scenario."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -86,6 +86,22 @@ def _dist_scenarios(ctx, root: str, rec: str) -> None:
     _check_saved_shards_loaded(t, src)
     assert t.step == 10 and t.batch == 10      # 10 batches of 8 = 10 global batches of 2 x 4
     t.fit(stop_after=t.step + 3)
+    # 5) fp16: an overflow in ONE rank's classifier shard skips the step on every rank, and
+    #    the grad scalers stay equal (each scaler sees only its own shard otherwise).
+    cfg = tiny_config(rec, root / "fp16", ["train.precision=fp16", "leap.mode=off"])
+    torch.manual_seed(0)
+    backbone = build_backbone("tiny", embedding_size=32, image_size=SIZE)
+    head = PartialFC(32, np.array(COUNTS), cfg.head, cfg.leap, ctx, seed=0)
+    engine = DDPEngine(cfg, ctx, backbone, head)
+    engine.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)   # no genuine overflow
+    before = head.weight.detach().clone()
+    scale = engine.scaler.get_scale()
+    engine.micro_step(images[mine], labels[mine], sync=True)
+    if ctx.rank == 1:
+        head.weight.grad[0, 0] = float("inf")
+    engine.step()
+    assert engine.scaler.get_scale() == scale * 0.5
+    assert torch.equal(head.weight.detach(), before)    # no rank stepped its classifier shard
 
 
 def test_two_process_training_resume_and_reshard(tmp_path):
