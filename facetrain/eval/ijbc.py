@@ -185,7 +185,8 @@ def pool_templates(features: np.ndarray, tids: np.ndarray, mids: np.ndarray,
     out = torch.zeros(len(t_ids), features.shape[1], dtype=torch.float32)
     idx_all = torch.from_numpy(t_inv.astype(np.int64))
     for s in range(0, n, chunk):
-        f = np.asarray(features[s:s + chunk], dtype=np.float32)
+        # a copy: a --features memmap is read-only, torch wants writable memory
+        f = np.array(features[s:s + chunk], dtype=np.float32)
         if normalize_images:
             f = l2_normalize(f)
         x = torch.from_numpy(f) * torch.from_numpy(w[s:s + chunk]).unsqueeze(1)
@@ -231,8 +232,8 @@ def score_pairs(tfeat: np.ndarray, r1: np.ndarray, r2: np.ndarray,
     Only ~23K templates serve ~15.7M pairs, so the scores are blocks of one matrix product
     (rows used as r1) x (rows used as r2), each block indexed by its pairs and then dropped:
     memory is one block of at most `block_bytes` (block_rows x |r2 rows| float32), independent
-    of the pair count (IJB-C: 3.5K x 19.6K templates used, 277 MB, a single block). When the pairs are too
-    sparse for that product to pay off, rows are gathered per chunk of pairs instead.
+    of the pair count (IJB-C: 3.5K x 19.6K templates used, 277 MB, a single block). When the
+    pairs are too sparse for that product to pay off, rows are gathered per chunk of pairs.
     """
     p = r1.shape[0]
     scores = np.empty(p, dtype=np.float32)

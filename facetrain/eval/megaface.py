@@ -124,11 +124,11 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
     p = torch.from_numpy(l2_normalize(probes) if normalize else np.asarray(probes, np.float32))
     p = p.to(device)
     kmax = max(ranks)
-    top = torch.full((p.shape[0], kmax), -float("inf"), device=device)        # best distractors per probe
+    top = torch.full((p.shape[0], kmax), -float("inf"), device=device)  # best per probe
     k_neg = int(np.floor(max(fprs) * p.shape[0] * m * (1 + 1e-12))) + 1
     neg_top = TopScores(k_neg)
     for s in range(0, m, block):
-        d = torch.from_numpy(np.asarray(distractors[s:min(s + block, m)], dtype=np.float32))
+        d = torch.from_numpy(np.array(distractors[s:min(s + block, m)], dtype=np.float32))
         d = d.to(device, non_blocking=True)
         if normalize:                                   # torch: threaded, unlike numpy's norm
             d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -35,7 +35,8 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.nd
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"a ROC needs both classes; got {n_pos} genuine and {n_neg} impostor pairs")
+        raise ValueError(f"a ROC needs both classes; got {n_pos} genuine and {n_neg} impostor "
+                         "pairs")
     s, y = _sort_desc_with_labels(scores, labels)
     # Last index of each run of equal scores: that is where the threshold `>= s` stops.
     last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])

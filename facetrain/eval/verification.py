@@ -26,7 +26,8 @@ def load_pack(path: str | Path) -> Tuple[List[bytes], np.ndarray]:
         try:
             obj = pickle.load(fh, encoding="bytes")   # packs written by Python 2 hold bytes
         except Exception as err:
-            raise ValueError(f"{path}: not a readable pickle of (bins, issame_list): {err}") from err
+            raise ValueError(f"{path}: not a readable pickle of (bins, issame_list): "
+                             f"{err}") from err
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair; got "
                          f"{type(obj).__name__}")
@@ -34,8 +35,8 @@ def load_pack(path: str | Path) -> Tuple[List[bytes], np.ndarray]:
     bins = [bytes(b) if not isinstance(b, np.ndarray) else b.tobytes() for b in bins]
     issame = np.asarray(issame, dtype=bool)
     if len(bins) != 2 * issame.size:
-        raise ValueError(f"{path}: {len(bins)} images but {issame.size} pairs; a pack needs exactly "
-                         "2 images per pair (pair i = images 2i, 2i+1)")
+        raise ValueError(f"{path}: {len(bins)} images but {issame.size} pairs; a pack needs "
+                         "exactly 2 images per pair (pair i = images 2i, 2i+1)")
     return bins, issame
 
 

@@ -68,7 +68,8 @@ def make_ijbc(root: Path, rng: np.random.Generator, n_subjects: int = 6, templat
             if with_images:
                 cv2.imwrite(str(root / "loose_crop" / n), rand_image(rng, 64, 64))
     tlist = sorted(t_subj)
-    pairs = [(a, b, int(t_subj[a] == t_subj[b])) for i, a in enumerate(tlist) for b in tlist[i + 1:]]
+    pairs = [(a, b, int(t_subj[a] == t_subj[b]))
+             for i, a in enumerate(tlist) for b in tlist[i + 1:]]
     with open(root / "meta" / f"{prefix}_template_pair_label.txt", "w") as fh:
         fh.writelines(f"{a} {b} {lab}\n" for a, b, lab in pairs)
     if with_1n:

@@ -15,7 +15,8 @@ def _brute(qf, qp, qc, gf, gp, gc):
     gf = gf / np.linalg.norm(gf, axis=1, keepdims=True)
     aps, first = [], []
     for i in range(len(qf)):
-        keep = [j for j in range(len(gf)) if gp[j] != -1 and not (gp[j] == qp[i] and gc[j] == qc[i])]
+        keep = [j for j in range(len(gf))
+                if gp[j] != -1 and not (gp[j] == qp[i] and gc[j] == qc[i])]
         sims = [(float(qf[i] @ gf[j]), j) for j in keep]
         sims.sort(key=lambda t: -t[0])
         matches = [gp[j] == qp[i] for _, j in sims]
