@@ -5,6 +5,11 @@ model-parallel classifier with LEAP -> backward), then clip + both optimizers + 
 that: periodic atomic checkpoints, resume (also on another world size), non-finite loss checks
 without a per-step host sync, rank-0 logs, LEAP diagnostics and the backbone export.
 `Trainer(cfg, ctx).fit()` is the whole API; launch/train_face.py is a thin wrapper over it.
+
+Resume restores weights, optimizer and scaler states, RNG streams (the classifier's too) and the
+position in the epoch, so with the torch loader a stopped-and-resumed run repeats the
+uninterrupted loss sequence exactly. The DALI loader resumes with the epoch's unseen images but
+in another order (its reader reshuffles), so there the sequences differ after the resume point.
 """
 from __future__ import annotations
 
