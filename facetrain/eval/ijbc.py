@@ -201,8 +201,8 @@ def template_rows(template_ids: np.ndarray, query: np.ndarray, what: str) -> np.
     if template_ids.size and 0 <= template_ids[0] and template_ids[-1] < 64 * 2**20:
         # small non-negative ids (IJB-C's go to ~200K): a lookup table, O(P) instead of a
         # binary search per pair
-        lut = np.full(int(template_ids[-1]) + 2, -1, dtype=np.int64)
-        lut[template_ids] = np.arange(template_ids.size)
+        lut = np.full(int(template_ids[-1]) + 2, -1, dtype=np.int32)
+        lut[template_ids] = np.arange(template_ids.size, dtype=np.int32)
         rows = lut[np.clip(query, -1, template_ids[-1] + 1)]       # -1 and beyond map to -1
         bad = np.flatnonzero(rows < 0)
     else:
@@ -220,8 +220,8 @@ def _compact(rows: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
     used = np.zeros(n, dtype=bool)
     used[rows] = True
     uniq = np.flatnonzero(used)
-    lut = np.zeros(n, dtype=np.int64)
-    lut[uniq] = np.arange(uniq.size)
+    lut = np.zeros(n, dtype=np.int32)               # int32: half the memory of 15M indices
+    lut[uniq] = np.arange(uniq.size, dtype=np.int32)
     return uniq, lut[rows]
 
 
@@ -251,7 +251,8 @@ def score_pairs(tfeat: np.ndarray, r1: np.ndarray, r2: np.ndarray,
     block_rows = max(1, block_bytes // (4 * b_rows.size))
     n_blocks = -(-a_rows.size // block_rows)
     if n_blocks == 1:                                          # one product, one gather
-        return torch.mm(ta, tb.T).numpy().ravel()[a_inv * b_rows.size + b_inv]
+        flat = a_inv.astype(np.int64) * b_rows.size + b_inv
+        return torch.mm(ta, tb.T).numpy().ravel()[flat]
     block_of = (a_inv // block_rows).astype(np.uint16 if n_blocks < 65536 else np.int64)
     order = np.argsort(block_of, kind="stable")                # radix sort on uint16
     bounds = np.searchsorted(block_of[order], np.arange(n_blocks + 1))
