@@ -109,7 +109,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         out = torch.empty((ws * tensor.shape[0],) + tuple(tensor.shape[1:]),
                           dtype=tensor.dtype, device=tensor.device)
         # One collective for the whole batch; all ranks pass the same shape.
-        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+        _all_gather_flat(out, tensor, group)
         return out
 
     @staticmethod
@@ -118,6 +118,15 @@ class _AllGatherWithGrad(torch.autograd.Function):
         # Sum the partial gradients every rank computed for every slice.
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def _all_gather_flat(out: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    """Gather equal-sized dim-0 blocks into `out` with one collective.
+
+    torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns);
+    older releases (the GPU images) only have the old one."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, tensor.contiguous(), group=group)
 
 
 def all_gather_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -137,5 +146,5 @@ def all_gather_no_grad(tensor: torch.Tensor, group) -> torch.Tensor:
     ws = dist.get_world_size(group)
     out = torch.empty((ws * tensor.shape[0],) + tuple(tensor.shape[1:]),
                       dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    _all_gather_flat(out, tensor, group)
     return out

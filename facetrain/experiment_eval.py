@@ -1,0 +1,135 @@
+"""Evaluate one trained run of the main job on every embedded protocol, and build its report.
+
+The same library functions as the CLIs in eval_protocols/ (verification pack, IJB-C-style 1:1,
+MegaFace-style identification), plus the per-class angular variance of the training classes
+(head vs tail, also at equal sample counts) that the paper plots in Fig. 1-3.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from facetrain import report
+from facetrain.eval import ijbc, megaface, verification
+from facetrain.eval.embed import extract_features, load_backbone_with_info
+
+
+class _RecordImages:
+    """Dataset view of a RecordIO's encoded images (labels kept aside)."""
+
+    def __init__(self, dataset) -> None:
+        self.ds = dataset
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.ds.read(i)[1]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class _Concat:
+    def __init__(self, *parts) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __iter__(self):
+        for p in self.parts:
+            yield from p
+
+
+def evaluate_run(run: Path, eval_root: Path, rec: Path, tail_samples: int,
+                 batch_size: int = 256, threads: int = 2) -> Dict[str, object]:
+    """Metrics of one run (cached in run/eval.json; ROC in run/roc.npz; variances in
+    run/angular_variance.npz)."""
+    cache = run / "eval.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from facetrain.data.dataset import RecordDataset
+    torch.set_num_threads(threads)
+    model, info = load_backbone_with_info(run / "export" / "backbone.pt", "cpu")
+    size = int(info.get("image_size") or 112)
+
+    def feats(images, desc: str) -> np.ndarray:
+        # Glyphs are not mirror-symmetric and train without flips: no flip-sum here.
+        return extract_features(model, images, batch_size=batch_size, flip=False,
+                                image_size=size, num_threads=threads, desc=desc)
+
+    bins, issame = verification.load_pack(eval_root / "verification.bin")
+    ver = verification.evaluate_pack_features(
+        feats(verification.PackImages(bins, eval_root / "verification.bin"), "verification"),
+        issame)
+    ver.pop("roc", None)
+    meta = ijbc.read_meta(eval_root / "IJBC", "ijbc")
+    ij = ijbc.verify_features(meta, feats(ijbc.AlignedImages(meta, size), "ijbc"))
+    fpr, tpr = ij.pop("roc")
+    ij.pop("template_ids", None)
+    ij.pop("template_features", None)
+    mf_root = eval_root / "megaface"
+    probes, ids, dis, keep_p, keep_d = megaface.load_layout(mf_root)
+    mf_feats = feats(_Concat(
+        megaface.ListImages(mf_root / "facescrub_images", probes, mf_root / "facescrub_lst"),
+        megaface.ListImages(mf_root / "megaface_images", dis, mf_root / "megaface_lst")),
+        "megaface")
+    pf, df = mf_feats[:len(probes)], mf_feats[len(probes):]
+    mf = megaface.evaluate(pf[keep_p], ids[keep_p], df[keep_d])
+    mf.pop("cmc", None)
+
+    ds = RecordDataset.open(str(rec))
+    train_feats = feats(_RecordImages(ds), "train classes")
+    labels, counts = np.asarray(ds.labels), np.asarray(ds.class_counts)
+    ds.close()
+    rng = np.random.default_rng(0)
+    variance = report.class_angular_variance(train_feats, labels, counts.size)
+    head_equal = report.class_angular_variance(train_feats, labels, counts.size,
+                                               per_class=tail_samples, rng=rng)
+    np.savez(run / "angular_variance.npz", variance=variance, head_equal=head_equal,
+             counts=counts, head_mask=counts > tail_samples)
+    np.savez(run / "roc.npz", fpr=fpr, tpr=tpr)
+    out = {"verification": _plain(ver), "ijbc": _plain(ij), "megaface": _plain(mf)}
+    cache.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def write_job_report(out: Path, runs: Mapping[str, Mapping[int, Path]],
+                     evals: Mapping[str, Mapping[int, Mapping]], baseline: str,
+                     settings: Mapping[str, object]) -> Dict[str, Path]:
+    """Table (markdown + JSON), ROC plot and head-vs-tail variance plot for the whole job."""
+    results = {m: {seed: report.metrics_from_eval(e["verification"], e["ijbc"], e["megaface"])
+                   for seed, e in per_seed.items()} for m, per_seed in evals.items()}
+    summary = report.summarize(results, baseline)
+    first_seed = {m: min(per_seed) for m, per_seed in runs.items()}
+    curves = {}
+    states = {}
+    for m, seed in first_seed.items():
+        roc = np.load(runs[m][seed] / "roc.npz")
+        curves[f"{m} (seed {seed})"] = (roc["fpr"], roc["tpr"])
+        av = np.load(runs[m][seed] / "angular_variance.npz")
+        states[m] = {k: av[k] for k in ("variance", "counts", "head_mask", "head_equal")}
+    roc_png, var_png = out / "roc.png", out / "angular_variance.png"
+    report.plot_roc(curves, roc_png)
+    var_summary = report.plot_angular_variance(states, var_png)
+    md, js = report.write_report(summary, out, "results", "Baseline vs LEAP on the long-tailed "
+                                 "glyph benchmark", extra={"settings": dict(settings),
+                                                           "angular_variance": var_summary})
+    return {"markdown": md, "json": js, "roc": roc_png, "variance": var_png}
