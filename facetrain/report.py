@@ -33,6 +33,7 @@ class Metric:
 
 DEFAULT_METRICS: Tuple[Metric, ...] = (
     Metric("verification_acc", "Verification acc. (%)"),
+    Metric("verification_tpr@1e-3", "Verification TPR@FPR=1e-3 (%)"),
     Metric("ijbc_tpr@1e-3", "IJB-C TPR@FPR=1e-3 (%)"),
     Metric("ijbc_tpr@1e-4", "IJB-C TPR@FPR=1e-4 (%)"),
     Metric("megaface_rank1", "MegaFace rank-1 (%)"),
@@ -48,6 +49,8 @@ def metrics_from_eval(verification: Optional[Mapping] = None, ijbc: Optional[Map
     out: Dict[str, float] = {}
     if verification and "accuracy_mean" in verification:
         out["verification_acc"] = float(verification["accuracy_mean"])
+    if verification and "1e-03" in verification.get("tpr_at_fpr", {}):
+        out["verification_tpr@1e-3"] = float(verification["tpr_at_fpr"]["1e-03"])
     tpr = (ijbc or {}).get("tpr_at_fpr", {})
     for fpr in ("1e-03", "1e-04"):
         if fpr in tpr:

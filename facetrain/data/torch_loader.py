@@ -5,6 +5,8 @@ normalisation to [-1, 1] runs on ctx.device in the main process.
 """
 from __future__ import annotations
 
+import multiprocessing
+
 import logging
 from typing import Iterator, List, Sequence, Tuple
 
@@ -111,10 +113,15 @@ class TorchTrainLoader(TrainLoader):
         plan = self._batch_plan(start_batch)
         images = RecordImages(self.dataset, self.cfg.image_size, self.cfg.skip_bad_images)
         workers = self.cfg.num_workers
+        # Workers start from a forkserver, not a fork of this process: a fork copies OpenCV's
+        # and OpenMP's thread pools mid-lock once this process has used them (in-training
+        # verification, evaluation in the same process) and the workers then hang in decode.
+        context = multiprocessing.get_context("forkserver") if workers else None
         loader = torch.utils.data.DataLoader(
             images, batch_sampler=plan, num_workers=workers, collate_fn=_identity_collate,
             pin_memory=self.ctx.device.type == "cuda", worker_init_fn=_worker_init,
-            prefetch_factor=4 if workers else None, persistent_workers=False)
+            prefetch_factor=4 if workers else None, persistent_workers=False,
+            multiprocessing_context=context)
         dev = self.ctx.device
         for imgs, labels, skipped in loader:
             if skipped:

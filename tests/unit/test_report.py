@@ -124,10 +124,10 @@ def test_roc_plot(tmp_path):
 
 def test_metrics_from_eval_results():
     got = report.metrics_from_eval(
-        verification={"accuracy_mean": 0.97, "accuracy_std": 0.01},
+        verification={"accuracy_mean": 0.97, "accuracy_std": 0.01, "tpr_at_fpr": {"1e-03": 0.8}},
         ijbc={"tpr_at_fpr": {"1e-04": 0.61, "1e-03": 0.74, "1e-02": 0.9}},
         megaface={"rank1": 0.83, "rank5": 0.9})
-    assert got == {"verification_acc": 0.97, "ijbc_tpr@1e-3": 0.74, "ijbc_tpr@1e-4": 0.61,
-                   "megaface_rank1": 0.83}
+    assert got == {"verification_acc": 0.97, "verification_tpr@1e-3": 0.8, "ijbc_tpr@1e-3": 0.74,
+                   "ijbc_tpr@1e-4": 0.61, "megaface_rank1": 0.83}
     assert set(got) == {m.key for m in report.DEFAULT_METRICS}
     assert report.metrics_from_eval(ijbc={"tpr_at_fpr": {"1e-03": 0.5}}) == {"ijbc_tpr@1e-3": 0.5}
