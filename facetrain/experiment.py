@@ -44,6 +44,7 @@ class JobSettings:
     seeds: Tuple[int, ...] = (0,)
     nproc: int = 2
     glyphs: Path = Path("data/glyphs")
+    build_args: Tuple[str, ...] = ()          # extra data_tools/build_glyphs.py flags
     head: int = 200
     tail: Optional[int] = None
     tail_samples: int = 4
@@ -65,7 +66,9 @@ class JobSettings:
     @property
     def longtail(self) -> Path:
         tail = "all" if self.tail is None else str(self.tail)
-        return Path("data") / f"longtail_H{self.head}_T{tail}_S{self.tail_samples}"
+        # Beside the glyph folder: data/glyphs -> data/longtail_H200_Tall_S4 (make_longtail's
+        # own default name), so the default job and a plain make_longtail call share the split.
+        return self.glyphs.parent / f"longtail_H{self.head}_T{tail}_S{self.tail_samples}"
 
 
 def _say(msg: str) -> None:
@@ -84,7 +87,8 @@ def _run(cmd: List[str], env: Optional[Mapping[str, str]] = None) -> None:
 def ensure_data(s: JobSettings) -> Path:
     """Build the glyph benchmark and its long-tailed split if they are not there yet."""
     if not (REPO / s.glyphs / "train.rec").is_file():
-        _run([sys.executable, "data_tools/build_glyphs.py", "--out", str(s.glyphs)])
+        _run([sys.executable, "data_tools/build_glyphs.py", "--out", str(s.glyphs),
+              *s.build_args])
     if not (REPO / s.longtail / "train.rec").is_file():
         cmd = [sys.executable, "data_tools/make_longtail.py", "--input", str(s.glyphs / "train"),
                "--output", str(s.longtail), "--head", str(s.head),

@@ -26,6 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default="cosface,leap_full,leap_vanilla",
                    help=f"comma-separated, from: {', '.join(METHODS)} (cosface is required)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--glyphs", default="data/glyphs",
+                   help="glyph benchmark folder (built there when missing); the long-tailed "
+                        "split is written beside it")
+    p.add_argument("--build-args", default="",
+                   help="extra flags for data_tools/build_glyphs.py, one string "
+                        "(e.g. \"--train-classes 500\")")
     p.add_argument("--nproc", type=int, default=2, help="processes per training (torchrun)")
     p.add_argument("--head", type=int, default=200, help="make_longtail --head (head classes)")
     p.add_argument("--tail", type=int, default=None, help="make_longtail --tail (default: all)")
@@ -46,6 +52,7 @@ def main(argv=None) -> int:
     s = JobSettings(out=Path(args.out), config=Path(args.config),
                     methods=tuple(m for m in args.methods.split(",") if m),
                     seeds=tuple(int(x) for x in args.seeds.split(",") if x), nproc=args.nproc,
+                    glyphs=Path(args.glyphs), build_args=tuple(args.build_args.split()),
                     head=args.head, tail=args.tail, tail_samples=args.tail_samples,
                     overrides=tuple(args.overrides), threads=args.threads)
     t0 = time.time()
