@@ -15,6 +15,7 @@ import torch
 
 from facetrain import report
 from facetrain.eval import ijbc, megaface, verification
+from facetrain.eval.plots import plot_roc
 from facetrain.eval.embed import extract_features, load_backbone_with_info
 
 
@@ -94,21 +95,9 @@ def evaluate_run(run: Path, eval_root: Path, rec: Path, tail_samples: int,
     np.savez(run / "angular_variance.npz", variance=variance, head_equal=head_equal,
              counts=counts, head_mask=counts > tail_samples)
     np.savez(run / "roc.npz", fpr=fpr, tpr=tpr)
-    out = {"verification": _plain(ver), "ijbc": _plain(ij), "megaface": _plain(mf)}
+    out = report.jsonable({"verification": ver, "ijbc": ij, "megaface": mf})
     cache.write_text(json.dumps(out, indent=1))
     return out
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def write_job_report(out: Path, runs: Mapping[str, Mapping[int, Path]],
@@ -127,7 +116,8 @@ def write_job_report(out: Path, runs: Mapping[str, Mapping[int, Path]],
         av = np.load(runs[m][seed] / "angular_variance.npz")
         states[m] = {k: av[k] for k in ("variance", "counts", "head_mask", "head_equal")}
     roc_png, var_png = out / "roc.png", out / "angular_variance.png"
-    report.plot_roc(curves, roc_png)
+    neg = min(float(c[0][c[0] > 0].min()) for c in curves.values() if (c[0] > 0).any())
+    plot_roc(curves, roc_png, "IJB-C-style 1:1 verification ROC", xmin=neg)
     var_summary = report.plot_angular_variance(states, var_png)
     md, js = report.write_report(summary, out, "results", "Baseline vs LEAP on the long-tailed "
                                  "glyph benchmark", extra={"settings": dict(settings),

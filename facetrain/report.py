@@ -139,14 +139,14 @@ def format_markdown(summary: Mapping, title: str = "Results") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(obj):
+def jsonable(obj):
     """Plain JSON: numpy scalars to Python, NaN/inf to None, int dict keys to strings."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, (np.floating, float)):
         return float(obj) if math.isfinite(float(obj)) else None
     if isinstance(obj, np.integer):
@@ -165,7 +165,7 @@ def write_report(summary: Mapping, out_dir: str | Path, stem: str = "results",
     payload = dict(summary)
     if extra:
         payload["extra"] = dict(extra)
-    js.write_text(json.dumps(_jsonable(payload), indent=1) + "\n", encoding="utf-8")
+    js.write_text(json.dumps(jsonable(payload), indent=1) + "\n", encoding="utf-8")
     return md, js
 
 
@@ -272,34 +272,3 @@ def plot_angular_variance(states: Mapping[str, Mapping[str, np.ndarray]], path: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return summaries
-
-
-def plot_roc(curves: Mapping[str, Tuple[np.ndarray, np.ndarray]], path: str | Path,
-             title: str = "IJB-C-style 1:1 verification ROC",
-             marks: Sequence[float] = (1e-4, 1e-3)) -> None:
-    """ROC curves of several runs on one log-FPR plot; dotted lines at the reported FPRs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    floor = 1.0
-    for name, (fpr, tpr) in curves.items():
-        fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
-        keep = fpr > 0      # log axis: FPR = 0 has no place on it
-        if keep.any():
-            floor = min(floor, float(fpr[keep].min()))
-        ax.plot(fpr[keep], tpr[keep] * 100.0, label=name, linewidth=1.2)
-    for m in marks:
-        ax.axvline(m, color="gray", linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlim(max(floor, 1e-6), 1.0)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate (%)")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -113,15 +113,6 @@ def test_angular_variance_plot_and_summary(tmp_path):
     assert summ["CosFace"]["n_head"] == 20 and summ["CosFace"]["n_tail"] == 60
 
 
-def test_roc_plot(tmp_path):
-    fpr = np.array([0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1.0])
-    curves = {"CosFace": (fpr, np.array([0.1, 0.2, 0.3, 0.5, 0.8, 1.0])),
-              "LEAP": (fpr, np.array([0.1, 0.22, 0.33, 0.52, 0.81, 1.0]))}
-    out = tmp_path / "roc.png"
-    report.plot_roc(curves, out)
-    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
-
-
 def test_metrics_from_eval_results():
     got = report.metrics_from_eval(
         verification={"accuracy_mean": 0.97, "accuracy_std": 0.01, "tpr_at_fpr": {"1e-03": 0.8}},
