@@ -27,7 +27,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -223,11 +223,12 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 
 def export_backbone(backbone: torch.nn.Module, name: str, kwargs: Dict[str, Any],
-                    out_dir: Path, image_size: int, onnx: bool = True) -> Dict[str, Path]:
+                    out_dir: Path, image_size: Union[int, Sequence[int]],
+                    onnx: bool = True) -> Dict[str, Path]:
     """Write `backbone.pt` ({format, version, backbone, kwargs, state_dict}, loadable by
     `facetrain.models.registry.build_backbone(name, **kwargs)`) and `backbone.onnx`.
 
-    The ONNX graph takes float images [N, 3, S, S] in [-1, 1] and returns embeddings [N, D]
+    The ONNX graph takes float images [N, 3, H, W] in [-1, 1] and returns embeddings [N, D]
     (not normalised), with a dynamic batch dimension. Call on rank 0 only.
     """
     out_dir = Path(out_dir)
@@ -245,14 +246,16 @@ def export_backbone(backbone: torch.nn.Module, name: str, kwargs: Dict[str, Any]
     return paths
 
 
-def export_onnx(backbone: torch.nn.Module, path: Path, image_size: int) -> None:
+def export_onnx(backbone: torch.nn.Module, path: Path,
+                image_size: Union[int, Sequence[int]]) -> None:
     """ONNX via the TorchScript-based exporter: the dynamo exporter needs onnxscript, which is
     not a dependency; the traced graph of a plain CNN is the same."""
     import copy
 
     model = copy.deepcopy(backbone).float().cpu().eval()
     model = model.to(memory_format=torch.contiguous_format)
-    dummy = torch.zeros(2, 3, image_size, image_size)
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    dummy = torch.zeros(2, 3, h, w)
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

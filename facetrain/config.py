@@ -43,7 +43,8 @@ class DataConfig:
     loader: str = "torch"                      # torch | dali
     batch_size: int = 128                      # per rank
     num_workers: int = 2                       # torch loader workers / DALI CPU threads
-    image_size: int = 112                      # the network's input side (images are resized to it)
+    image_size: int = 112                      # the network's input height (images are resized to it)
+    image_width: int = 0                       # input width; 0 = image_size (square). re-ID: 256 x 128
     random_flip: bool = True
     skip_bad_images: bool = False              # count and log undecodable images instead of failing
     rebuild_index: bool = False                # rebuild a missing/stale .idx from the .rec
@@ -53,6 +54,13 @@ class DataConfig:
         _check_range("data.batch_size", self.batch_size, 1)
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.image_size", self.image_size, 8)
+        if self.image_width != 0:
+            _check_range("data.image_width", self.image_width, 8)
+
+    @property
+    def hw(self) -> Tuple[int, int]:
+        """(height, width) the loaders resize to and the backbone is built for."""
+        return self.image_size, self.image_width or self.image_size
 
 
 @dataclass(frozen=True)

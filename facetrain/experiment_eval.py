@@ -57,7 +57,7 @@ def evaluate_run(run: Path, eval_root: Path, rec: Path, tail_samples: int,
     from facetrain.data.dataset import RecordDataset
     torch.set_num_threads(threads)
     model, info = load_backbone_with_info(run / "export" / "backbone.pt", "cpu")
-    size = int(info.get("image_size") or 112)
+    size = info.get("image_size") or 112
 
     def feats(images, desc: str) -> np.ndarray:
         # Glyphs are not mirror-symmetric and train without flips: no flip-sum here.

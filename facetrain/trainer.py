@@ -104,7 +104,7 @@ class Trainer:
         total = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         self.backbone_kwargs = {"embedding_size": cfg.model.embedding_size,
-                                "dropout": cfg.model.dropout, "image_size": cfg.data.image_size}
+                                "dropout": cfg.model.dropout, "image_size": _image_size(cfg)}
         backbone = build_backbone(cfg.model.backbone, **self.backbone_kwargs).to(ctx.device)
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
@@ -320,7 +320,7 @@ class Trainer:
             return None
         paths = ckpt.export_backbone(self.engine.backbone, self.cfg.model.backbone,
                                      self.backbone_kwargs, self.out / "export",
-                                     self.cfg.data.image_size)
+                                     self.cfg.data.hw)
         self.log.info("exported " + ", ".join(str(p) for p in paths.values()))
         return {k: str(v) for k, v in paths.items()}
 
@@ -338,7 +338,7 @@ class Trainer:
                 bins, issame = load_pack(pack)
                 feats = extract_features(model, bins, batch_size=self.cfg.eval.batch_size,
                                          flip=True, device=self.ctx.device,
-                                         image_size=self.cfg.data.image_size, progress=False)
+                                         image_size=self.cfg.data.hw, progress=False)
                 res = evaluate_pack_features(feats, issame)
                 name = Path(pack).stem
                 self.log.info(f"verification {name} step {self.step}: accuracy "
@@ -347,6 +347,13 @@ class Trainer:
             model.train(was_training)
         if self.ctx.distributed:
             dist.barrier(group=self.ctx.group)
+
+
+def _image_size(cfg: Config) -> Any:
+    """The backbone's image_size kwarg: one side when square (as exports have always said),
+    else [H, W]."""
+    h, w = cfg.data.hw
+    return h if h == w else [h, w]
 
 
 def _to_float(v: Any) -> float:

@@ -108,9 +108,9 @@ class DaliTrainLoader(TrainLoader):
                 return pipe
             images = fn.decoders.image(jpegs, device="mixed" if self._cuda else "cpu",
                                        output_type=types.RGB)
-            size = self.cfg.image_size
-            if self.dataset.image_shape != (size, size):
-                images = fn.resize(images, resize_x=size, resize_y=size)
+            h, w = self.cfg.hw
+            if tuple(self.dataset.image_shape) != (h, w):
+                images = fn.resize(images, resize_x=w, resize_y=h)
             mirror = fn.random.coin_flip(probability=0.5) if self.cfg.random_flip else 0
             # (x - 127.5) / 127.5: uint8 [0, 255] -> float [-1, 1], HWC -> CHW in one kernel.
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",

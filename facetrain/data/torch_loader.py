@@ -20,15 +20,15 @@ log = logging.getLogger(__name__)
 _MAX_SUBSTITUTES = 64
 
 
-def decode_image(img: bytes, size: int, flip: bool) -> "np.ndarray | None":
-    """Encoded bytes -> uint8 RGB [3, size, size] (None when OpenCV cannot decode them)."""
+def decode_image(img: bytes, size: Tuple[int, int], flip: bool) -> "np.ndarray | None":
+    """Encoded bytes -> uint8 RGB [3, H, W] for size (H, W) (None when OpenCV cannot decode them)."""
     import cv2
 
     arr = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR) if img else None
     if arr is None:
         return None
-    if arr.shape[0] != size or arr.shape[1] != size:
-        arr = cv2.resize(arr, (size, size), interpolation=cv2.INTER_LINEAR)
+    if arr.shape[:2] != tuple(size):
+        arr = cv2.resize(arr, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     arr = arr[:, ::-1, ::-1] if flip else arr[:, :, ::-1]   # BGR -> RGB (+ horizontal flip)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
@@ -39,7 +39,7 @@ class RecordImages(torch.utils.data.Dataset):
     Output of `__getitems__`: (uint8 [B, 3, S, S], int64 labels [B], int skipped count).
     """
 
-    def __init__(self, dataset: RecordDataset, size: int, skip_bad: bool):
+    def __init__(self, dataset: RecordDataset, size: Tuple[int, int], skip_bad: bool):
         self.dataset = dataset
         self.size = size
         self.skip_bad = skip_bad
@@ -68,7 +68,7 @@ class RecordImages(torch.utils.data.Dataset):
         return self.__getitems__([item])
 
     def __getitems__(self, items: Sequence[Tuple[int, bool]]):
-        out = np.empty((len(items), 3, self.size, self.size), np.uint8)
+        out = np.empty((len(items), 3, *self.size), np.uint8)
         labels = np.empty(len(items), np.int64)
         skipped = 0
         for j, (pos, flip) in enumerate(items):
@@ -111,7 +111,7 @@ class TorchTrainLoader(TrainLoader):
 
     def _iter_batches(self, start_batch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         plan = self._batch_plan(start_batch)
-        images = RecordImages(self.dataset, self.cfg.image_size, self.cfg.skip_bad_images)
+        images = RecordImages(self.dataset, self.cfg.hw, self.cfg.skip_bad_images)
         workers = self.cfg.num_workers
         # Workers start from a forkserver, not a fork of this process: a fork copies OpenCV's
         # and OpenMP's thread pools mid-lock once this process has used them (in-training

@@ -176,3 +176,12 @@ def test_image_only_index_for_plain_dali(tmp_path):
     for k, off in lines:                                     # global offsets, DALI's convention
         assert concat[off:off + 4] == b"\x0a\x23\xd7\xce"
         assert concat[off + 8 + 4:off + 8 + 8] == np.float32(k).tobytes()
+
+
+def test_non_square_input_size(rec):
+    """Re-ID shapes: data.image_size x data.image_width (H x W), from either loader."""
+    for kind in ("torch", "dali"):
+        ld = build_train_loader(cfg(rec, kind, image_size=32, image_width=16), ctx(), seed=0)
+        x, y = next(iter(ld))
+        assert tuple(x.shape[1:]) == (3, 32, 16), kind
+        assert x.min() >= -1.0 and x.max() <= 1.0
