@@ -28,7 +28,8 @@ METHODS: Dict[str, Tuple[str, ...]] = {
     "leap_vanilla": ("leap.mode=vanilla",),
     # Controls (issue 6): the baseline with LEAP's random stream consumed the same way, and
     # untargeted angular noise of the same mean variance.
-    "null_control": ("leap.mode=full", "leap.control=null"),
+    # Quoted: overrides are parsed as YAML, where a bare `null` is None.
+    "null_control": ("leap.mode=full", "leap.control='null'"),
     "uniform_control": ("leap.mode=full", "leap.control=uniform"),
 }
 BASELINE = "cosface"
