@@ -276,6 +276,9 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, bool):
             # YAML 1.1 reads a bare `off`/`on` as a boolean; `leap.mode: off` means the string.
             return "on" if value else "off"
+        if value is None:
+            # Likewise a bare `null` (leap.control=null) is YAML's None; a str field means the word.
+            return "null"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key} must be a string; got {value!r}")
         return str(value)

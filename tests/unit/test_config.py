@@ -7,6 +7,7 @@ def test_overrides_and_roundtrip(tmp_path):
     cfg = load_config(None, ["optim.lr=0.05", "leap.mode=off", "schedule.milestones=[1,2]",
                              "head.margin.kind=arcface"])
     assert cfg.optim.lr == 0.05 and cfg.leap.mode == "off"
+    assert load_config(None, ["leap.control=null"]).leap.control == "null"
     assert cfg.schedule.milestones == (1.0, 2.0)
     assert cfg.head.margin.kind == "arcface"
     cfg.save(tmp_path / "c.yaml")
