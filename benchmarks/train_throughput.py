@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ if __package__ in (None, ""):
     # Run as a script from a checkout: make `facetrain` importable without installing.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.classifier_bench import _peak_gib, _sync  # noqa: E402
 from facetrain.config import config_from_dict  # noqa: E402
 from facetrain.dist import DistContext, destroy, init_distributed  # noqa: E402
 from facetrain.engines import build_engine  # noqa: E402
@@ -99,17 +99,6 @@ def build_cfg(backbone: str, batch: int, sample_rate: float, side: int, leap: st
                   "grad_clip": 5.0},
         "train": {"precision": args.precision, "device": args.device},
     })
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext) -> Result:

@@ -36,15 +36,16 @@ def _stamp_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def load_cached(path: Path, stamp: Any) -> Optional[np.ndarray]:
-    """The cached array if its stamp matches `stamp` (JSON-comparable), else None."""
+def load_cached(path: Path, stamp: Any, mmap: bool = False) -> Optional[np.ndarray]:
+    """The cached array if its stamp matches `stamp` (JSON-comparable), else None; with mmap,
+    memory-mapped read-only (no heap growth with the dataset)."""
     sp = _stamp_path(path)
     if not (path.is_file() and sp.is_file()):
         return None
     try:
         if json.loads(sp.read_text()) != json.loads(json.dumps(stamp)):
             return None
-        return np.load(path, allow_pickle=False)
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError):
         return None
 
@@ -78,13 +79,5 @@ def commit_memmap(arr: np.ndarray, tmp: Path, path: Path, stamp: Any) -> None:
 
 
 def load_cached_mmap(path: Path, stamp: Any) -> Optional[np.ndarray]:
-    """Like `load_cached` but memory-mapped read-only (no heap growth with the dataset)."""
-    sp = _stamp_path(path)
-    if not (path.is_file() and sp.is_file()):
-        return None
-    try:
-        if json.loads(sp.read_text()) != json.loads(json.dumps(stamp)):
-            return None
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return None
+    """`load_cached(path, stamp, mmap=True)`."""
+    return load_cached(path, stamp, mmap=True)
