@@ -46,9 +46,9 @@ class JobSettings:
     nproc: int = 2
     glyphs: Path = Path("data/glyphs")
     build_args: Tuple[str, ...] = ()          # extra data_tools/build_glyphs.py flags
-    head: int = 200
+    head: int = 100
     tail: Optional[int] = None
-    tail_samples: int = 4
+    tail_samples: int = 3
     overrides: Tuple[str, ...] = ()
     eval_batch: int = 256
     threads: int = 2
@@ -67,7 +67,7 @@ class JobSettings:
     @property
     def longtail(self) -> Path:
         tail = "all" if self.tail is None else str(self.tail)
-        # Beside the glyph folder: data/glyphs -> data/longtail_H200_Tall_S4 (make_longtail's
+        # Beside the glyph folder: data/glyphs -> data/longtail_H100_Tall_S3 (make_longtail's
         # own default name), so the default job and a plain make_longtail call share the split.
         return self.glyphs.parent / f"longtail_H{self.head}_T{tail}_S{self.tail_samples}"
 

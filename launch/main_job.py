@@ -33,9 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra flags for data_tools/build_glyphs.py, one string "
                         "(e.g. \"--train-classes 500\")")
     p.add_argument("--nproc", type=int, default=2, help="processes per training (torchrun)")
-    p.add_argument("--head", type=int, default=200, help="make_longtail --head (head classes)")
+    p.add_argument("--head", type=int, default=100, help="make_longtail --head (head classes)")
     p.add_argument("--tail", type=int, default=None, help="make_longtail --tail (default: all)")
-    p.add_argument("--tail-samples", type=int, default=4, help="make_longtail --tail-samples")
+    p.add_argument("--tail-samples", type=int, default=3, help="make_longtail --tail-samples")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for training and eval")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides for every run, e.g. train.epochs=6")

@@ -99,7 +99,7 @@ def test_config_errors_and_missing_data(tmp_path):
     # No arguments: the default config, whose data is missing from this working directory.
     proc = _launch([], cwd=tmp_path)
     assert proc.returncode == 2
-    assert "data/longtail_H200_Tall_S4" in proc.stderr and "build_glyphs.py" in proc.stderr
+    assert "data/longtail_H100_Tall_S3" in proc.stderr and "build_glyphs.py" in proc.stderr
     assert "make_longtail.py" in proc.stderr
 
 

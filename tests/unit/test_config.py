@@ -40,3 +40,12 @@ def test_base_file_and_replace(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/x.yaml")
+
+
+def test_every_main_job_method_loads_with_the_default_config():
+    from facetrain.experiment import METHODS, REPO
+    for name, overrides in METHODS.items():
+        cfg = load_config(REPO / "configs" / "default.yaml", list(overrides))
+        assert cfg.leap.mode in ("off", "full", "vanilla"), name
+    assert load_config(None, list(METHODS["null_control"])).leap.control == "null"
+    assert load_config(None, list(METHODS["uniform_control"])).leap.control == "uniform"
