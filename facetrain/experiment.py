@@ -69,7 +69,12 @@ class JobSettings:
         tail = "all" if self.tail is None else str(self.tail)
         # Beside the glyph folder: data/glyphs -> data/longtail_H100_Tall_S3 (make_longtail's
         # own default name), so the default job and a plain make_longtail call share the split.
-        return self.glyphs.parent / f"longtail_H{self.head}_T{tail}_S{self.tail_samples}"
+        # Another glyph folder gets its own prefix (data/glyphs_holdout ->
+        # data/glyphs_holdout_longtail_H100_Tall_S3): a split is never reused across datasets.
+        name = f"longtail_H{self.head}_T{tail}_S{self.tail_samples}"
+        if self.glyphs.name != "glyphs":
+            name = f"{self.glyphs.name}_{name}"
+        return self.glyphs.parent / name
 
 
 def _say(msg: str) -> None:
