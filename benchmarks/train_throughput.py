@@ -39,13 +39,16 @@ from facetrain.engines import build_engine  # noqa: E402
 from facetrain.heads.partial_fc import PartialFC  # noqa: E402
 from facetrain.models.registry import build_backbone  # noqa: E402
 
-# name -> (backbone, batch per rank, classes, sample_rate, image side, leap)
+# name -> (backbone, batch per rank, classes, sample_rate, image side, leap[, head.update_rows])
+# Rows ending in -rows update only the sampled classifier rows (head.update_rows=sampled).
 GPU_ROWS: Dict[str, tuple] = {
     "r50-b128-c93k": ("iresnet50", 128, 93_431, 1.0, 112, "off"),
     "r50-b256-c93k": ("iresnet50", 256, 93_431, 1.0, 112, "off"),
     "r50-b256-c93k-leap": ("iresnet50", 256, 93_431, 1.0, 112, "full"),
     "r50-b256-c2m-sr0.1": ("iresnet50", 256, 2_000_000, 0.1, 112, "off"),
     "r50-b256-c2m-sr0.1-leap": ("iresnet50", 256, 2_000_000, 0.1, 112, "full"),
+    "r50-b256-c2m-sr0.1-rows": ("iresnet50", 256, 2_000_000, 0.1, 112, "off", "sampled"),
+    "r50-b256-c2m-sr0.1-rows-leap": ("iresnet50", 256, 2_000_000, 0.1, 112, "full", "sampled"),
     "r50-b256-c2m": ("iresnet50", 256, 2_000_000, 1.0, 112, "off"),
     "r50-b256-c2m-leap": ("iresnet50", 256, 2_000_000, 1.0, 112, "full"),
 }
@@ -54,6 +57,10 @@ CPU_ROWS: Dict[str, tuple] = {
     "tiny-b64-c2k-leap": ("tiny", 64, 2_000, 1.0, 32, "full"),
     "tiny-b64-c20k-sr0.1": ("tiny", 64, 20_000, 0.1, 32, "off"),
     "tiny-b64-c20k-sr0.1-leap": ("tiny", 64, 20_000, 0.1, 32, "full"),
+    "tiny-b64-c20k-sr0.1-rows-leap": ("tiny", 64, 20_000, 0.1, 32, "full", "sampled"),
+    # The classifier-bound CPU proxy of the 2M x sr0.1 row: many classes, a tiny backbone.
+    "tiny-b64-c1m-sr0.1": ("tiny", 64, 1_000_000, 0.1, 32, "off"),
+    "tiny-b64-c1m-sr0.1-rows": ("tiny", 64, 1_000_000, 0.1, 32, "off", "sampled"),
 }
 
 
@@ -66,6 +73,7 @@ class Result:
     classes: int
     sample_rate: float
     leap: str
+    update_rows: str
     precision: str
     compile: bool
     channels_last: bool
@@ -87,12 +95,12 @@ def synthetic_counts(classes: int, seed: int = 0) -> np.ndarray:
 
 
 def build_cfg(backbone: str, batch: int, sample_rate: float, side: int, leap: str,
-              args: argparse.Namespace):
+              args: argparse.Namespace, update_rows: str = "all"):
     return config_from_dict({
         "data": {"batch_size": batch, "image_size": side},
         "model": {"backbone": backbone, "channels_last": args.channels_last,
                   "compile": args.compile},
-        "head": {"sample_rate": sample_rate,
+        "head": {"sample_rate": sample_rate, "update_rows": update_rows,
                  "margin": {"kind": "arcface", "scale": 64.0, "m_arc": 0.5, "m_cos": 0.0}},
         "leap": {"mode": leap, "update_interval": 5, "start_epoch": 0},
         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
@@ -102,8 +110,9 @@ def build_cfg(backbone: str, batch: int, sample_rate: float, side: int, leap: st
 
 
 def run_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext) -> Result:
-    backbone_name, batch, classes, rate, side, leap = spec
-    cfg = build_cfg(backbone_name, batch, rate, side, leap, args)
+    backbone_name, batch, classes, rate, side, leap = spec[:6]
+    update_rows = spec[6] if len(spec) > 6 else "all"
+    cfg = build_cfg(backbone_name, batch, rate, side, leap, args, update_rows)
     dev = ctx.device
     torch.manual_seed(ctx.rank)
     if dev.type == "cuda":
@@ -139,7 +148,8 @@ def run_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext) 
     _sync(dev)
     dt = time.perf_counter() - t0
     split = _split(engine, images[0], labels[0], dev) if args.split and dev.type == "cuda" else None
-    res = Result(name, backbone_name, batch, ctx.world_size, classes, rate, leap, args.precision,
+    res = Result(name, backbone_name, batch, ctx.world_size, classes, rate, leap, update_rows,
+                 args.precision,
                  args.compile, args.channels_last,
                  samples_per_s=batch * ctx.world_size * args.steps / dt,
                  ms_per_step=1000 * dt / args.steps, peak_mem_gib=_peak_gib(dev), split_ms=split)
@@ -215,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> List[Result]:
         try:
             res = run_row(name, table[name], args, ctx)
         except torch.OutOfMemoryError as exc:      # keep going: one row must not lose the others
-            res = Result(name, *table[name][:1], 0, ctx.world_size, 0, 0.0, "", args.precision,
+            res = Result(name, *table[name][:1], 0, ctx.world_size, 0, 0.0, "", "", args.precision,
                          args.compile, args.channels_last, 0.0, 0.0, 0.0, error=repr(exc)[:200])
         if ctx.is_main:
             print(json.dumps(asdict(res)), flush=True)

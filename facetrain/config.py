@@ -98,9 +98,14 @@ class MarginConfig:
 class HeadConfig:
     sample_rate: float = 1.0                   # partial-FC class sampling; 1.0 = full softmax
     margin: MarginConfig = field(default_factory=MarginConfig)
+    # Which classifier rows an optimizer step touches when sampling: `all` (torch SGD over the
+    # whole shard, as InsightFace's PartialFC_V2) or `sampled` (a sparse gradient and momentum
+    # SGD over the step's k rows only, as PartialFC v1; needs optim.name=sgd).
+    update_rows: str = "all"
 
     def __post_init__(self) -> None:
         _check_range("head.sample_rate", self.sample_rate, 0.0, 1.0, lo_open=True)
+        _check_choice("head.update_rows", self.update_rows, ("all", "sampled"))
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.head.update_rows == "sampled" and self.optim.name != "sgd":
+            raise ConfigError(f"head.update_rows=sampled updates classifier rows with momentum "
+                              f"SGD; optim.name is {self.optim.name!r}: use optim.name=sgd or "
+                              "head.update_rows=all")
 
     def to_dict(self) -> Dict[str, Any]:
         return _to_plain(self)

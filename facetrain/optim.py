@@ -6,11 +6,11 @@ follows the same curve per sample as one without. Every schedule is a pure funct
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from facetrain.config import ConfigError, OptimConfig, ScheduleConfig
+from facetrain.config import Config, ConfigError, OptimConfig, ScheduleConfig
 
 
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -31,6 +31,75 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
         return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas),
                                 weight_decay=cfg.weight_decay)
     raise ConfigError(f"optim.name must be one of sgd, adamw, adam; got {cfg.name!r}")
+
+
+def build_head_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The classifier shard's optimizer: `build_optimizer`, or `SampledRowSGD` when
+    head.update_rows=sampled (config validation has already required optim.name=sgd)."""
+    if cfg.head.update_rows == "sampled":
+        params = [p for p in params if p.requires_grad]
+        return SampledRowSGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                             weight_decay=cfg.optim.weight_decay)
+    return build_optimizer(cfg.optim, params)
+
+
+class SampledRowSGD(torch.optim.Optimizer):
+    """Momentum SGD that moves only the rows present in a sparse gradient.
+
+    Why: with class sampling a step's classifier gradient lives on k of the shard's C rows.
+    torch's SGD, fed a dense gradient, still decays and moves all C rows and their momentum (a
+    full pass over weight, gradient and momentum per step: 3 x 4 GB at 2M x 512 fp32). Here the
+    head hands over a sparse gradient (`F.embedding(..., sparse=True)`) and the step reads and
+    writes k rows. A class that is not sampled keeps its weight and momentum until it is sampled
+    again (lazy decay and momentum, as in InsightFace's first PartialFC), which is a different
+    trajectory from the dense update, not an approximation of it.
+
+    A dense gradient gets exactly torch.optim.SGD's update (dampening 0, no Nesterov), so
+    sample_rate=1 is unchanged. The state is SGD's `momentum_buffer` (dense, like the weight),
+    so checkpoints of either optimizer load into the other and reshard by class rows.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.0,
+                 weight_decay: float = 0.0) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"SampledRowSGD: lr, momentum and weight_decay must be >= 0; got "
+                             f"{lr}, {momentum}, {weight_decay}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                rows = None
+                if grad.is_sparse:
+                    grad = grad.coalesce()                 # repeated rows are summed
+                    rows, grad = grad.indices()[0], grad.values()
+                weight = p if rows is None else p.index_select(0, rows)
+                d = grad.add(weight, alpha=decay) if decay else grad
+                if momentum:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        # Zero rows: the first touch gives buf = d, as torch's SGD's clone does.
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
+                    if rows is None:
+                        d = buf.mul_(momentum).add_(d)
+                    else:
+                        d = buf.index_select(0, rows).mul_(momentum).add_(d)
+                        buf.index_copy_(0, rows, d)
+                if rows is None:
+                    p.add_(d, alpha=-lr)
+                else:
+                    p.index_add_(0, rows, d, alpha=-lr)
+        return loss
 
 
 class LRSchedule:

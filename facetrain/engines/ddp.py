@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from facetrain.config import Config
 from facetrain.dist import DistContext
 from facetrain.engines import undo_gradient_averaging
-from facetrain.optim import build_optimizer
+from facetrain.optim import build_head_optimizer, build_optimizer
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,7 +43,7 @@ class DDPEngine:
             # Compiling the DDP wrapper lets dynamo split graphs at DDP's bucket boundaries.
             self.model = torch.compile(self.model)
         self.backbone_opt = build_optimizer(cfg.optim, backbone.parameters())
-        self.head_opt = build_optimizer(cfg.optim, head.parameters())
+        self.head_opt = build_head_optimizer(cfg, head.parameters())
         self.dtype = _DTYPES.get(cfg.train.precision)
         # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler(ctx.device.type,
@@ -79,7 +79,14 @@ class DDPEngine:
         step on every rank and back off every rank's scale. Each rank's GradScaler sees only
         its own shard; without this the ranks' scales would drift apart. (The backbone's
         gradient is replicated, so its skip decision is already the same everywhere.)"""
-        grads = [p.grad for p in self.head.parameters() if p.grad is not None]
+        grads = []
+        for p in self.head.parameters():
+            if p.grad is not None and p.grad.is_sparse:
+                # head.update_rows=sampled: check and poison the values (a view once coalesced).
+                p.grad = p.grad.coalesce()
+                grads.append(p.grad._values())
+            elif p.grad is not None:
+                grads.append(p.grad)
         if not grads or not self.ctx.distributed:
             return
         bad = torch.zeros((), device=self.ctx.device)

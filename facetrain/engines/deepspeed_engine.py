@@ -22,7 +22,7 @@ import torch.distributed as dist
 from facetrain.config import Config, ConfigError
 from facetrain.dist import DistContext
 from facetrain.engines import undo_gradient_averaging
-from facetrain.optim import build_optimizer
+from facetrain.optim import build_head_optimizer, build_optimizer
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,7 +77,7 @@ class DeepSpeedEngine:
         if ctx.device.type == "cpu":
             _skip_cpu_shm_comm_build(deepspeed)
         self.cfg, self.ctx, self.head = cfg, ctx, head
-        self.head_opt = build_optimizer(cfg.optim, head.parameters())
+        self.head_opt = build_head_optimizer(cfg, head.parameters())
         backbone_opt = build_optimizer(cfg.optim, backbone.parameters())
         for group in backbone_opt.param_groups:
             # ZeRO's elastic checkpoint records param_groups[0]["step"] and asserts on it when

@@ -10,8 +10,10 @@ back-propagates only its own block, and dist.all_gather_with_grad sums the embed
 Class sampling (head.sample_rate < 1, training only): each step every rank keeps every class of
 its block that appears in the global batch plus seeded random negatives, k = min(C_local,
 max(ceil(rate * C_local), N)) rows in total (fixed k, so no host sync; N >= the number of
-positives). The weight's .grad is dense with zeros in rows not sampled; the optimizer still
-applies weight decay and momentum to those rows (as InsightFace's PartialFC_V2 does).
+positives). With head.update_rows=all the weight's .grad is dense with zeros in rows not
+sampled and the optimizer still applies weight decay and momentum to those rows (as
+InsightFace's PartialFC_V2 does); with `sampled` the gradient is a sparse tensor of the k rows
+and `facetrain.optim.SampledRowSGD` updates only them.
 """
 from __future__ import annotations
 
@@ -121,7 +123,8 @@ class PartialFC(torch.nn.Module):
         index = None
         if sampled:
             index = self._sample(col, local, lab.shape[0])
-            weight = weight[index]            # gradient lands only on the sampled rows
+            # The gradient lands only on the sampled rows: dense (zeros elsewhere) or sparse.
+            weight = F.embedding(index, weight, sparse=self.head_cfg.update_rows == "sampled")
             col = torch.searchsorted(index, col).clamp(max=index.shape[0] - 1)
             col = torch.where(local, col, torch.zeros_like(col))
         cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()

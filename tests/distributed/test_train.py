@@ -1,7 +1,8 @@
 """The trainer on 1 and 2 gloo processes: DDP gradients equal a single process on the same global
 batch, gradient accumulation is invisible, the loss falls, a stopped-and-resumed run repeats the
 uninterrupted loss sequence, checkpoints reshard 1->2 and 2->1, an fp16 overflow on one rank
-skips the step everywhere, and a NaN loss stops the run with the last good checkpoint kept. One spawn runs every 2-process scenario."""
+skips the step everywhere (dense or sparse classifier gradient), sampled-row updates resume
+exactly, and a NaN loss stops the run with the last good checkpoint kept. One spawn runs every 2-process scenario."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -87,21 +88,31 @@ def _dist_scenarios(ctx, root: str, rec: str) -> None:
     assert t.step == 10 and t.batch == 10      # 10 batches of 8 = 10 global batches of 2 x 4
     t.fit(stop_after=t.step + 3)
     # 5) fp16: an overflow in ONE rank's classifier shard skips the step on every rank, and
-    #    the grad scalers stay equal (each scaler sees only its own shard otherwise).
-    cfg = tiny_config(rec, root / "fp16", ["train.precision=fp16", "leap.mode=off"])
-    torch.manual_seed(0)
-    backbone = build_backbone("tiny", embedding_size=32, image_size=SIZE)
-    head = PartialFC(32, np.array(COUNTS), cfg.head, cfg.leap, ctx, seed=0)
-    engine = DDPEngine(cfg, ctx, backbone, head)
-    engine.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)   # no genuine overflow
-    before = head.weight.detach().clone()
-    scale = engine.scaler.get_scale()
-    engine.micro_step(images[mine], labels[mine], sync=True)
-    if ctx.rank == 1:
-        head.weight.grad[0, 0] = float("inf")
-    engine.step()
-    assert engine.scaler.get_scale() == scale * 0.5
-    assert torch.equal(head.weight.detach(), before)    # no rank stepped its classifier shard
+    #    the grad scalers stay equal (each scaler sees only its own shard otherwise); also with
+    #    the sparse classifier gradient of head.update_rows=sampled.
+    for extra in ([], ["head.sample_rate=0.5", "head.update_rows=sampled"]):
+        cfg = tiny_config(rec, root / "fp16", ["train.precision=fp16", "leap.mode=off", *extra])
+        torch.manual_seed(0)
+        backbone = build_backbone("tiny", embedding_size=32, image_size=SIZE)
+        head = PartialFC(32, np.array(COUNTS), cfg.head, cfg.leap, ctx, seed=0).train()
+        engine = DDPEngine(cfg, ctx, backbone, head)
+        engine.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)   # no genuine overflow
+        before = head.weight.detach().clone()
+        scale = engine.scaler.get_scale()
+        engine.micro_step(images[mine], labels[mine], sync=True)
+        assert head.weight.grad.is_sparse == bool(extra)
+        if ctx.rank == 1:
+            grad = head.weight.grad.coalesce() if extra else head.weight.grad
+            (grad._values() if extra else grad)[0, 0] = float("inf")
+            head.weight.grad = grad
+        engine.step()
+        assert engine.scaler.get_scale() == scale * 0.5
+        assert torch.equal(head.weight.detach(), before)  # no rank stepped its classifier shard
+    # 6) head.update_rows=sampled: a 2-process run stopped and resumed repeats itself.
+    sampled = ["head.sample_rate=0.5", "head.update_rows=sampled"]
+    Trainer(tiny_config(rec, root / "s1", sampled), ctx).fit(stop_after=12)
+    Trainer(tiny_config(rec, root / "s2", sampled), ctx).fit(stop_after=6)
+    Trainer(tiny_config(rec, root / "s2", sampled), ctx).fit(stop_after=12)
 
 
 def test_two_process_training_resume_and_reshard(tmp_path):
@@ -118,6 +129,9 @@ def test_two_process_training_resume_and_reshard(tmp_path):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)     # resume equivalence
     assert "resumed from" in (tmp_path / "b" / "log.txt").read_text()
     assert np.isfinite(_losses(tmp_path / "c")).all()
+    s1 = _losses(tmp_path / "s1")
+    assert len(s1) == 12 and np.isfinite(s1).all()
+    np.testing.assert_allclose(_losses(tmp_path / "s2"), s1, rtol=1e-5, atol=1e-6)
 
     # 2 -> 1: the 2-process run's last checkpoint continues for one more epoch on 1 process.
     src = ckpt.find_latest(tmp_path / "a" / "checkpoints")

@@ -47,6 +47,23 @@ def test_sampling_keeps_every_positive_and_only_sampled_rows_get_gradient():
     torch.testing.assert_close(head(torch.randn(6, 8), labels).isfinite(), torch.tensor(True))
 
 
+def test_update_rows_sampled_gives_the_same_gradient_as_a_sparse_tensor():
+    counts = np.ones(200, dtype=np.int64) * 5
+    emb, labels = torch.randn(6, 8), torch.tensor([3, 3, 150, 199, 0, 77])
+    grads, rows = [], []
+    for update_rows in ("all", "sampled"):
+        head = PartialFC(8, counts, HeadConfig(0.1, update_rows=update_rows), LeapConfig(mode="full"),
+                         single_process(), seed=1).train()
+        head(emb, labels).backward()
+        grads.append(head.weight.grad)
+        rows.append(head.last_sample_index)
+    dense, sparse = grads
+    assert not dense.is_sparse and sparse.is_sparse
+    assert torch.equal(rows[0], rows[1])
+    assert torch.equal(sparse.coalesce().indices()[0], rows[1])    # exactly the k sampled rows
+    torch.testing.assert_close(sparse.to_dense(), dense, rtol=0, atol=0)
+
+
 def test_bf16_autocast_matmul_stays_close_to_fp32():
     head = PartialFC(16, COUNTS, HeadConfig(1.0, MarginConfig("arcface", 32.0, 0.0, 0.3)),
                      LeapConfig(mode="off"), single_process(), seed=0).train()

@@ -25,13 +25,15 @@ def test_cpu_rows_run_and_report(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     bench = _load()
     out = tmp_path / "r.json"
-    results = bench.main(["--rows", "tiny-b64-c20k-sr0.1-leap", "--warmup", "1",
-                          "--steps", "1", "--json", str(out)])
-    assert [r.row for r in results] == ["tiny-b64-c20k-sr0.1-leap"]
-    r = results[0]
-    assert r.error is None and r.samples_per_s > 0 and r.ms_per_step > 0
-    assert r.sample_rate == 0.1 and r.leap == "full" and r.classes == 20_000
-    assert out.read_text().count('"row"') == 1
+    rows = ["tiny-b64-c20k-sr0.1-leap", "tiny-b64-c20k-sr0.1-rows-leap"]
+    results = bench.main(["--rows", ",".join(rows), "--warmup", "1", "--steps", "1",
+                          "--json", str(out)])
+    assert [r.row for r in results] == rows
+    for r in results:
+        assert r.error is None and r.samples_per_s > 0 and r.ms_per_step > 0
+        assert r.sample_rate == 0.1 and r.leap == "full" and r.classes == 20_000
+    assert [r.update_rows for r in results] == ["all", "sampled"]
+    assert out.read_text().count('"row"') == 2
 
 
 def test_gpu_rows_are_the_anchor_rows():
