@@ -50,7 +50,8 @@ class SampledRowSGD(torch.optim.Optimizer):
     torch's SGD, fed a dense gradient, still decays and moves all C rows and their momentum (a
     full pass over weight, gradient and momentum per step: 3 x 4 GB at 2M x 512 fp32). Here the
     head hands over a sparse gradient (`F.embedding(..., sparse=True)`) and the step reads and
-    writes k rows. A class that is not sampled keeps its weight and momentum until it is sampled
+    writes k rows (the head builds the gradient coalesced, so there is no host sync unless
+    micro-batches were accumulated). A class that is not sampled keeps its weight and momentum until it is sampled
     again (lazy decay and momentum, as in InsightFace's first PartialFC), which is a different
     trajectory from the dense update, not an approximation of it.
 
@@ -80,8 +81,9 @@ class SampledRowSGD(torch.optim.Optimizer):
                 grad = p.grad
                 rows = None
                 if grad.is_sparse:
-                    grad = grad.coalesce()                 # repeated rows are summed
-                    rows, grad = grad.indices()[0], grad.values()
+                    if not grad.is_coalesced():
+                        grad = grad.coalesce()             # repeated rows are summed
+                    rows, grad = grad._indices()[0], grad._values()
                 weight = p if rows is None else p.index_select(0, rows)
                 d = grad.add(weight, alpha=decay) if decay else grad
                 if momentum:

@@ -51,6 +51,26 @@ def init_rows(start: int, end: int, dim: int, seed: int, std: float = 0.01) -> t
     return out
 
 
+class _SampledRows(torch.autograd.Function):
+    """weight[index] whose gradient is a sparse [C, D] tensor of the k sampled rows.
+
+    `index` is sorted and unique (PartialFC._sample), so the gradient is built already
+    coalesced: the optimizer reads its rows with no `coalesce()` (a host sync on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = weight.shape
+        return weight.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        # check_invariants=False: sorted unique in-range rows by construction (and no sync).
+        return torch.sparse_coo_tensor(index.unsqueeze(0), grad.contiguous(), ctx.shape,
+                                       is_coalesced=True, check_invariants=False), None
+
+
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -83,6 +103,8 @@ class PartialFC(torch.nn.Module):
         self.epoch = 0
         self.calls = 0                       # training forwards seen (drives update_interval)
         self.last_sample_index: torch.Tensor | None = None   # [k] local rows of the last step
+        if head_cfg.update_rows == "sampled":
+            self.weight.register_post_accumulate_grad_hook(self._keep_rows_coalesced)
 
     # ---- public -----------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -124,7 +146,10 @@ class PartialFC(torch.nn.Module):
         if sampled:
             index = self._sample(col, local, lab.shape[0])
             # The gradient lands only on the sampled rows: dense (zeros elsewhere) or sparse.
-            weight = F.embedding(index, weight, sparse=self.head_cfg.update_rows == "sampled")
+            if self.head_cfg.update_rows == "sampled":
+                weight = _SampledRows.apply(weight, index)
+            else:
+                weight = weight[index]
             col = torch.searchsorted(index, col).clamp(max=index.shape[0] - 1)
             col = torch.where(local, col, torch.zeros_like(col))
         cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()
@@ -219,6 +244,18 @@ class PartialFC(torch.nn.Module):
             self._sample_gen.set_state(state["rng"])
 
     # ---- internals --------------------------------------------------------------------------
+    def _keep_rows_coalesced(self, weight: torch.Tensor) -> None:
+        """autograd stores a fresh sparse .grad without the coalesced flag _SampledRows set.
+        When .grad is exactly one step's rows (its indices ARE that step's sorted unique index),
+        restore the flag; an accumulated gradient (several micro-batches, rows may repeat) keeps
+        it unset and is coalesced by the optimizer."""
+        g, index = weight.grad, self.last_sample_index
+        if (g is not None and g.is_sparse and not g.is_coalesced() and index is not None
+                and g._nnz() == index.numel()
+                and g._indices().data_ptr() == index.data_ptr()):
+            weight.grad = torch.sparse_coo_tensor(g._indices(), g._values(), g.shape,
+                                                  is_coalesced=True, check_invariants=False)
+
     def _group(self):
         if self.ctx.group is None and self.ctx.world_size > 1:
             raise ValueError(f"PartialFC: ctx has world_size {self.ctx.world_size} but no process "

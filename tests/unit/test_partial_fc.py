@@ -9,6 +9,7 @@ from facetrain.config import HeadConfig, LeapConfig, MarginConfig
 from facetrain.dist import DistContext, single_process
 from facetrain.heads.partial_fc import PartialFC, init_rows
 from facetrain.heads.partition import class_range, partition_bounds
+from facetrain.optim import SampledRowSGD
 
 COUNTS = np.arange(1, 24)
 
@@ -60,8 +61,33 @@ def test_update_rows_sampled_gives_the_same_gradient_as_a_sparse_tensor():
     dense, sparse = grads
     assert not dense.is_sparse and sparse.is_sparse
     assert torch.equal(rows[0], rows[1])
-    assert torch.equal(sparse.coalesce().indices()[0], rows[1])    # exactly the k sampled rows
+    # Exactly the k sampled rows, flagged coalesced (the optimizer needs no coalesce/host sync).
+    assert sparse.is_coalesced() and torch.equal(sparse.indices()[0], rows[1])
     torch.testing.assert_close(sparse.to_dense(), dense, rtol=0, atol=0)
+
+
+def test_update_rows_sampled_accumulated_gradient_is_summed():
+    counts = np.ones(200, dtype=np.int64) * 5
+    head = PartialFC(8, counts, HeadConfig(0.1, update_rows="sampled"), LeapConfig(mode="off"),
+                     single_process(), seed=1).train()
+    ref = PartialFC(8, counts, HeadConfig(0.1), LeapConfig(mode="off"), single_process(), seed=1).train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):                     # two micro-batches: their sampled rows overlap
+        emb, labels = torch.randn(6, 8, generator=g), torch.randint(0, 200, (6,), generator=g)
+        head(emb, labels).backward()
+        ref(emb, labels).backward()
+    grad = head.weight.grad
+    rows = grad._indices()[0]
+    if grad.is_coalesced():                # then it must really be: no repeated row
+        assert rows.unique().numel() == rows.numel()
+    torch.testing.assert_close(grad.to_dense(), ref.weight.grad)
+    opt = SampledRowSGD([head.weight], lr=0.1, momentum=0.9, weight_decay=0.0)
+    before = head.weight.detach().clone()
+    opt.step()                             # the summed rows move by lr * summed gradient
+    touched = ref.weight.grad.abs().sum(1) > 0
+    torch.testing.assert_close(head.weight.detach()[touched],
+                               before[touched] - 0.1 * ref.weight.grad[touched])
+    assert torch.equal(head.weight.detach()[~touched], before[~touched])
 
 
 def test_bf16_autocast_matmul_stays_close_to_fp32():
@@ -156,3 +182,35 @@ def test_cuda_head_matches_cpu():
             torch.cuda.set_sync_debug_mode(0)
         assert torch.isfinite(loss) and torch.isfinite(e.grad).all()
     assert head.leap_summary()["num_perturbed"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_sampled_row_updates_match_cpu_without_host_sync():
+    """head.update_rows=sampled on CUDA: forward, sparse backward and SampledRowSGD's step run
+    with no host sync after warm-up, and give the weights of a CPU run on the same rows."""
+    from facetrain.dist import single_process as sp
+    counts = np.ones(500, dtype=np.int64) * 5
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 500, (16,), generator=g))
+               for _ in range(6)]
+    rows, weights = [], {}
+    for dev in ("cuda", "cpu"):
+        head = PartialFC(8, counts, HeadConfig(0.1, update_rows="sampled"), LeapConfig(mode="off"),
+                         sp(torch.device(dev)), seed=2).train()
+        opt = SampledRowSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for step, (emb, labels) in enumerate(batches):
+            if dev == "cpu":               # replay the CUDA run's sampled rows
+                head._sample = lambda col, local, n, idx=rows[step]: idx
+                head.last_sample_index = rows[step]
+            if dev == "cuda" and step >= 2:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                head(emb.to(dev), labels.to(dev)).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            if dev == "cuda":
+                rows.append(head.last_sample_index.cpu())
+        weights[dev] = head.weight.detach().cpu()
+    torch.testing.assert_close(weights["cpu"], weights["cuda"], rtol=1e-4, atol=1e-5)
