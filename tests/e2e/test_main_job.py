@@ -4,6 +4,7 @@ report and plots. Checks that each stage left sane output, not the science."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,11 @@ def test_reduced_main_job_end_to_end(tmp_path):
     for png in ("roc.png", "angular_variance.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Verification acc." in proc.stdout
+
+    # the study tables tool reads the same folder: paired differences and the variance table
+    tables = subprocess.run([sys.executable, "launch/study_tables.py", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert "Paired difference to cosface" in tables.stdout
+    assert re.search(r"\| runs \| leap_full \| 1 \| 0\.\d{4} \| 0\.\d{4} \| 0\.\d{4} \| "
+                     r"\d+\.\d\d \|", tables.stdout), tables.stdout[-2000:]

@@ -1,0 +1,96 @@
+"""Tables of a glyph study: every method against the baseline, LEAP against the uniform control,
+and head-vs-tail angular variance at equal sample counts, from finished main-job folders.
+
+    python launch/study_tables.py runs/study_B                  # one setting
+    python launch/study_tables.py runs/study_B runs/study_C --md docs/tables.md
+
+Reads `<method>_seed<k>/eval.json` and `angular_variance.npz` (written by launch/main_job.py);
+differences are paired by seed, in points, mean ± sample std [per seed].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from facetrain import report  # noqa: E402
+
+METRICS = report.DEFAULT_METRICS + (report.Metric("ijbc_tpr@1e-5", "IJB-C TPR@1e-5"),)
+RUN = re.compile(r"(.+)_seed(\d+)$")
+
+
+def load_setting(folder: Path) -> Dict[str, Dict[int, dict]]:
+    """method -> seed -> metrics of every evaluated run in a main-job folder."""
+    res: Dict[str, Dict[int, dict]] = {}
+    for p in sorted(folder.glob("*_seed*/eval.json")):
+        m = RUN.match(p.parent.name)
+        if not m:
+            continue
+        e = json.loads(p.read_text())
+        r = report.metrics_from_eval(e["verification"], e["ijbc"], e["megaface"])
+        r["ijbc_tpr@1e-5"] = e["ijbc"]["tpr_at_fpr"].get("1e-05")
+        res.setdefault(m.group(1), {})[int(m.group(2))] = r
+    return res
+
+
+def variance_rows(folder: Path) -> List[str]:
+    """One markdown row per method: head, head at the tail's count, tail, and tail/head-at-count."""
+    per: Dict[str, List[dict]] = {}
+    for p in sorted(folder.glob("*_seed*/angular_variance.npz")):
+        m = RUN.match(p.parent.name)
+        d = np.load(p)
+        per.setdefault(m.group(1), []).append(
+            report.variance_summary(d["variance"], d["head_mask"], d["head_equal"]))
+    rows = []
+    for method, items in per.items():
+        def mean(key: str) -> float:
+            return float(np.mean([i[key] for i in items]))
+        head, at, tail = mean("head_mean"), mean("head_equal_count_mean"), mean("tail_mean")
+        rows.append(f"| {folder.name} | {method} | {len(items)} | {head:.4f} | {at:.4f} | "
+                    f"{tail:.4f} | {tail / at:.2f} |")
+    return rows
+
+
+def setting_markdown(folder: Path, baseline: str = "cosface") -> str:
+    res = load_setting(folder)
+    if baseline not in res:
+        return f"## {folder.name}\n\nno {baseline} run with eval.json yet\n"
+    out = [report.format_markdown(report.summarize(res, baseline, METRICS), title=folder.name)]
+    leap = [m for m in res if m.startswith("leap")]
+    if "uniform_control" in res and leap:
+        sub = {"uniform_control": res["uniform_control"], **{m: res[m] for m in leap}}
+        out.append(report.format_markdown(report.summarize(sub, "uniform_control", METRICS),
+                                          title=f"{folder.name}: LEAP against the uniform control"))
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("folders", nargs="+", type=Path, help="main-job run folders (--out)")
+    p.add_argument("--baseline", default="cosface")
+    p.add_argument("--md", type=Path, default=None, help="also write the tables here")
+    args = p.parse_args(argv)
+    parts = [setting_markdown(f, args.baseline) for f in args.folders]
+    var = [r for f in args.folders for r in variance_rows(f)]
+    if var:
+        parts.append("## Angular variance of the training classes (means over seeds)\n\n"
+                     "| setting | method | seeds | head | head at tail count | tail | "
+                     "tail / head-at-count |\n|---|---|---|---|---|---|---|\n" + "\n".join(var) + "\n")
+    text = "\n".join(parts)
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
