@@ -45,6 +45,10 @@ def _two_ranks(ctx, root: str, rec: str) -> None:
         _train(ctx, rec, root / precision, ["train.engine=deepspeed", "train.zero_stage=2",
                                             f"train.precision={precision}",
                                             "train.max_steps=4"])
+    # Sampled-row classifier updates (sparse gradient) under DeepSpeed's fp16 loss scale.
+    _train(ctx, rec, root / "rows", ["train.engine=deepspeed", "train.zero_stage=2",
+                                     "train.precision=fp16", "head.sample_rate=0.5",
+                                     "head.update_rows=sampled", "train.max_steps=4"])
 
 
 def _one_rank(ctx, root: str, rec: str) -> None:
@@ -70,6 +74,8 @@ def test_deepspeed_zero1_matches_ddp_and_resumes_zero2_reshards(tmp_path):
         got = _losses(tmp_path / precision)
         np.testing.assert_allclose(got[0], ref[0], rtol=0.01)
         np.testing.assert_allclose(got, ref[:4], rtol=0.25)
+    rows = _losses(tmp_path / "rows")
+    assert len(rows) == 4 and np.isfinite(rows).all() and rows[-1] < rows[0]
     run_spawn(_one_rank, 1, str(tmp_path), rec)
     log = (tmp_path / "z2" / "log.txt").read_text()
     assert "saved by 2 ranks, now 1" in log and "done: step 6" in log
