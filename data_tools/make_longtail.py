@@ -33,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"images kept per tail class, chosen at random (default "
                         f"{DEFAULT_TAIL_SAMPLES}, the paper's S)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tail image choice")
+    p.add_argument("--tail-exclude", default=None, metavar="CSV",
+                   help="images tail classes may not keep: a CSV whose header names label and "
+                        "ordinal (position in the class, dataset order), e.g. rows of the glyph "
+                        "set's train_designs.csv; a class left with fewer than --tail-samples "
+                        "images is not a tail class")
     p.add_argument("--shard-size", type=int, default=None,
                    help="split the output into train_000.rec, ... of this many images each")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -53,7 +58,8 @@ def main(argv=None) -> int:
     out = args.output or default_output(args.head, args.tail, args.tail_samples)
     try:
         s = make_longtail(args.input, out, args.head, args.tail, args.tail_samples, args.seed,
-                          args.shard_size, progress=not args.no_progress)
+                          args.shard_size, progress=not args.no_progress,
+                          tail_exclude=args.tail_exclude)
     except (OSError, ValueError) as exc:   # DatasetError/RecordIOError are ValueErrors
         print(f"make_longtail: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -49,6 +50,9 @@ class JobSettings:
     head: int = 100
     tail: Optional[int] = None
     tail_samples: int = 3
+    # Glyph design name substrings the TAIL classes never keep (head classes keep every design):
+    # a style gap only head classes can show, LEAP's premise (make_longtail --tail-exclude).
+    tail_without_designs: Tuple[str, ...] = ()
     overrides: Tuple[str, ...] = ()
     eval_batch: int = 256
     threads: int = 2
@@ -74,6 +78,9 @@ class JobSettings:
         name = f"longtail_H{self.head}_T{tail}_S{self.tail_samples}"
         if self.glyphs.name != "glyphs":
             name = f"{self.glyphs.name}_{name}"
+        if self.tail_without_designs:
+            name += "_tailwithout_" + "-".join(re.sub(r"[^A-Za-z0-9]+", "", d)
+                                               for d in self.tail_without_designs)
         return self.glyphs.parent / name
 
 
@@ -101,8 +108,42 @@ def ensure_data(s: JobSettings) -> Path:
                "--tail-samples", str(s.tail_samples)]
         if s.tail is not None:
             cmd += ["--tail", str(s.tail)]
+        if s.tail_without_designs:
+            exclude = s.longtail.parent / f"{s.longtail.name}.tail_exclude.csv"
+            write_design_exclusion(REPO / s.glyphs / "train_designs.csv", REPO / exclude,
+                                   s.tail_without_designs)
+            cmd += ["--tail-exclude", str(exclude)]
         _run(cmd)
     return s.longtail
+
+
+def write_design_exclusion(designs_csv: Path, out: Path, names: Sequence[str]) -> int:
+    """Rows of a glyph set's train_designs.csv whose design name contains one of `names`
+    (case-insensitive) -> `out`, a make_longtail --tail-exclude file; returns the row count."""
+    if not designs_csv.is_file():
+        raise FileNotFoundError(f"{designs_csv} is missing: rebuild the glyph set with the "
+                                "current data_tools/build_glyphs.py, which writes it")
+    lines = designs_csv.read_text(encoding="utf-8").splitlines()
+    header, rows = lines[0], [line.split(",") for line in lines[1:] if line]
+    wanted = [n.lower() for n in names]
+    seen = {n: False for n in wanted}
+    kept = []
+    for row in rows:
+        hits = [n for n in wanted if n in row[3].lower()]
+        for n in hits:
+            seen[n] = True
+        if hits:
+            kept.append(",".join(row))
+    unmatched = [n for n, hit in seen.items() if not hit]
+    if unmatched:
+        known = sorted({row[3] for row in rows})
+        raise ValueError(f"{designs_csv}: no design name contains {unmatched}; designs: "
+                         f"{', '.join(known)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
+    _say(f"{out}: {len(kept)} training images of designs matching {list(names)} kept out of "
+         "the tail")
+    return len(kept)
 
 
 def run_dir(s: JobSettings, method: str, seed: int) -> Path:

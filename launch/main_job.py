@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head", type=int, default=100, help="make_longtail --head (head classes)")
     p.add_argument("--tail", type=int, default=None, help="make_longtail --tail (default: all)")
     p.add_argument("--tail-samples", type=int, default=3, help="make_longtail --tail-samples")
+    p.add_argument("--tail-without-designs", default="",
+                   help="design name substrings (space-separated, e.g. \"Kouzan Soseki kiloji "
+                        "Seto\") that tail classes never keep; head classes keep every design")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for training and eval")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides for every run, e.g. train.epochs=6")
@@ -54,6 +57,7 @@ def main(argv=None) -> int:
                     seeds=tuple(int(x) for x in args.seeds.split(",") if x), nproc=args.nproc,
                     glyphs=Path(args.glyphs), build_args=tuple(args.build_args.split()),
                     head=args.head, tail=args.tail, tail_samples=args.tail_samples,
+                    tail_without_designs=tuple(args.tail_without_designs.split()),
                     overrides=tuple(args.overrides), threads=args.threads)
     t0 = time.time()
     rec = ensure_data(s)

@@ -42,9 +42,37 @@ def rank_classes(counts: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(counts.size), -counts))
 
 
-def select_classes(counts: np.ndarray, head: int, tail: Optional[int], tail_samples: int
-                   ) -> Tuple[np.ndarray, np.ndarray]:
-    """(head class ids, tail class ids), each in new-label order (source ids)."""
+def read_tail_exclude(path: str, counts: np.ndarray) -> Dict[int, np.ndarray]:
+    """A CSV with a header naming `label` and `ordinal` (other columns are ignored): images
+    (ordinal = position within the class, in dataset order) a tail class may not keep.
+    -> {source label: sorted ordinals}. Why: to control what the tail lacks, e.g. the glyph
+    set's brush designs (build_glyphs writes train_designs.csv with those columns)."""
+    out: Dict[int, List[int]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"label", "ordinal"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: the header must name the columns label and ordinal; "
+                             f"missing {sorted(missing)} (header: {reader.fieldnames})")
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            try:
+                label, ordinal = int(row["label"]), int(row["ordinal"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: label and ordinal must be integers; got "
+                                 f"{row['label']!r}, {row['ordinal']!r}") from None
+            if not 0 <= label < counts.size or not 0 <= ordinal < counts[label]:
+                size = int(counts[label]) if 0 <= label < counts.size else 0
+                raise ValueError(f"{where}: label {label} ordinal {ordinal} is not an image of "
+                                 f"the dataset ({counts.size} classes; that class has {size})")
+            out.setdefault(label, []).append(ordinal)
+    return {k: np.unique(np.asarray(v, np.int64)) for k, v in out.items()}
+
+
+def select_classes(counts: np.ndarray, head: int, tail: Optional[int], tail_samples: int,
+                   allowed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(head class ids, tail class ids), each in new-label order (source ids). `allowed`: per
+    class, how many images a tail class may pick from (default: all of them)."""
     if head < 0 or head > counts.size:
         raise ValueError(f"--head must be in [0, {counts.size}] (the dataset's class count); "
                          f"got {head}")
@@ -52,7 +80,7 @@ def select_classes(counts: np.ndarray, head: int, tail: Optional[int], tail_samp
         raise ValueError(f"--tail-samples must be >= 1; got {tail_samples}")
     order = rank_classes(counts)
     rest = order[head:]
-    eligible = rest[counts[rest] >= tail_samples]
+    eligible = rest[(counts if allowed is None else allowed)[rest] >= tail_samples]
     tail_ids = eligible if tail is None else eligible[:tail]
     if tail is not None and tail_ids.size < tail:
         log.warning("only %d classes after the head have >= %d images; asked for --tail %d",
@@ -61,12 +89,20 @@ def select_classes(counts: np.ndarray, head: int, tail: Optional[int], tail_samp
 
 
 def pick_tail_images(counts: np.ndarray, tail_ids: np.ndarray, tail_samples: int,
-                     seed: int) -> np.ndarray:
-    """Sorted codes class * stride + ordinal of the chosen images (ordinal within the class)."""
+                     seed: int, excluded: Optional[Dict[int, np.ndarray]] = None) -> np.ndarray:
+    """Sorted codes class * stride + ordinal of the chosen images (ordinal within the class).
+    A class with `excluded` ordinals picks among its other images."""
     rng = np.random.default_rng(seed)
     stride = int(counts.max()) + 1
-    codes = [c * stride + np.sort(rng.choice(int(counts[c]), tail_samples, replace=False))
-             for c in tail_ids.tolist()]
+    excluded = excluded or {}
+    codes = []
+    for c in tail_ids.tolist():
+        if c in excluded:
+            pool = np.setdiff1d(np.arange(int(counts[c])), excluded[c])
+            pick = pool[rng.choice(pool.size, tail_samples, replace=False)]
+        else:
+            pick = rng.choice(int(counts[c]), tail_samples, replace=False)
+        codes.append(c * stride + np.sort(pick))
     return np.sort(np.concatenate(codes)) if codes else np.empty(0, np.int64)
 
 
@@ -229,17 +265,23 @@ class LongtailSummary:
 
 def make_longtail(input_path: str, output_dir: str, head: int, tail: Optional[int],
                   tail_samples: int = DEFAULT_TAIL_SAMPLES, seed: int = 0,
-                  shard_size: Optional[int] = None, progress: bool = False) -> LongtailSummary:
-    """Write `output_dir/train.rec|.idx` (or train_000.rec ...), `property`, `manifest.csv`."""
+                  shard_size: Optional[int] = None, progress: bool = False,
+                  tail_exclude: Optional[str] = None) -> LongtailSummary:
+    """Write `output_dir/train.rec|.idx` (or train_000.rec ...), `property`, `manifest.csv`.
+    `tail_exclude`: a label,ordinal CSV of images tail classes may not keep (read_tail_exclude)."""
     t0 = time.perf_counter()
     src = StreamingSource(input_path)
     counts = src.counts
-    head_ids, tail_ids = select_classes(counts, head, tail, tail_samples)
+    excluded = read_tail_exclude(tail_exclude, counts) if tail_exclude else {}
+    allowed = counts.copy()
+    for c, ords in excluded.items():
+        allowed[c] -= ords.size
+    head_ids, tail_ids = select_classes(counts, head, tail, tail_samples, allowed)
     new_label = np.full(counts.size, -1, np.int64)
     new_label[np.concatenate([head_ids, tail_ids])] = np.arange(head_ids.size + tail_ids.size)
     is_head = np.zeros(counts.size, bool)
     is_head[head_ids] = True
-    picks = pick_tail_images(counts, tail_ids, tail_samples, seed)
+    picks = pick_tail_images(counts, tail_ids, tail_samples, seed, excluded)
     nl, sids, offs, keys = _select(src, new_label, is_head, picks)
     if nl.size == 0:
         raise ValueError(f"{input_path}: --head {head} with --tail-samples {tail_samples} selects "

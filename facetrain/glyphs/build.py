@@ -31,6 +31,7 @@ TRAIN_PREFIX = "train"             # <out>/train.rec, train.idx, property
 EVAL_DIR = "eval"                  # <out>/eval/{verification.bin, IJBC/, megaface/}
 VERIFICATION_BIN = "verification.bin"
 MANIFEST = "manifest.json"
+TRAIN_DESIGNS = "train_designs.csv"  # <out>/train_designs.csv: label,ordinal,design,name per image
 # Characters to render beyond what the splits need, since blank renders can drop a candidate
 # below min_designs; more are rendered in further rounds if still short.
 RENDER_SLACK = 1.1
@@ -252,6 +253,17 @@ def write_train(prefix: Path, train: Sequence[Tuple[str, List[Tuple[int, np.ndar
     return n
 
 
+def write_train_designs(path: Path, train: Sequence[Tuple[str, List[Tuple[int, np.ndarray]]]],
+                        designs: Sequence[FontFace]) -> None:
+    """label,ordinal,design,name for every training image: which design each image is, so a
+    split can control which styles its tail keeps (make_longtail --tail-exclude)."""
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write("label,ordinal,design,name\n")
+        for label, (_ch, images) in enumerate(train):
+            for ordinal, (d, _img) in enumerate(images):
+                fh.write(f"{label},{ordinal},{d},{designs[d].name.replace(',', ' ')}\n")
+
+
 def build(settings: BuildSettings, progress: bool = True) -> Dict[str, object]:
     """Build every output under settings.out; returns (and writes) the manifest."""
     settings.validate()
@@ -266,6 +278,7 @@ def build(settings: BuildSettings, progress: bool = True) -> Dict[str, object]:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     n_train = write_train(out / TRAIN_PREFIX, classes.train, settings.size, progress)
+    write_train_designs(out / TRAIN_DESIGNS, classes.train, designs)
     log.info("step 3/4: wrote %s.rec, %d images (%.1fs)", out / TRAIN_PREFIX, n_train,
              time.perf_counter() - clock)
     # Eval sets go to a scratch folder renamed at the end, so a failed build leaves no half set.
@@ -301,7 +314,8 @@ def _manifest(settings: BuildSettings, choice: DesignChoice, classes: Classes, n
                     for i, f in enumerate(choice.kept)],
         "dropped_fonts": [{"file": f.path, "face": f.index, "name": f.name, "why": why}
                           for f, why in choice.dropped],
-        "train": {"classes": "".join(ch for ch, _ in classes.train), "images": n_train},
+        "train": {"classes": "".join(ch for ch, _ in classes.train), "images": n_train,
+                  "designs_file": TRAIN_DESIGNS},
         "eval": {"classes": "".join(ch for ch, _ in classes.eval),
                  "images": sum(len(i) for _, i in classes.eval)},
         "distractors": {"classes": "".join(ch for ch, _ in classes.distractors),

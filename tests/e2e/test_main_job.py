@@ -30,6 +30,14 @@ def test_reduced_main_job_end_to_end(tmp_path):
 
     # data: the glyph set and its long-tailed split beside it
     assert (glyphs / "train.rec").stat().st_size > 0
+    designs = (glyphs / "train_designs.csv").read_text().splitlines()
+    assert designs[0] == "label,ordinal,design,name"
+    assert len(designs) - 1 == json.loads((glyphs / "manifest.json").read_text())["train"]["images"]
+    ordinals = {}
+    for row in designs[1:]:
+        label, ordinal = (int(x) for x in row.split(",")[:2])
+        ordinals.setdefault(label, []).append(ordinal)
+    assert len(ordinals) == 60 and all(o == list(range(len(o))) for o in ordinals.values())
     split = tmp_path / "data" / "longtail_H10_Tall_S3"
     manifest = (split / "manifest.csv").read_text().splitlines()[1:]
     parts = [line.split(",")[3] for line in manifest]

@@ -71,3 +71,41 @@ def test_longtail_from_im2rec_shards_to_shards(tmp_path):
         assert src_imgs[img] == [2, 1][lab]                           # bytes copied unchanged
     h, _ = rio.unpack_record(ds.read_raw(0))
     assert h.id == 1 and h.label == 0.0
+
+
+def test_tail_exclude_keeps_excluded_images_out_of_the_tail(tmp_path):
+    prefix, items = make_dataset(tmp_path / "src", COUNTS)
+    by_class = {}
+    for lab, img in items:
+        by_class.setdefault(lab, []).append(img)
+    # Class 5 (6 images) may keep only ordinals 0, 1, 5; class 2 (5 images) only 0, 1: too few
+    # for 3 samples, so it is not a tail class; class 1 is head and keeps everything.
+    ex = tmp_path / "exclude.csv"
+    ex.write_text("label,ordinal,design\n5,2,x\n5,3,x\n5,4,x\n2,2,x\n2,3,x\n2,4,x\n1,0,x\n")
+    s = make_longtail(prefix, str(tmp_path / "out"), head=2, tail=None, tail_samples=3, seed=0,
+                      tail_exclude=str(ex))
+    with open(tmp_path / "out" / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["source_label"]) for r in rows] == [1, 3, 5, 6, 0]       # 2 dropped
+    ds = RecordDataset.open(str(tmp_path / "out"))
+    got = {}
+    for i in range(len(ds)):
+        lab, img = ds.read(i)
+        got.setdefault(lab, []).append(img)
+    assert got[0] == by_class[1]                                           # head untouched
+    assert got[2] == [by_class[5][k] for k in (0, 1, 5)]                   # only the allowed
+    assert s.tail_classes == 3 and s.tail_images == 9
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("label,design\n1,2\n", r"exclude.csv: the header must name the columns label and ordinal"),
+    ("label,ordinal\n1,x\n", r"exclude.csv, line 2: label and ordinal must be integers"),
+    ("label,ordinal\n4,2\n", r"exclude.csv, line 2: label 4 ordinal 2 is not an image of the "
+                             r"dataset \(8 classes; that class has 2\)"),
+])
+def test_tail_exclude_errors_name_file_and_line(tmp_path, text, msg):
+    prefix, _ = make_dataset(tmp_path / "src", COUNTS)
+    ex = tmp_path / "exclude.csv"
+    ex.write_text(text)
+    with pytest.raises(ValueError, match=msg):
+        make_longtail(prefix, str(tmp_path / "out"), 2, None, 3, tail_exclude=str(ex))
