@@ -55,8 +55,11 @@ def variance_rows(folder: Path) -> List[str]:
         def mean(key: str) -> float:
             return float(np.mean([i[key] for i in items]))
         head, at, tail = mean("head_mean"), mean("head_equal_count_mean"), mean("tail_mean")
+        # With 2 samples per class both angles to the mean direction are equal: the variance is
+        # 0 up to rounding and the ratio means nothing.
+        ratio = f"{tail / at:.2f}" if at > 1e-6 else "n/a (2 samples: variance is 0)"
         rows.append(f"| {folder.name} | {method} | {len(items)} | {head:.4f} | {at:.4f} | "
-                    f"{tail:.4f} | {tail / at:.2f} |")
+                    f"{tail:.4f} | {ratio} |")
     return rows
 
 
