@@ -42,7 +42,7 @@ class JobSettings:
 
     out: Path = Path("runs/main")
     config: Path = REPO / "configs" / "default.yaml"
-    methods: Tuple[str, ...] = ("cosface", "leap_full", "leap_vanilla")
+    methods: Tuple[str, ...] = ("cosface", "leap_full", "leap_vanilla", "uniform_control")
     seeds: Tuple[int, ...] = (0,)
     nproc: int = 2
     glyphs: Path = Path("data/glyphs")

@@ -100,6 +100,9 @@ def evaluate_run(run: Path, eval_root: Path, rec: Path, tail_samples: int,
     return out
 
 
+CONTROL = "uniform_control"
+
+
 def write_job_report(out: Path, runs: Mapping[str, Mapping[int, Path]],
                      evals: Mapping[str, Mapping[int, Mapping]], baseline: str,
                      settings: Mapping[str, object]) -> Dict[str, Path]:
@@ -119,7 +122,18 @@ def write_job_report(out: Path, runs: Mapping[str, Mapping[int, Path]],
     neg = min(float(c[0][c[0] > 0].min()) for c in curves.values() if (c[0] > 0).any())
     plot_roc(curves, roc_png, "IJB-C-style 1:1 verification ROC", xmin=neg)
     var_summary = report.plot_angular_variance(states, var_png)
+    # LEAP against its untargeted control (issue 6): is the class targeting what helps?
+    leap = [m for m in results if m.startswith("leap")]
+    vs_control = None
+    if CONTROL in results and leap:
+        vs_control = report.summarize({CONTROL: results[CONTROL], **{m: results[m] for m in leap}},
+                                      CONTROL)
     md, js = report.write_report(summary, out, "results", "Baseline vs LEAP on the long-tailed "
                                  "glyph benchmark", extra={"settings": dict(settings),
-                                                           "angular_variance": var_summary})
+                                                           "angular_variance": var_summary,
+                                                           "leap_vs_uniform_control": vs_control})
+    if vs_control is not None:
+        with open(md, "a", encoding="utf-8") as fh:
+            fh.write("\n" + report.format_markdown(vs_control, "LEAP against the uniform-noise "
+                                                   "control (same mean noise, untargeted)"))
     return {"markdown": md, "json": js, "roc": roc_png, "variance": var_png}

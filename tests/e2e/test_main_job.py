@@ -23,7 +23,7 @@ TRAIN = ["train.epochs=2", "schedule.cycle_epochs=1", "leap.start_epoch=1", "dat
 def test_reduced_main_job_end_to_end(tmp_path):
     out, glyphs = tmp_path / "runs", tmp_path / "data" / "glyphs"
     cmd = [sys.executable, "launch/main_job.py", "--out", str(out), "--glyphs", str(glyphs),
-           "--build-args", BUILD, "--methods", "cosface,leap_full", "--head", "10",
+           "--build-args", BUILD, "--methods", "cosface,leap_full,uniform_control", "--head", "10",
            "--tail-samples", "3", *TRAIN]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -66,6 +66,11 @@ def test_reduced_main_job_end_to_end(tmp_path):
     # report: the table names both methods and the paired difference, plots are PNGs
     md = (out / "results.md").read_text()
     assert "| cosface | 1 |" in md and "| leap_full | 1 |" in md and "Paired difference" in md
+    # LEAP against the untargeted control, paired the same way
+    assert "Paired difference to uniform_control" in md
+    summary = json.loads((out / "results.json").read_text())
+    diff = summary["extra"]["leap_vs_uniform_control"]["methods"]["leap_full"]["megaface_rank1"]
+    assert diff["diff"]["n"] == 1
     for png in ("roc.png", "angular_variance.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Verification acc." in proc.stdout
