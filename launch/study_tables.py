@@ -76,13 +76,45 @@ def setting_markdown(folder: Path, baseline: str = "cosface") -> str:
     return "\n".join(out)
 
 
+def _diff(summary: dict, method: str, key: str) -> str:
+    entry = summary["methods"].get(method, {}).get(key)
+    if not entry or "diff" not in entry or entry["diff"]["n"] == 0:
+        return "not run"
+    d = entry["diff"]
+    std = f" ± {d['std']:.2f}" if d["std"] is not None else ""
+    return f"{d['mean']:+.2f}{std} ({d['positive']}/{d['n']} > 0)"
+
+
+def headline_row(folder: Path, key: str = "megaface_rank1", baseline: str = "cosface") -> str:
+    """One row: baseline mean, LEAP full/vanilla and uniform minus the baseline, LEAP full minus
+    the uniform control; paired by seed, in points, with how many seeds were positive."""
+    res = load_setting(folder)
+    if baseline not in res:
+        return f"| {folder.name} | no {baseline} run |"
+    vs_base = report.summarize(res, baseline, METRICS)
+    base = vs_base["methods"][baseline][key]
+    cells = [f"{base['mean']:.2f} (n={base['n']})"]
+    cells += [_diff(vs_base, m, key) for m in ("leap_full", "leap_vanilla", "uniform_control")]
+    if "uniform_control" in res and "leap_full" in res:
+        vs_ctl = report.summarize({"uniform_control": res["uniform_control"],
+                                   "leap_full": res["leap_full"]}, "uniform_control", METRICS)
+        cells.append(_diff(vs_ctl, "leap_full", key))
+    else:
+        cells.append("not run")
+    return f"| {folder.name} | " + " | ".join(cells) + " |"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="main-job run folders (--out)")
     p.add_argument("--baseline", default="cosface")
     p.add_argument("--md", type=Path, default=None, help="also write the tables here")
     args = p.parse_args(argv)
-    parts = [setting_markdown(f, args.baseline) for f in args.folders]
+    parts = ["## Headline: MegaFace-style rank-1 (%), paired differences in points\n\n"
+             "| setting | baseline | LEAP full − base | LEAP vanilla − base | uniform − base | "
+             "LEAP full − uniform |\n|---|---|---|---|---|---|\n"
+             + "\n".join(headline_row(f, baseline=args.baseline) for f in args.folders) + "\n"]
+    parts += [setting_markdown(f, args.baseline) for f in args.folders]
     var = [r for f in args.folders for r in variance_rows(f)]
     if var:
         parts.append("## Angular variance of the training classes (means over seeds)\n\n"
