@@ -8,6 +8,7 @@ interrupted job continues where it stopped.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -123,24 +124,21 @@ def write_design_exclusion(designs_csv: Path, out: Path, names: Sequence[str]) -
     if not designs_csv.is_file():
         raise FileNotFoundError(f"{designs_csv} is missing: rebuild the glyph set with the "
                                 "current data_tools/build_glyphs.py, which writes it")
-    lines = designs_csv.read_text(encoding="utf-8").splitlines()
-    header, rows = lines[0], [line.split(",") for line in lines[1:] if line]
+    with open(designs_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
     wanted = [n.lower() for n in names]
-    seen = {n: False for n in wanted}
-    kept = []
-    for row in rows:
-        hits = [n for n in wanted if n in row[3].lower()]
-        for n in hits:
-            seen[n] = True
-        if hits:
-            kept.append(",".join(row))
-    unmatched = [n for n, hit in seen.items() if not hit]
+    kept = [r for r in rows if any(n in r["name"].lower() for n in wanted)]
+    unmatched = [n for n in wanted if not any(n in r["name"].lower() for r in kept)]
     if unmatched:
-        known = sorted({row[3] for row in rows})
+        known = sorted({r["name"] for r in rows})
         raise ValueError(f"{designs_csv}: no design name contains {unmatched}; designs: "
                          f"{', '.join(known)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["label", "ordinal", "design", "name"],
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
     _say(f"{out}: {len(kept)} training images of designs matching {list(names)} kept out of "
          "the tail")
     return len(kept)

@@ -49,11 +49,11 @@ class SampledRowSGD(torch.optim.Optimizer):
     Why: with class sampling a step's classifier gradient lives on k of the shard's C rows.
     torch's SGD, fed a dense gradient, still decays and moves all C rows and their momentum (a
     full pass over weight, gradient and momentum per step: 3 x 4 GB at 2M x 512 fp32). Here the
-    head hands over a sparse gradient (`F.embedding(..., sparse=True)`) and the step reads and
-    writes k rows (the head builds the gradient coalesced, so there is no host sync unless
-    micro-batches were accumulated). A class that is not sampled keeps its weight and momentum until it is sampled
-    again (lazy decay and momentum, as in InsightFace's first PartialFC), which is a different
-    trajectory from the dense update, not an approximation of it.
+    head (head.update_rows=sampled) hands over a sparse gradient of the sampled rows, built
+    coalesced, and the step reads and writes only those k rows, with no host sync unless
+    micro-batches were accumulated. A class that is not sampled keeps its weight and momentum
+    until it is sampled again (lazy decay and momentum, as in InsightFace's first PartialFC):
+    a different trajectory from the dense update, not an approximation of it.
 
     A dense gradient gets exactly torch.optim.SGD's update (dampening 0, no Nesterov), so
     sample_rate=1 is unchanged. The state is SGD's `momentum_buffer` (dense, like the weight),
