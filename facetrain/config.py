@@ -7,6 +7,7 @@ silently adds a misspelled key). `Config.save` writes the resolved config beside
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,9 +281,14 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key} must be an integer; got {value!r}") from None
     if tp is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number; got {value!r}") from None
+        if not math.isfinite(number):
+            # float() takes "nan"/"inf"; no field means anything by them, and a NaN slips past
+            # every range check (all comparisons with it are False).
+            raise ConfigError(f"{key} must be a finite number; got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, bool):
             # YAML 1.1 reads a bare `off`/`on` as a boolean; `leap.mode: off` means the string.

@@ -27,6 +27,22 @@ from facetrain.optim import build_head_optimizer, build_optimizer
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def supported_precisions(device: torch.device) -> List[str]:
+    """The `train.precision` values DeepSpeed accepts on `device`.
+
+    DeepSpeed's CPU accelerator takes fp16 only where oneDNN has fp16 kernels (many Intel CPUs
+    have them, AMD EPYC often not) and raises "Type fp16 is not supported on your device" deep
+    inside `initialize` otherwise; bf16 and fp32 it always takes. Asking the same probe up front
+    turns that into a config error that names the alternatives."""
+    if device.type == "cuda":
+        return ["fp32", "bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp32", "fp16"]
+    try:
+        fp16 = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        fp16 = False
+    return ["fp32", "bf16", "fp16"] if fp16 else ["fp32", "bf16"]
+
+
 def _skip_cpu_shm_comm_build(deepspeed: Any) -> None:
     """DeepSpeed's CPU accelerator compiles a shared-memory all-reduce op (~35 s) at first init
     when the op probes as compatible. It only serves inference all-reduce; training collectives
@@ -68,6 +84,13 @@ class DeepSpeedEngine:
             raise ConfigError("train.engine=deepspeed needs torchrun (a world process group; "
                               "DeepSpeed's data-parallel group is the world); use train.engine=ddp "
                               "for a single process")
+        supported = supported_precisions(ctx.device)
+        if cfg.train.precision not in supported:
+            raise ConfigError(
+                f"train.precision={cfg.train.precision} is not supported by DeepSpeed on this "
+                f"machine ({ctx.device.type}: oneDNN/CUDA has no {cfg.train.precision} kernels "
+                f"here); supported here: {', '.join(supported)}. Use one of those, or "
+                "train.engine=ddp, which runs every precision through torch autocast")
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
         try:
             import deepspeed

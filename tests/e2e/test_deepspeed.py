@@ -16,8 +16,17 @@ sys.path.insert(0, str(REPO / "tests" / "distributed"))
 from _helpers import run_spawn  # noqa: E402
 from test_train_data import make_tiny_rec, tiny_config  # noqa: E402
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from facetrain.config import ConfigError  # noqa: E402
+from facetrain.engines import deepspeed_engine  # noqa: E402
 from facetrain.logging_utils import read_metrics  # noqa: E402
 from facetrain.trainer import Trainer  # noqa: E402
+
+# What this CPU's oneDNN can do decides which mixed precisions DeepSpeed takes (AMD EPYC: bf16
+# only; many Intel CPUs: both). Every supported one is trained; fp16 is covered where it exists.
+MIXED = [p for p in deepspeed_engine.supported_precisions(torch.device("cpu")) if p != "fp32"]
 
 
 def _losses(out: Path) -> np.ndarray:
@@ -33,21 +42,34 @@ def _train(ctx, rec, out, extra, stop_after=None):
     Trainer(cfg, ctx).fit(stop_after=stop_after)
 
 
+def _unsupported_precision_is_a_config_error(ctx, rec, out) -> None:
+    real = deepspeed_engine.supported_precisions
+    deepspeed_engine.supported_precisions = lambda device: ["fp32", "bf16"]   # an fp16-less CPU
+    try:
+        with pytest.raises(ConfigError, match=r"train.precision=fp16 is not supported by "
+                           r"DeepSpeed on this machine .*supported here: fp32, bf16"):
+            _train(ctx, rec, out, ["train.engine=deepspeed", "train.precision=fp16"])
+    finally:
+        deepspeed_engine.supported_precisions = real
+
+
 def _two_ranks(ctx, root: str, rec: str) -> None:
     root = Path(root)
+    _unsupported_precision_is_a_config_error(ctx, rec, root / "unsupported")
     _train(ctx, rec, root / "ddp", [])
     z1 = ["train.engine=deepspeed", "train.zero_stage=1"]
     _train(ctx, rec, root / "z1_full", z1)
     _train(ctx, rec, root / "z1", z1, stop_after=4)
     _train(ctx, rec, root / "z1", z1)                        # resumes at step 4
     _train(ctx, rec, root / "z2", ["train.engine=deepspeed", "train.zero_stage=2"], stop_after=4)
-    for precision in ("bf16", "fp16"):        # DeepSpeed's own mixed precision (module cast)
+    for precision in MIXED:                    # DeepSpeed's own mixed precision (module cast)
         _train(ctx, rec, root / precision, ["train.engine=deepspeed", "train.zero_stage=2",
                                             f"train.precision={precision}",
                                             "train.max_steps=4"])
-    # Sampled-row classifier updates (sparse gradient) under DeepSpeed's fp16 loss scale.
+    # Sampled-row classifier updates (sparse gradient) under DeepSpeed's fp16 loss scale where
+    # the CPU has fp16, else under bf16.
     _train(ctx, rec, root / "rows", ["train.engine=deepspeed", "train.zero_stage=2",
-                                     "train.precision=fp16", "head.sample_rate=0.5",
+                                     f"train.precision={MIXED[-1]}", "head.sample_rate=0.5",
                                      "head.update_rows=sampled", "train.max_steps=4"])
 
 
@@ -69,7 +91,8 @@ def test_deepspeed_zero1_matches_ddp_and_resumes_zero2_reshards(tmp_path):
     # rounding at first; the rounding then grows over steps on this tiny, noisy problem.
     np.testing.assert_allclose(full[:4], ref[:4], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(full, ref, rtol=2e-2)
-    for precision in ("bf16", "fp16"):
+    assert "bf16" in MIXED                     # DeepSpeed's CPU accelerator always takes bf16
+    for precision in MIXED:
         # A smoke test: the same first loss as fp32 up to rounding, then the same trend.
         got = _losses(tmp_path / precision)
         np.testing.assert_allclose(got[0], ref[0], rtol=0.01)

@@ -28,6 +28,21 @@ def test_bad_value_names_key_and_rule():
         load_config(None, ["train.epochs=1.5"])
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", ".nan"])
+def test_non_finite_floats_are_rejected_everywhere(value, tmp_path):
+    for key in ("optim.lr", "head.margin.scale", "leap.center_lr", "schedule.min_lr"):
+        with pytest.raises(ConfigError, match=rf"{key} must be a finite number; got"):
+            load_config(None, [f"{key}={value}"])
+    # The same from a YAML file (YAML's own .nan / .inf literals).
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
+        load_config(path)
+    path.write_text("schedule:\n  milestones: [1, .nan]\n")
+    with pytest.raises(ConfigError, match="schedule.milestones must be a finite number"):
+        load_config(path)
+
+
 def test_base_file_and_replace(tmp_path):
     (tmp_path / "a.yaml").write_text("optim:\n  lr: 0.2\ntrain:\n  epochs: 3\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  epochs: 5\n")
