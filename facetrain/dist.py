@@ -6,6 +6,7 @@ the launcher and passed down. Nothing here runs at import.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -85,10 +86,45 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     return DistContext(rank, world_size, local_rank, dev, backend, dist.group.WORLD)
 
 
-def destroy(ctx: DistContext) -> None:
-    """Tear down the default group if this context created one."""
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def finish(ctx: DistContext) -> None:
+    """End a run that succeeded on every rank: wait for all ranks, then tear the group down.
+
+    The barrier keeps rank 1 from leaving while rank 0 still exports. The collection runs before
+    the teardown so that no process group outlives `destroy_process_group` inside a reference
+    cycle (DDP's reducer and hooks form cycles with the module): such a group would be freed
+    during interpreter finalization, where gloo's C++ threads and their tensors are torn down
+    without the GIL and the process aborts ("terminate called without an active exception",
+    SIGABRT after "done"; torchrun then killed the other rank mid-export)."""
+    if not (ctx.distributed and dist.is_initialized()):
+        return
+    dist.barrier(group=ctx.group)
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+class PeerFailedError(RuntimeError):
+    """Another rank failed a check before training; that rank reports why."""
+
+
+def raise_if_any_failed(ctx: DistContext, err: Optional[BaseException]) -> None:
+    """Collective: every rank calls it with its own setup error (or None) before the first
+    collective of the run. If any rank failed, the lowest failing rank raises its own error and
+    every other rank raises PeerFailedError, so a job prints one message instead of one
+    traceback per rank, and no rank is left waiting in a collective its peers never reach."""
+    if not ctx.distributed:
+        if err is not None:
+            raise err
+        return
+    first = torch.tensor([ctx.world_size if err is None else ctx.rank], dtype=torch.int64,
+                         device=ctx.device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=ctx.group)
+    failed = int(first)
+    if failed == ctx.world_size:
+        return
+    if failed == ctx.rank:
+        raise err  # type: ignore[misc]
+    raise PeerFailedError(f"rank {failed} failed before training")
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -25,8 +25,9 @@ import torch.distributed as dist
 
 from facetrain import checkpoint as ckpt
 from facetrain.config import Config, ConfigError
-from facetrain.dist import DistContext
-from facetrain.engines import build_engine
+from facetrain.data.shards import DatasetError
+from facetrain.dist import DistContext, raise_if_any_failed
+from facetrain.engines import build_engine, check_engine
 from facetrain.logging_utils import RunLogger, format_eta
 from facetrain.optim import LRSchedule
 
@@ -94,13 +95,21 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         _seed_everything(cfg.train.seed, ctx.rank)
-        self.loader = build_train_loader(cfg.data, ctx, cfg.train.seed)
-        accum = cfg.optim.grad_accum
-        self.steps_per_epoch = len(self.loader) // accum
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"{cfg.data.rec}: {len(self.loader)} batches per epoch per rank "
-                              f"is fewer than optim.grad_accum={accum}; lower data.batch_size "
-                              "or optim.grad_accum")
+        # Everything that can fail on bad input is checked here, before the first collective:
+        # then one rank reports it and the others stop quietly (no traceback per rank).
+        err: Optional[BaseException] = None
+        try:
+            self.loader = build_train_loader(cfg.data, ctx, cfg.train.seed)
+            accum = cfg.optim.grad_accum
+            self.steps_per_epoch = len(self.loader) // accum
+            if self.steps_per_epoch < 1:
+                raise ConfigError(f"{cfg.data.rec}: {len(self.loader)} batches per epoch per "
+                                  f"rank is fewer than optim.grad_accum={accum}; lower "
+                                  "data.batch_size or optim.grad_accum")
+            check_engine(cfg, ctx)
+        except (ConfigError, DatasetError) as exc:
+            err = exc
+        raise_if_any_failed(ctx, err)
         total = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         self.backbone_kwargs = {"embedding_size": cfg.model.embedding_size,

@@ -64,11 +64,33 @@ def _init_group_after_restart(device: str) -> None:
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
+def _say(message: str, every_node: bool = False) -> None:
+    """Print an error once per job (rank 0), or once per node for what can differ by node
+    (files on local disks). Every rank reaches the same conclusion; only one speaks."""
+    import os
+
+    key = "LOCAL_RANK" if every_node else "RANK"
+    if int(os.environ.get(key, "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker without the worker's traceback,
+    which torch pastes into the message text."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        last = lines[-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(err).__name__ + ":") else last
+    return text
+
+
 def main(argv=None) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from facetrain.config import ConfigError, load_config
-    from facetrain.dist import destroy, init_distributed
+    from facetrain.data.shards import DatasetError
+    from facetrain.dist import PeerFailedError, finish, init_distributed
     from facetrain.trainer import NonFiniteLossError, Trainer
 
     args = parse_args(argv)
@@ -80,21 +102,30 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
-        print(f"train_face.py: config error: {err}", file=sys.stderr)
+        _say(f"train_face.py: config error: {err}")
         return 2
     if not _data_present(cfg.data.rec):
-        print(f"train_face.py: training data {cfg.data.rec!r} (from {args.config}) is missing; "
-              f"{DATA_HINT}", file=sys.stderr)
+        _say(f"train_face.py: training data {cfg.data.rec!r} (from {args.config}) is missing; "
+             f"{DATA_HINT}", every_node=True)
         return 2
     _init_group_after_restart(cfg.train.device)
     ctx = init_distributed(cfg.train.device)
     try:
-        Trainer(cfg, ctx).fit()
-    except (ConfigError, NonFiniteLossError) as err:
-        print(f"train_face.py: rank {ctx.rank}: {err}", file=sys.stderr)
+        trainer = Trainer(cfg, ctx)
+        trainer.fit()
+    except PeerFailedError:
+        return 2                 # the failing rank has said why
+    except (ConfigError, DatasetError) as err:
+        print(f"train_face.py: rank {ctx.rank}: {_one_line(err)}", file=sys.stderr, flush=True)
+        return 2
+    except NonFiniteLossError as err:
+        if ctx.is_main:          # every rank sees the same global loss
+            print(f"train_face.py: {err}", file=sys.stderr, flush=True)
         return 3
-    finally:
-        destroy(ctx)
+    # Only after success: a collective teardown while a peer is stuck elsewhere would hang, and
+    # torchrun ends the other ranks of a failed job anyway.
+    del trainer
+    finish(ctx)
     return 0
 
 

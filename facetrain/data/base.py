@@ -13,7 +13,7 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 
-from facetrain.config import DataConfig
+from facetrain.config import ConfigError, DataConfig
 from facetrain.data.dataset import RecordDataset
 from facetrain.dist import DistContext
 
@@ -54,7 +54,7 @@ class TrainLoader:
         self.skipped = 0   # undecodable images replaced (only with cfg.skip_bad_images)
         n = len(dataset)
         if batches_per_epoch(n, ctx.world_size, cfg.batch_size) == 0:
-            raise ValueError(f"data.batch_size={cfg.batch_size} x {ctx.world_size} ranks needs at "
+            raise ConfigError(f"data.batch_size={cfg.batch_size} x {ctx.world_size} ranks needs at "
                              f"least {cfg.batch_size * ctx.world_size} images; the dataset at "
                              f"{cfg.rec} has {n}: lower data.batch_size")
 

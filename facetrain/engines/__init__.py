@@ -41,6 +41,15 @@ def undo_gradient_averaging(embeddings: torch.Tensor, world_size: int) -> torch.
     return _ScaleGrad.apply(embeddings, float(world_size))
 
 
+def check_engine(cfg: Config, ctx: DistContext) -> None:
+    """Raise ConfigError for an engine setting this machine cannot run, before any collective
+    (the engines themselves start with collectives: DDP's parameter broadcast)."""
+    if cfg.train.engine == "deepspeed":
+        from facetrain.engines.deepspeed_engine import check_precision
+
+        check_precision(cfg, ctx)
+
+
 def build_engine(cfg: Config, ctx: DistContext, backbone: torch.nn.Module,
                  head: torch.nn.Module) -> Any:
     """The engine named by `cfg.train.engine` (deepspeed is imported only when asked for)."""

@@ -72,6 +72,17 @@ def ds_config(cfg: Config) -> Dict[str, Any]:
     }
 
 
+def check_precision(cfg: Config, ctx: DistContext) -> None:
+    """ConfigError when DeepSpeed cannot run `train.precision` on this machine."""
+    supported = supported_precisions(ctx.device)
+    if cfg.train.precision not in supported:
+        raise ConfigError(
+            f"train.precision={cfg.train.precision} is not supported by DeepSpeed on this "
+            f"machine ({ctx.device.type}: no {cfg.train.precision} kernels in oneDNN/CUDA "
+            f"here); supported here: {', '.join(supported)}. Use one of those, or "
+            "train.engine=ddp, which runs every precision through torch autocast")
+
+
 class DeepSpeedEngine:
     """Same surface as DDPEngine (micro_step, step, optimizers, checkpoint parts)."""
 
@@ -84,13 +95,7 @@ class DeepSpeedEngine:
             raise ConfigError("train.engine=deepspeed needs torchrun (a world process group; "
                               "DeepSpeed's data-parallel group is the world); use train.engine=ddp "
                               "for a single process")
-        supported = supported_precisions(ctx.device)
-        if cfg.train.precision not in supported:
-            raise ConfigError(
-                f"train.precision={cfg.train.precision} is not supported by DeepSpeed on this "
-                f"machine ({ctx.device.type}: oneDNN/CUDA has no {cfg.train.precision} kernels "
-                f"here); supported here: {', '.join(supported)}. Use one of those, or "
-                "train.engine=ddp, which runs every precision through torch autocast")
+        check_precision(cfg, ctx)
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
         try:
             import deepspeed
