@@ -6,11 +6,14 @@ ckpt_step{N}/replicated.pt     rank 0: backbone, backbone optimizer (replicated 
                                grad scaler, epoch, batch position, step, resolved config
 ckpt_step{N}/rank{r:05d}.pt    rank r: classifier shard (weights + LEAP state), its optimizer
                                state, its class range, its RNG states (and a ZeRO partition)
-ckpt_step{N}/meta.json         world size, step, files: written last, marks a complete checkpoint
+ckpt_step{N}/meta.json         world size, step, files with their sizes and CRC-32: written last,
+                               marks a complete checkpoint
 latest                         text file naming the newest complete checkpoint
 ```
 A checkpoint is written under a temporary name and renamed when every rank's file is in it, so a
-crash mid-write never leaves a half checkpoint behind `latest`. The output folder must be on
+crash mid-write never leaves a half checkpoint behind `latest`. Files can still be damaged later
+(a full disk, a truncated copy, bit rot): a resume verifies sizes and checksums first and falls
+back to the newest intact checkpoint, naming the damaged file. The output folder must be on
 storage every rank sees (the usual shared file system of a cluster).
 
 Why a hand-made format rather than torch.distributed.checkpoint: the classifier is split in
@@ -26,6 +29,7 @@ import os
 import random
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -75,15 +79,26 @@ def save_checkpoint(root: Path, step: int, replicated: Optional[Dict[str, Any]],
         shutil.rmtree(tmp, ignore_errors=True)   # left over from a crash during a write
         tmp.mkdir()
     _barrier(ctx)
-    _atomic_torch_save(shard, tmp / f"rank{ctx.rank:05d}.pt")
+    mine = {}
+    name = f"rank{ctx.rank:05d}.pt"
+    _atomic_torch_save(shard, tmp / name)
+    mine[name] = file_digest(tmp / name)
     if ctx.is_main:
         if replicated is None:
             raise CheckpointError("rank 0 must pass the replicated checkpoint part")
         _atomic_torch_save(replicated, tmp / "replicated.pt")
-    _barrier(ctx)
+        mine["replicated.pt"] = file_digest(tmp / "replicated.pt")
+    digests = [mine]
+    if ctx.distributed:
+        # Every rank hashes its own file (in parallel); rank 0 records them all. This also
+        # waits until every rank's file is on disk.
+        digests = [None] * ctx.world_size
+        dist.all_gather_object(digests, mine, group=ctx.group)
     if ctx.is_main:
+        files = {k: v for d in digests for k, v in d.items()}
         meta = {"step": step, "world_size": ctx.world_size,
-                "files": ["replicated.pt"] + [f"rank{r:05d}.pt" for r in range(ctx.world_size)]}
+                "files": ["replicated.pt"] + [f"rank{r:05d}.pt" for r in range(ctx.world_size)],
+                "digests": files}
         _atomic_write_text(tmp / "meta.json", json.dumps(meta))
         if final.exists():                      # the same step saved again after a restart
             shutil.rmtree(final)
@@ -116,28 +131,98 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def find_latest(root: Path) -> Optional[Path]:
-    """The checkpoint named by `latest`, else the newest complete one, else None."""
+def file_digest(path: Path) -> Dict[str, int]:
+    """{"bytes", "crc32"} of a file. CRC-32 (zlib, streamed) rather than a cryptographic hash:
+    it detects truncation and corruption at disk speed on multi-GB classifier shards."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(1 << 23)
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+    return {"bytes": Path(path).stat().st_size, "crc32": crc}
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None when checkpoint `path` is intact, else what is wrong with it (naming the file).
+
+    Checks meta.json parses, every file it lists exists, and (checkpoints written since sizes
+    and checksums were recorded) each file's size and CRC-32 match."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+        files = list(meta["files"])
+        int(meta["world_size"]), int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{path / 'meta.json'} is unreadable or damaged ({type(err).__name__}: {err})"
+    digests = meta.get("digests", {})
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        want = digests.get(name)
+        if want is None:
+            continue
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{f} has {size} bytes, {want['bytes']} were written (truncated or damaged)"
+        if file_digest(f)["crc32"] != want["crc32"]:
+            return f"{f} fails its CRC-32 check (its bytes changed after it was written)"
+    return None
+
+
+def _candidates(root: Path) -> List[Path]:
+    """Checkpoints under `root`, newest first, the one `latest` names leading."""
     root = Path(root)
+    found = [p for _, p in reversed(list_checkpoints(root))]
     pointer = root / LATEST
     if pointer.is_file():
-        cand = root / pointer.read_text(encoding="utf-8").strip()
-        if (cand / "meta.json").is_file():
+        cand = root / pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if cand in found:
+            found.remove(cand)
+            found.insert(0, cand)
+    return found
+
+
+def find_latest(root: Path, damaged: Optional[List[str]] = None) -> Optional[Path]:
+    """The newest INTACT checkpoint under `root` (the one `latest` names first), else None.
+
+    Each damaged checkpoint passed over is appended to `damaged` as a sentence naming the file.
+    Raises CheckpointError when checkpoints exist but none is intact: starting from scratch
+    silently would throw away the run's work."""
+    problems = [] if damaged is None else damaged
+    candidates = _candidates(root)
+    for cand in candidates:
+        problem = verify_checkpoint(cand)
+        if problem is None:
             return cand
-    ckpts = list_checkpoints(root)
-    return ckpts[-1][1] if ckpts else None
+        problems.append(problem)
+    if candidates:
+        raise CheckpointError(
+            f"no intact checkpoint under {root}: " + "; ".join(problems) + ". Restore the "
+            "damaged files, or start fresh with checkpoint.resume=none (a new train.output_dir "
+            "keeps these for inspection)")
+    return None
 
 
-def resolve_resume(resume: str, root: Path) -> Optional[Path]:
-    """Map `checkpoint.resume` (auto | none | a path) to a checkpoint directory or None."""
+def resolve_resume(resume: str, root: Path, damaged: Optional[List[str]] = None
+                   ) -> Optional[Path]:
+    """Map `checkpoint.resume` (auto | none | a path) to an intact checkpoint directory or None.
+
+    `damaged` collects the damaged checkpoints that were skipped (for a warning)."""
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest(root)
+        return find_latest(root, damaged)
     path = Path(resume)
-    if (path / "meta.json").is_file():
+    if (path / "meta.json").exists():
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint.resume={resume!r}: {problem}; pick another "
+                                  "checkpoint or use checkpoint.resume=none to start fresh")
         return path
-    latest = find_latest(path)
+    latest = find_latest(path, damaged)
     if latest is None:
         raise CheckpointError(f"checkpoint.resume={resume!r}: no complete checkpoint there "
                               f"(expected a {CKPT_PREFIX}N/ folder with meta.json, or a folder "

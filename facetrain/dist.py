@@ -103,18 +103,26 @@ def finish(ctx: DistContext) -> None:
     gc.collect()
 
 
-class PeerFailedError(RuntimeError):
-    """Another rank failed a check before training; that rank reports why."""
+class SetupFailedError(RuntimeError):
+    """Raised on every rank when any rank failed its checks before training.
+
+    `cause` is the error of the lowest failing rank's own check on that rank (None elsewhere);
+    `report` is True on exactly one rank, the one that should print it."""
+
+    def __init__(self, cause: Optional[BaseException], report: bool, failed_rank: int) -> None:
+        super().__init__(str(cause) if cause is not None else f"rank {failed_rank} failed its "
+                         "checks before training")
+        self.cause, self.report, self.failed_rank = cause, report, failed_rank
 
 
 def raise_if_any_failed(ctx: DistContext, err: Optional[BaseException]) -> None:
     """Collective: every rank calls it with its own setup error (or None) before the first
-    collective of the run. If any rank failed, the lowest failing rank raises its own error and
-    every other rank raises PeerFailedError, so a job prints one message instead of one
-    traceback per rank, and no rank is left waiting in a collective its peers never reach."""
+    collective of the run. If any rank failed, every rank raises SetupFailedError and only the
+    lowest failing rank reports, so a job prints one message instead of one traceback per rank,
+    and no rank is left waiting in a collective its peers never reach."""
     if not ctx.distributed:
         if err is not None:
-            raise err
+            raise SetupFailedError(err, True, ctx.rank) from err
         return
     first = torch.tensor([ctx.world_size if err is None else ctx.rank], dtype=torch.int64,
                          device=ctx.device)
@@ -122,9 +130,15 @@ def raise_if_any_failed(ctx: DistContext, err: Optional[BaseException]) -> None:
     failed = int(first)
     if failed == ctx.world_size:
         return
-    if failed == ctx.rank:
-        raise err  # type: ignore[misc]
-    raise PeerFailedError(f"rank {failed} failed before training")
+    mine = err if failed == ctx.rank else None
+    raise SetupFailedError(mine, mine is not None, failed) from mine
+
+
+def reported(ctx: DistContext) -> None:
+    """After a SetupFailedError was printed: wait for every rank, so that no rank exits (and
+    makes torchrun stop the job) before the reporting rank's message is out."""
+    if ctx.distributed and dist.is_initialized():
+        dist.barrier(group=ctx.group)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import sys
 import time
@@ -54,6 +55,10 @@ class RunLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        # Library warnings (skipped images, data-layer notices) go to log.txt and the console
+        # like the run's own lines; without a handler Python prints them to stderr only.
+        self._handler = _RunLogHandler(self)
+        logging.getLogger("facetrain").addHandler(self._handler)
 
     def info(self, msg: str) -> None:
         """One timestamped line to stdout and log.txt."""
@@ -100,9 +105,22 @@ class RunLogger:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
 
+    def warning(self, msg: str) -> None:
+        """A timestamped WARNING line to stderr and log.txt."""
+        if not self.enabled:
+            return
+        line = f"[{datetime.datetime.now().strftime('%H:%M:%S')}] WARNING: {msg}"
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        self._log.write(line + "\n")
+        self._log.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return
+        logging.getLogger("facetrain").removeHandler(self._handler)
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
@@ -131,3 +149,17 @@ def read_metrics(path: Path) -> Dict[int, Dict[str, Any]]:
                 if "loss" in rec:
                     out[int(rec["step"])] = rec
     return out
+
+
+class _RunLogHandler(logging.Handler):
+    """Routes `logging` records of the facetrain package (WARNING and up) into a RunLogger."""
+
+    def __init__(self, run: RunLogger) -> None:
+        super().__init__(logging.WARNING)
+        self.run = run
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.run.warning(record.getMessage())
+        except Exception:          # a logging failure must never end a training
+            self.handleError(record)

@@ -43,6 +43,11 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
 
 
+# Bad input a user can fix (config, data files, checkpoints): reported as one message, no
+# traceback. Everything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ckpt.CheckpointError)
+
+
 class LossMonitor:
     """Accumulates loss statistics on the device so the loop never waits for the host."""
 
@@ -107,7 +112,9 @@ class Trainer:
                                   f"rank is fewer than optim.grad_accum={accum}; lower "
                                   "data.batch_size or optim.grad_accum")
             check_engine(cfg, ctx)
-        except (ConfigError, DatasetError) as exc:
+            damaged: list = []
+            resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root, damaged)
+        except USER_ERRORS as exc:
             err = exc
         raise_if_any_failed(ctx, err)
         total = cfg.train.epochs * self.steps_per_epoch
@@ -128,7 +135,8 @@ class Trainer:
         self.step = self.epoch = self.batch = 0     # batch = micro-batches done in this epoch
         self._saved_step = self._verified_step = -1
         self.log = RunLogger(self.out, ctx.is_main, self.total_steps, cfg.train.tensorboard)
-        resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
+        for problem in damaged:
+            self.log.warning(f"skipping a damaged checkpoint: {problem}")
         if resume is not None:
             self._load(resume)
 
@@ -234,12 +242,16 @@ class Trainer:
         if not valid.any():                  # leap.mode=off: the classifier tracks no angles
             return
         head = counts > self.cfg.leap.head_threshold
-        row = {}
+        row, said = {}, []
         for name, mask in (("head", head & valid), ("tail", ~head & valid)):
-            row[f"angular_var_{name}"] = float(var[mask].mean()) if mask.any() else float("nan")
+            if mask.any():
+                row[f"angular_var_{name}"] = float(var[mask].mean())
+                said.append(f"{name} {row[f'angular_var_{name}']:.4g}")
+            else:        # e.g. no class has <= leap.head_threshold images: there is no tail
+                said.append(f"{name}: no {name} classes with statistics "
+                            f"(leap.head_threshold={self.cfg.leap.head_threshold})")
         self.log.metrics(self.step, {"epoch": self.epoch, **row}, tb_prefix="leap")
-        self.log.info(f"epoch {self.epoch} done: angular variance head "
-                      f"{row['angular_var_head']:.4g} tail {row['angular_var_tail']:.4g}")
+        self.log.info(f"epoch {self.epoch} done: angular variance " + ", ".join(said))
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _save(self) -> None:

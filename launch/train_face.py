@@ -89,9 +89,8 @@ def main(argv=None) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from facetrain.config import ConfigError, load_config
-    from facetrain.data.shards import DatasetError
-    from facetrain.dist import PeerFailedError, finish, init_distributed
-    from facetrain.trainer import NonFiniteLossError, Trainer
+    from facetrain.dist import SetupFailedError, finish, init_distributed, reported
+    from facetrain.trainer import USER_ERRORS, NonFiniteLossError, Trainer
 
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -113,9 +112,12 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(cfg, ctx)
         trainer.fit()
-    except PeerFailedError:
-        return 2                 # the failing rank has said why
-    except (ConfigError, DatasetError) as err:
+    except SetupFailedError as err:          # bad input found before training, agreed
+        if err.report:
+            print(f"train_face.py: {_one_line(err.cause)}", file=sys.stderr, flush=True)
+        reported(ctx)
+        return 2
+    except USER_ERRORS as err:
         print(f"train_face.py: rank {ctx.rank}: {_one_line(err)}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as err:

@@ -2,7 +2,9 @@
 resharding, RNG states and the backbone export (torch + ONNX)."""
 from __future__ import annotations
 
+import json
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -23,8 +25,12 @@ def test_save_publishes_atomically_and_keeps_last(tmp_path):
         path = _save(root, step)
     assert path.name == "ckpt_step15"
     assert sorted(p.name for p in root.iterdir()) == ["ckpt_step10", "ckpt_step15", "latest"]
-    assert ckpt.read_meta(path) == {"step": 15, "world_size": 1,
-                                    "files": ["replicated.pt", "rank00000.pt"]}
+    meta = ckpt.read_meta(path)
+    assert {k: meta[k] for k in ("step", "world_size", "files")} == {
+        "step": 15, "world_size": 1, "files": ["replicated.pt", "rank00000.pt"]}
+    for name in meta["files"]:               # sizes and CRC-32 recorded for the resume check
+        data = (path / name).read_bytes()
+        assert meta["digests"][name] == {"bytes": len(data), "crc32": zlib.crc32(data)}
     assert ckpt.load_replicated(path)["step"] == 15
     assert ckpt.load_shard(path, 0)["x"].item() == 15
     # A crash mid-write leaves a temp folder and maybe a folder without meta.json: both ignored.
@@ -49,6 +55,46 @@ def test_resolve_resume(tmp_path):
         ckpt.resolve_resume(str(tmp_path / "nothing"), root)
     with pytest.raises(ckpt.CheckpointError, match="lacks rank00001.pt"):
         ckpt.load_shard(path, 1)
+
+
+@pytest.mark.parametrize("damage", ["truncate_replicated", "truncate_rank", "flip_rank_byte",
+                                    "truncate_meta", "delete_rank"])
+def test_damaged_latest_falls_back_to_the_newest_intact(tmp_path, damage):
+    root = tmp_path / "checkpoints"
+    older, newest = _save(root, 5), _save(root, 10)
+    target = {"truncate_replicated": "replicated.pt", "truncate_rank": "rank00000.pt",
+              "flip_rank_byte": "rank00000.pt", "truncate_meta": "meta.json",
+              "delete_rank": "rank00000.pt"}[damage]
+    f = newest / target
+    data = f.read_bytes()
+    if damage == "flip_rank_byte":
+        f.write_bytes(data[:40] + bytes([data[40] ^ 0xFF]) + data[41:])
+    elif damage == "delete_rank":
+        f.unlink()
+    else:
+        f.write_bytes(data[:len(data) // 2])
+    damaged = []
+    assert ckpt.resolve_resume("auto", root, damaged) == older
+    assert len(damaged) == 1 and str(f) in damaged[0]
+    # An explicitly named damaged checkpoint is an error naming the file, not a fallback.
+    with pytest.raises(ckpt.CheckpointError, match=str(f).replace(".", r"\.")):
+        ckpt.resolve_resume(str(newest), root)
+    # Nothing intact at all: an error naming every damaged file (never a silent fresh start).
+    (older / "replicated.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint under .*"
+                       + str(older / "replicated.pt").replace(".", r"\.")
+                       + ".*checkpoint.resume=none"):
+        ckpt.resolve_resume("auto", root)
+
+
+def test_checkpoints_without_digests_still_resume(tmp_path):
+    """Checkpoints written before sizes and checksums were recorded: existence is checked."""
+    root = tmp_path / "checkpoints"
+    path = _save(root, 5)
+    meta = ckpt.read_meta(path)
+    del meta["digests"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert ckpt.resolve_resume("auto", root) == path
 
 
 def _shard_opt_state(name, rows, start, seed):

@@ -1,0 +1,82 @@
+"""Training with bad input, as a user meets it under torchrun (2 gloo ranks): one message per
+job that names the file and says what to do, no Python traceback, a non-zero exit; a damaged
+latest checkpoint is skipped for the newest intact one with a warning naming the file."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "distributed"))
+from test_train_data import make_tiny_rec, tiny_overrides  # noqa: E402
+
+LAUNCH = str(REPO / "launch" / "train_face.py")
+
+
+def _run(*overrides, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", LAUNCH, *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _our_lines(proc) -> list:
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines() if "train_face.py:" in ln]
+
+
+def _assert_one_clean_message(proc, *needles):
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    # torchrun's own summary of a failed job is a traceback of torch's agent; none of ours.
+    assert "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text, text[-3000:]
+    assert 'launch/train_face.py", line' not in text and "facetrain/" not in text, text[-3000:]
+    lines = _our_lines(proc)
+    assert len(lines) == 1, lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_idx_is_one_message(tmp_path):
+    rec = make_tiny_rec(tmp_path / "data")
+    Path(rec + ".idx").unlink()
+    proc = _run(*tiny_overrides(rec, tmp_path / "out"))
+    _assert_one_clean_message(proc, "train.idx")
+
+
+def test_batch_larger_than_dataset_is_one_message(tmp_path):
+    rec = make_tiny_rec(tmp_path / "data", counts=[3] * 4)        # 12 images
+    proc = _run(*tiny_overrides(rec, tmp_path / "out", ["data.batch_size=16"]))
+    _assert_one_clean_message(proc, "data.batch_size=16", "lower data.batch_size")
+
+
+def test_non_finite_config_value_is_one_message(tmp_path):
+    rec = make_tiny_rec(tmp_path / "data")
+    proc = _run(*tiny_overrides(rec, tmp_path / "out", ["optim.lr=nan"]))
+    _assert_one_clean_message(proc, "optim.lr must be a finite number")
+
+
+def test_damaged_latest_checkpoint_falls_back_then_errors_when_none_is_intact(tmp_path):
+    rec = make_tiny_rec(tmp_path / "data")
+    out = tmp_path / "out"
+    base = tiny_overrides(rec, out, ["checkpoint.every_steps=4", "checkpoint.keep_last=3"])
+    first = _run(*base, "train.max_steps=8")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "ckpt_step8"
+    damaged = ckpts / "ckpt_step8" / "rank00001.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])                 # a truncated copy
+    second = _run(*base, "train.max_steps=10")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert f"WARNING: skipping a damaged checkpoint: {damaged}" in log
+    assert "resumed from " + str(ckpts / "ckpt_step4") in log
+    assert "done: step 10" in log
+    # Every checkpoint damaged: a clear error naming the files, nothing trained from scratch.
+    for ck in ckpts.glob("ckpt_step*"):
+        (ck / "replicated.pt").write_bytes(b"")
+    third = _run(*base, "train.max_steps=12")
+    _assert_one_clean_message(third, "no intact checkpoint under", "replicated.pt",
+                              "checkpoint.resume=none")
