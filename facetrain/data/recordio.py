@@ -10,11 +10,13 @@ The `.idx` file is text, one `key<TAB>offset` line per record (offset of the rec
 """
 from __future__ import annotations
 
+import errno
 import numbers
 import os
 import struct
 import warnings
 from collections import namedtuple
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -420,17 +422,61 @@ def rebuild_index(rec_path: Union[str, Path], idx_path: Union[str, Path, None] =
     tmp = _atomic_paths(idx_path)
     n = 0
     done = 0
+    lines: List[str] = []
     try:
-        with open(tmp, "w", encoding="ascii") as fh:
+        with _writing(idx_path, tmp):
+            fh = open(tmp, "w", encoding="ascii")
+        try:
             for off, _ in scan_records(rec_path):
-                fh.write(f"{start_key + n}\t{off}\n")
+                lines.append(f"{start_key + n}\t{off}\n")
                 n += 1
-                if progress is not None and n % 1024 == 0:
-                    progress(off - done)
-                    done = off
-        os.replace(tmp, idx_path)
+                if n % 4096 == 0:
+                    with _writing(idx_path, tmp):
+                        fh.writelines(lines)
+                    lines.clear()
+                    if progress is not None:
+                        progress(off - done)
+                        done = off
+            with _writing(idx_path, tmp):
+                fh.writelines(lines)
+                fh.close()
+                os.replace(tmp, idx_path)
+        finally:
+            try:
+                fh.close()
+            except OSError:
+                pass
         if progress is not None:
             progress(rec_path.stat().st_size - done)
-    finally:
+    finally:    # error, KeyboardInterrupt, SIGTERM (as an exception): no temporary .idx left
         tmp.unlink(missing_ok=True)
     return n
+
+
+@contextmanager
+def _writing(target: Path, tmp: Path) -> Iterator[None]:
+    """An OSError while writing `tmp` (disk full, ...) becomes one that names both files."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {target}: {exc.strerror or exc} (the partial "
+                               f"temporary file {tmp} was removed; {target} is unchanged); "
+                               f"{write_advice(exc)}, then run again", exc) from exc
+
+
+def write_advice(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that disk (or write elsewhere)"
+    return "fix the cause"
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (disk full, ...); the message names the target and says the
+    partial temporary files were removed (the writer removes them before this propagates)."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(cause.errno, cause.strerror)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

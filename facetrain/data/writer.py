@@ -59,10 +59,10 @@ class _ShardedWriter:
         input-side errors never pass through here, so they keep their own messages."""
         try:
             yield
-        except OutputWriteError:
+        except rio.OutputWriteError:
             raise
         except OSError as exc:
-            raise OutputWriteError(self.prefix, self.temp_paths(), exc) from exc
+            raise _write_failed(self.prefix, self.temp_paths(), exc) from exc
 
     def temp_paths(self) -> List[Path]:
         return [p for w in self.writers for p in w.temp_paths]
@@ -72,22 +72,13 @@ class _ShardedWriter:
             w.abort()
 
 
-class OutputWriteError(OSError):
-    """Writing a dataset failed (disk full, ...): names the target and the removed temp files."""
-
-    def __init__(self, prefix: Path, temps: Sequence[Path], cause: OSError):
-        super().__init__(cause.errno, cause.strerror)
-        advice = ("free space on that disk or write elsewhere" if cause.errno == errno.ENOSPC
-                  else "fix the cause")
-        removed = ", ".join(str(t) for t in temps) or "none had been created"
-        self.message = (f"cannot write the dataset {prefix}: {cause.strerror or cause} "
-                        f"({errno.errorcode.get(cause.errno or 0, 'error')}"
-                        f"{f' on {cause.filename}' if cause.filename else ''}); the partial "
-                        f"temporary files were removed ({removed}) and nothing under {prefix} "
-                        f"changed; {advice}, then run again")
-
-    def __str__(self) -> str:
-        return self.message
+def _write_failed(prefix: Path, temps: Sequence[Path], cause: OSError) -> rio.OutputWriteError:
+    removed = ", ".join(str(t) for t in temps) or "none had been created"
+    return rio.OutputWriteError(
+        f"cannot write the dataset {prefix}: {cause.strerror or cause} "
+        f"({errno.errorcode.get(cause.errno or 0, 'error')}); the partial temporary files were "
+        f"removed ({removed}) and nothing under {prefix} changed; {rio.write_advice(cause)}, "
+        "then run again", cause)
 
 
 def dataset_files(prefix: Path) -> List[Path]:
