@@ -7,8 +7,9 @@ temporary .rec (possibly GBs) behind. Inside `sigterm_raises()` a SIGTERM raises
 from __future__ import annotations
 
 import signal
+import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, List
 
 
 class Terminated(SystemExit):
@@ -35,13 +36,23 @@ def sigterm_raises() -> Iterator[None]:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGTERM and SIGINT until the block ends (a commit of several renames runs whole)."""
-    held = {signal.SIGTERM, signal.SIGINT}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold SIGTERM and SIGINT until the block ends (a commit of several renames runs whole);
+    a signal that came meanwhile is then re-raised to the handler that was in place. Handlers
+    (not a signal mask) so that a signal delivered to another thread, e.g. a progress bar's,
+    waits too. Outside the main thread, where handlers cannot be set, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: List[int] = []
+    held = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def stopped_message(tool: str, exc: BaseException, target: object) -> str:

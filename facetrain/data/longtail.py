@@ -279,9 +279,9 @@ def make_longtail(input_path: str, output_dir: str, head: int, tail: Optional[in
     one is refused unless `overwrite` (then only the dataset files are replaced; see output.py).
     """
     t0 = time.perf_counter()
+    plan = check_output_folder(Path(output_dir), [s.rec for s in resolve_shards(input_path)],
+                               overwrite, extras=OUTPUT_EXTRAS)     # before any slow step
     src = StreamingSource(input_path)
-    plan = check_output_folder(Path(output_dir), [s.rec for s in src.shards], overwrite,
-                               extras=OUTPUT_EXTRAS)
     if plan.replaced or plan.kept:
         log.warning("%s", plan.describe())
     counts = src.counts

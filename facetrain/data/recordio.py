@@ -62,8 +62,8 @@ def truncated_message(path: Union[str, Path], offset: int, size: int) -> str:
 def damaged_message(path: Union[str, Path], pos: int, found: str) -> str:
     """A scan from byte 0 found no record where the previous one ends: the .rec itself is bad."""
     return (f"{path} is damaged at byte {pos}: {found} where the previous record (or part) "
-            "ends, so no index can be built past it; the file is corrupt or not RecordIO: re-copy it from "
-            "its source")
+            "ends, so no index can be built past it; the file is corrupt or not RecordIO: "
+            "re-copy it from its source")
 
 
 def _upper4(n: int) -> int:

@@ -123,7 +123,8 @@ def test_folders_to_rec_names_a_bad_jpg_and_offers_skip_bad(tmp_path, capsys, co
     assert tool("folders_to_rec")([str(tmp_path / "faces"), str(prefix), "--no-progress",
                                    "--skip-bad"]) == 0
     cap = capsys.readouterr()
-    assert f"folders_to_rec: skipped {bad}: " in cap.err and "1 undecodable files skipped" in cap.out
+    assert f"folders_to_rec: skipped {bad}: " in cap.err
+    assert "1 undecodable files skipped" in cap.out
     assert RecordDataset.open(str(prefix)).class_counts.tolist() == [3, 1]
 
 
@@ -172,14 +173,9 @@ def fill_disk_after(monkeypatch, nbytes: int) -> None:
                         raising=False)
 
 
-def _im2rec_like_input(tmp_path):
-    src, _ = make_dataset(tmp_path / "src", COUNTS)
-    return src
-
-
 @pytest.mark.parametrize("how", ["write_raw", "file"])
 def test_make_longtail_disk_full_leaves_nothing(tmp_path, capsys, monkeypatch, how):
-    src = _im2rec_like_input(tmp_path)
+    src, _ = make_dataset(tmp_path / "src", COUNTS)
     before = snapshot(tmp_path / "src")
     out = tmp_path / "out"
     if how == "write_raw":                          # the writer's write itself fails
@@ -222,6 +218,19 @@ def test_folders_to_rec_and_rebuild_index_disk_full(tmp_path, capsys, monkeypatc
 
 
 # --- SIGTERM mid-write ----------------------------------------------------------------------
+
+def test_sigterm_during_a_commit_waits_for_its_end():
+    from facetrain.data.interrupt import Terminated, signals_deferred, sigterm_raises
+
+    done = []
+    with pytest.raises(Terminated) as ei:
+        with sigterm_raises():
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("renames finished")
+            done.append("not reached")
+    assert done == ["renames finished"] and ei.value.code == 143
+
 
 SLOW_CHILD = textwrap.dedent("""
     import importlib.util, sys, time

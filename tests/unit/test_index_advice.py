@@ -85,10 +85,10 @@ def _scan_count(prefix: str) -> int:
 @pytest.mark.parametrize("case", sorted(STALE))
 def test_stale_index_advice_works_when_followed(tmp_path, capsys, case):
     breaker, pattern = STALE[case]
-    prefix, items = make_dataset(tmp_path, COUNTS)
+    prefix, items = make_dataset(tmp_path / "d", COUNTS)
     breaker(prefix)
     n_records = _scan_count(prefix)
-    broken_idx = (tmp_path / "train.idx").read_bytes() if case != "missing" else None
+    broken_idx = (tmp_path / "d" / "train.idx").read_bytes() if case != "missing" else None
 
     # Detected by every entry point, with the same advice.
     with pytest.raises((DatasetError, FileNotFoundError, rio.RecordIOError), match=pattern) as ei:
@@ -116,42 +116,42 @@ def test_stale_index_advice_works_when_followed(tmp_path, capsys, case):
 
     # Advice 2: data.rebuild_index=true (what the trainer's loader does with it).
     if broken_idx is None:
-        (tmp_path / "train.idx").unlink()
+        (tmp_path / "d" / "train.idx").unlink()
     else:
-        (tmp_path / "train.idx").write_bytes(broken_idx)
+        (tmp_path / "d" / "train.idx").write_bytes(broken_idx)
     cfg = load_config(None, [f"data.rec={prefix}", "data.rebuild_index=true"])
     ds = RecordDataset.open(cfg.data.rec, rebuild_index=cfg.data.rebuild_index)
     assert len(rio.read_index(prefix + ".idx")[0]) == n_records and len(ds) > 0
 
 
 def test_force_rebuilds_even_a_matching_index(tmp_path, capsys):
-    prefix, items = make_dataset(tmp_path, COUNTS, shard_size=3)
+    prefix, items = make_dataset(tmp_path / "d", COUNTS, shard_size=3)
     assert tool("rebuild_index")([prefix, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "nothing to do" in out and "--force" in out
-    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.idx")}
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").glob("*.idx")}
     assert tool("rebuild_index")([prefix, "--force", "--no-progress"]) == 0
     assert "rebuilt 3 index file(s)" in capsys.readouterr().out
-    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.idx")} == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").glob("*.idx")} == before
     ds = RecordDataset.open(prefix)
     assert [ds.read(i) for i in range(len(ds))] == items
 
 
 def test_mid_record_offset_is_not_reported_as_matching(tmp_path, capsys):
-    prefix, _ = make_dataset(tmp_path, COUNTS)
+    prefix, _ = make_dataset(tmp_path / "d", COUNTS)
     break_mid_record(prefix)
     assert tool("rebuild_index")([prefix, "--no-progress"]) == 0
     assert "rebuilt 1 index file(s)" in capsys.readouterr().out
 
 
 def test_truncated_rec_gets_one_message_from_every_tool(tmp_path, capsys):
-    prefix, items = make_dataset(tmp_path, COUNTS)
-    rec = tmp_path / "train.rec"
+    prefix, items = make_dataset(tmp_path / "d", COUNTS)
+    rec = tmp_path / "d" / "train.rec"
     good = rec.read_bytes()
     keys, offs = _offsets(prefix)
     cut = int(offs[4]) + 20                                  # inside image key 4
     rec.write_bytes(good[:cut])
-    idx_before = (tmp_path / "train.idx").read_bytes()
+    idx_before = (tmp_path / "d" / "train.idx").read_bytes()
     want = (f"{rec} is truncated: the file ends at byte {cut}, inside the record that starts at "
             f"byte {int(offs[4])}; it was cut short (an interrupted copy or download?): re-copy "
             "it from its source (rebuilding the index cannot bring back missing bytes)")
@@ -166,40 +166,40 @@ def test_truncated_rec_gets_one_message_from_every_tool(tmp_path, capsys):
         assert "Traceback" not in err
         msgs[name] = err.strip().split(": ", 1)[1].replace("unhealthy: ", "")
     assert set(msgs.values()) == {want}, msgs
-    assert (tmp_path / "train.idx").read_bytes() == idx_before          # input untouched
+    assert (tmp_path / "d" / "train.idx").read_bytes() == idx_before          # input untouched
     assert rec.read_bytes() == good[:cut]
     assert not (tmp_path / "lt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["property", "train.idx", "train.rec"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["property", "train.idx", "train.rec"]
     rec.write_bytes(good)                                     # the advice: re-copy it
     ds = RecordDataset.open(prefix)
     assert [ds.read(i) for i in range(len(ds))] == items
 
 
 def test_damaged_rec_rebuild_says_recopy_and_keeps_the_old_index(tmp_path, capsys):
-    prefix, items = make_dataset(tmp_path, COUNTS)
-    rec = tmp_path / "train.rec"
+    prefix, items = make_dataset(tmp_path / "d", COUNTS)
+    rec = tmp_path / "d" / "train.rec"
     good = rec.read_bytes()
     keys, offs = _offsets(prefix)
     data = bytearray(good)
     data[int(offs[3]):int(offs[3]) + 4] = b"\0\0\0\0"         # corrupt magic word of key 3
     rec.write_bytes(bytes(data))
-    idx_before = (tmp_path / "train.idx").read_bytes()
+    idx_before = (tmp_path / "d" / "train.idx").read_bytes()
     with pytest.raises(DatasetError, match="where no record starts") as ei:
         RecordDataset.open(prefix)
     assert tool("rebuild_index")(_advice_command(str(ei.value)) + ["--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{rec} is damaged at byte {int(offs[3])}" in err and "re-copy it" in err
     assert "rebuild_index.py" not in err.split("rebuild_index: ", 1)[1]   # no loop back
-    assert (tmp_path / "train.idx").read_bytes() == idx_before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert (tmp_path / "d" / "train.idx").read_bytes() == idx_before
+    assert not [p for p in (tmp_path / "d").iterdir() if p.name.startswith(".")]
     rec.write_bytes(good)
     assert [RecordDataset.open(prefix).read(i) for i in range(len(items))] == items
 
 
 def test_inspect_rec_reports_corrupt_magic_without_check_decode(tmp_path, capsys):
-    prefix, _ = make_dataset(tmp_path, COUNTS)
+    prefix, _ = make_dataset(tmp_path / "d", COUNTS)
     keys, offs = _offsets(prefix)
-    rec = tmp_path / "train.rec"
+    rec = tmp_path / "d" / "train.rec"
     data = bytearray(rec.read_bytes())
     data[int(offs[5]) + 1] ^= 0xFF
     rec.write_bytes(bytes(data))
@@ -210,7 +210,7 @@ def test_inspect_rec_reports_corrupt_magic_without_check_decode(tmp_path, capsys
 
 
 def test_inspect_rec_healthy_reports_framing_and_decode_progress(tmp_path, capsys):
-    prefix, _ = make_dataset(tmp_path, [300, 2])
+    prefix, _ = make_dataset(tmp_path / "d", [300, 2])
     assert tool("inspect_rec")([prefix]) == 0
     assert "framing       ok at every indexed offset" in capsys.readouterr().out
     assert tool("inspect_rec")([prefix, "--check-decode"]) == 0
@@ -223,10 +223,10 @@ def test_check_decode_lists_a_damaged_split_record(tmp_path, capsys):
     magic = np.uint32(rio.MAGIC).tobytes()
     items = [(0, b"abcd" + magic + b"efgh"), (0, image_bytes(0, 1))]
 
-    write_insightface_dataset(tmp_path / "train", items, 1, 8)
-    prefix = str(tmp_path / "train")
+    write_insightface_dataset(tmp_path / "d" / "train", items, 1, 8)
+    prefix = str(tmp_path / "d" / "train")
     keys, offs = _offsets(prefix)
-    rec = tmp_path / "train.rec"
+    rec = tmp_path / "d" / "train.rec"
     data = bytearray(rec.read_bytes())
     second_part = int(offs[1]) + 8 + 24 + 4                   # header, IRHeader, "abcd"
     assert data[second_part:second_part + 4] == magic
