@@ -7,7 +7,6 @@ Image bytes are copied unchanged unless a size is given (then decoded, resized, 
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from facetrain.data.output import removed_if_failed, write_text_tmp
 from facetrain.data.writer import write_insightface_dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -192,23 +192,20 @@ def folders_to_rec(root: str, out_prefix: str, layout: str = "auto",
                 yield label, data
 
     first_shape = want or _first_shape(groups[0][1][0])
-    try:
-        write_insightface_dataset(out_prefix, items(), len(groups), first_shape,
-                                  shard_size=shard_size)
-    finally:
-        if bar is not None:
-            bar.close()
     out = Path(out_prefix)
-    tmp = out.parent / f".labels.csv.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["label", "identity", "images"])
-            for label, (name, files) in enumerate(groups):
-                w.writerow([label, name, len(files)])
-        os.replace(tmp, out.parent / "labels.csv")
-    finally:
-        tmp.unlink(missing_ok=True)
+    labels_csv = out.parent / "labels.csv"
+    rows = [["label", "identity", "images"]]
+    rows += [[label, name, len(files)] for label, (name, files) in enumerate(groups)]
+    with removed_if_failed(out.parent):
+        tmp = write_text_tmp(labels_csv, rows)
+        try:
+            write_insightface_dataset(out_prefix, items(), len(groups), first_shape,
+                                      shard_size=shard_size)
+            os.replace(tmp, labels_csv)
+        finally:
+            tmp.unlink(missing_ok=True)
+            if bar is not None:
+                bar.close()
     return FoldersSummary(layout, len(groups), total, dropped, first_shape, str(out), skipped)
 
 

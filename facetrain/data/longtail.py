@@ -27,7 +27,7 @@ from facetrain.data.dataset import (DatasetError, PROPERTY, ShardFiles, label_ca
                                     labels_from_ranges, read_label_at, read_property,
                                     resolve_shards)
 from facetrain.data.framing import check_framing_streaming
-from facetrain.data.output import check_output_folder
+from facetrain.data.output import check_output_folder, removed_if_failed, write_text_tmp
 from facetrain.data.writer import relabel_framed, write_insightface_dataset
 
 log = logging.getLogger(__name__)
@@ -318,11 +318,17 @@ def make_longtail(input_path: str, output_dir: str, head: int, tail: Optional[in
             for fd in fds.values():
                 os.close(fd)
 
-    write_insightface_dataset(out / "train", items(), head_ids.size + tail_ids.size, shape,
-                              shard_size=shard_size, framed=True)
-    if bar is not None:
-        bar.close()
-    _write_manifest(out, head_ids, tail_ids, counts, tail_samples)
+    manifest = out / "manifest.csv"
+    with removed_if_failed(out):
+        tmp = write_text_tmp(manifest, _manifest_rows(head_ids, tail_ids, counts, tail_samples))
+        try:
+            write_insightface_dataset(out / "train", items(), head_ids.size + tail_ids.size,
+                                      shape, shard_size=shard_size, framed=True)
+            os.replace(tmp, manifest)
+        finally:
+            tmp.unlink(missing_ok=True)
+            if bar is not None:
+                bar.close()
     n_head = int(counts[head_ids].sum())
     return LongtailSummary(int(head_ids.size), int(tail_ids.size), n_head,
                            int(order.size) - n_head, time.perf_counter() - t0, str(out))
@@ -352,16 +358,8 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="rec", desc="copy", mininterval=1.0)
 
 
-def _write_manifest(out: Path, head_ids, tail_ids, counts, tail_samples: int) -> None:
-    tmp = out / f".manifest.csv.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["new_label", "source_label", "images", "part"])
-            for i, c in enumerate(head_ids.tolist()):
-                w.writerow([i, c, int(counts[c]), "head"])
-            for i, c in enumerate(tail_ids.tolist()):
-                w.writerow([head_ids.size + i, c, tail_samples, "tail"])
-        os.replace(tmp, out / "manifest.csv")
-    finally:
-        tmp.unlink(missing_ok=True)
+def _manifest_rows(head_ids, tail_ids, counts, tail_samples: int) -> List[list]:
+    rows = [["new_label", "source_label", "images", "part"]]
+    rows += [[i, c, int(counts[c]), "head"] for i, c in enumerate(head_ids.tolist())]
+    rows += [[head_ids.size + i, c, tail_samples, "tail"] for i, c in enumerate(tail_ids.tolist())]
+    return rows

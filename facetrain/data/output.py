@@ -6,10 +6,14 @@ dataset files of one prefix plus a few named extras; anything else in it is left
 """
 from __future__ import annotations
 
+import csv
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Sequence
+from typing import Iterable, Iterator, List, Sequence
 
+from facetrain.data import recordio as rio
 from facetrain.data.writer import dataset_files
 
 
@@ -72,3 +76,36 @@ def _names(paths: Sequence[Path], limit: int = 8) -> str:
     names = [p.name + ("/" if p.is_dir() else "") for p in paths]
     more = len(names) - limit
     return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+@contextmanager
+def removed_if_failed(folder: Path) -> Iterator[None]:
+    """A folder this block creates is removed again if the block fails and left it empty, so a
+    failed run leaves no trace (a folder that existed before is never removed)."""
+    folder = Path(folder)
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            try:
+                folder.rmdir()
+            except OSError:     # not empty or already gone: leave it
+                pass
+        raise
+
+
+def write_text_tmp(target: Path, rows: Iterable[Sequence[object]]) -> Path:
+    """Write CSV rows to a hidden temporary file beside `target`; the caller renames it with
+    os.replace once the dataset is in place (and unlinks it in a `finally`). Written before the
+    dataset so a full disk fails before anything is committed."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with rio.writing_to(target, tmp):
+            with open(tmp, "w", newline="") as fh:
+                csv.writer(fh).writerows(rows)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp

@@ -424,20 +424,20 @@ def rebuild_index(rec_path: Union[str, Path], idx_path: Union[str, Path, None] =
     done = 0
     lines: List[str] = []
     try:
-        with _writing(idx_path, tmp):
+        with writing_to(idx_path, tmp):
             fh = open(tmp, "w", encoding="ascii")
         try:
             for off, _ in scan_records(rec_path):
                 lines.append(f"{start_key + n}\t{off}\n")
                 n += 1
                 if n % 4096 == 0:
-                    with _writing(idx_path, tmp):
+                    with writing_to(idx_path, tmp):
                         fh.writelines(lines)
                     lines.clear()
                     if progress is not None:
                         progress(off - done)
                         done = off
-            with _writing(idx_path, tmp):
+            with writing_to(idx_path, tmp):
                 fh.writelines(lines)
                 fh.close()
                 os.replace(tmp, idx_path)
@@ -454,8 +454,9 @@ def rebuild_index(rec_path: Union[str, Path], idx_path: Union[str, Path, None] =
 
 
 @contextmanager
-def _writing(target: Path, tmp: Path) -> Iterator[None]:
-    """An OSError while writing `tmp` (disk full, ...) becomes one that names both files."""
+def writing_to(target: Path, tmp: Path) -> Iterator[None]:
+    """An OSError while writing `tmp` (disk full, ...) becomes one that names both files; the
+    caller removes `tmp` (in a `finally`) before the error reaches the user."""
     try:
         yield
     except OSError as exc:

@@ -194,7 +194,7 @@ def test_make_longtail_disk_full_leaves_nothing(tmp_path, capsys, monkeypatch, h
     msg = _one_message(capsys.readouterr().err, "make_longtail")
     assert f"cannot write the dataset {out / 'train'}: No space left on device (ENOSPC)" in msg
     assert f"{out / '.train.rec.tmp'}" in msg and "free space" in msg
-    assert not hidden(out) and not (out / "train.rec").exists()
+    assert not out.exists()                         # it created the folder: removed again
     assert snapshot(tmp_path / "src") == before
 
 
@@ -205,7 +205,17 @@ def test_folders_to_rec_and_rebuild_index_disk_full(tmp_path, capsys, monkeypatc
     assert tool("folders_to_rec")([str(tmp_path / "faces"), str(prefix), "--no-progress"]) == 2
     msg = _one_message(capsys.readouterr().err, "folders_to_rec")
     assert f"cannot write the dataset {prefix}: No space left on device" in msg
-    assert not hidden(tmp_path / "out") and not list((tmp_path / "out").glob("train*"))
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    from facetrain.data import output
+
+    budget = [10]                                   # labels.csv, written before the dataset
+    monkeypatch.setattr(output, "open", lambda *a, **k: FullDisk(open(*a, **k), budget),
+                        raising=False)
+    assert tool("folders_to_rec")([str(tmp_path / "faces"), str(prefix), "--no-progress"]) == 2
+    msg = _one_message(capsys.readouterr().err, "folders_to_rec")
+    assert f"cannot write {tmp_path / 'out' / 'labels.csv'}: No space left on device" in msg
+    assert not (tmp_path / "out").exists()
     monkeypatch.undo()
     src, _ = make_dataset(tmp_path / "src", COUNTS)
     (tmp_path / "src" / "train.idx").unlink()
@@ -296,4 +306,4 @@ def test_sigterm_mid_write_removes_temporary_files(tmp_path, name):
     assert not hidden(watched), hidden(watched)
     assert snapshot(tmp_path / "src") == before
     if name != "rebuild_index":
-        assert not out.exists() or not list(out.glob("train*"))
+        assert not out.exists()
