@@ -12,6 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facetrain.data.folders import folders_to_rec  # noqa: E402
+from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
+                                      stopped_message)
 
 
 def main(argv=None) -> int:
@@ -28,17 +30,28 @@ def main(argv=None) -> int:
                    help="split into output_000.rec, ... of this many images each")
     p.add_argument("--no-check", action="store_true",
                    help="skip the decode check of every image (faster; bad files fail later)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out (and list) files that cannot be decoded, e.g. empty .jpg "
+                        "files, instead of stopping at the first one; implies the check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
-        s = folders_to_rec(args.root, args.output, args.layout, args.size, args.shard_size,
-                           check=not args.no_check, progress=not args.no_progress)
+        with sigterm_raises():
+            s = folders_to_rec(args.root, args.output, args.layout, args.size, args.shard_size,
+                               check=not args.no_check, progress=not args.no_progress,
+                               skip_bad=args.skip_bad)
     except (OSError, ValueError) as exc:
         print(f"folders_to_rec: {exc}", file=sys.stderr)
         return 2
+    except (Terminated, KeyboardInterrupt) as exc:
+        print(stopped_message("folders_to_rec", exc, args.output), file=sys.stderr)
+        return exit_code(exc)
+    for line in s.skipped:
+        print(f"folders_to_rec: skipped {line}", file=sys.stderr)
     print(f"wrote {s.output}: {s.classes} identities, {s.images} images ({s.layout} layout, "
           f"image shape {s.image_shape[0]}x{s.image_shape[1]}"
-          f"{f', {s.dropped} junk files with id < 0 left out' if s.dropped else ''})")
+          f"{f', {s.dropped} junk files with id < 0 left out' if s.dropped else ''}"
+          f"{f', {len(s.skipped)} undecodable files skipped' if s.skipped else ''})")
     return 0
 
 

@@ -1,5 +1,8 @@
 """Describe a RecordIO dataset: layout, shards, classes, images, images-per-class histogram.
 
+Always checks the framing (magic word, length within the file) at every indexed offset and exits
+non-zero when it is broken; --check-decode also reads and decodes the images.
+
     python data_tools/inspect_rec.py data/glyphs/train
     python data_tools/inspect_rec.py data/ms1m/train --check-decode 10000
 """
@@ -23,12 +26,14 @@ def main(argv=None) -> int:
     p.add_argument("--rebuild-index", action="store_true",
                    help="rebuild missing or stale .idx files first")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for --check-decode")
     args = p.parse_args(argv)
     decode = None if args.check_decode == -1 else args.check_decode
     try:
-        info = describe(args.path, decode=decode, rebuild_index=args.rebuild_index)
+        info = describe(args.path, decode=decode, rebuild_index=args.rebuild_index,
+                        progress=not args.no_progress)
     except (OSError, ValueError) as exc:   # DatasetError/RecordIOError are ValueErrors
-        print(f"inspect_rec: {exc}", file=sys.stderr)
+        print(f"inspect_rec: unhealthy: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=1) if args.json else format_summary(info))
     return 1 if info.get("undecodable") else 0

@@ -13,6 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facetrain.data.dataset import resolve_shards  # noqa: E402
+from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
+                                      stopped_message)
 from facetrain.data.longtail import (DEFAULT_INPUT, DEFAULT_TAIL_SAMPLES,  # noqa: E402
                                      default_output, make_longtail)
 
@@ -40,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "images is not a tail class")
     p.add_argument("--shard-size", type=int, default=None,
                    help="split the output into train_000.rec, ... of this many images each")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --output folder, replacing its dataset "
+                        "files (train*.rec/.idx, their caches, property, manifest.csv); other "
+                        "files there are kept and listed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -57,12 +63,16 @@ def main(argv=None) -> int:
         return 2
     out = args.output or default_output(args.head, args.tail, args.tail_samples)
     try:
-        s = make_longtail(args.input, out, args.head, args.tail, args.tail_samples, args.seed,
-                          args.shard_size, progress=not args.no_progress,
-                          tail_exclude=args.tail_exclude)
+        with sigterm_raises():
+            s = make_longtail(args.input, out, args.head, args.tail, args.tail_samples,
+                              args.seed, args.shard_size, progress=not args.no_progress,
+                              tail_exclude=args.tail_exclude, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:   # DatasetError/RecordIOError are ValueErrors
         print(f"make_longtail: {exc}", file=sys.stderr)
         return 2
+    except (Terminated, KeyboardInterrupt) as exc:
+        print(stopped_message("make_longtail", exc, out), file=sys.stderr)
+        return exit_code(exc)
     print(f"wrote {s.output}: {s.head_classes} head classes ({s.head_images} images) + "
           f"{s.tail_classes} tail classes ({s.tail_images} images) = "
           f"{s.head_classes + s.tail_classes} classes, {s.head_images + s.tail_images} images "

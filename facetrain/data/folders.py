@@ -7,15 +7,15 @@ Image bytes are copied unchanged unless a size is given (then decoded, resized, 
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from facetrain.data.output import removed_if_failed, write_text_tmp
 from facetrain.data.writer import write_insightface_dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -66,19 +66,73 @@ class FoldersSummary:
     dropped: int
     image_shape: Tuple[int, int]
     output: str
+    skipped: List[str] = field(default_factory=list)
 
 
-def _encode(path: Path, size: Optional[Tuple[int, int]], check: bool) -> Tuple[bytes, tuple]:
+class BadImageError(ValueError):
+    """An input image that cannot be decoded; the message names it and the way to skip it."""
+
+
+def decode_image(path: Path, data: bytes) -> Tuple[Optional[np.ndarray], str]:
+    """(BGR image, "") or (None, why): never raises for bad bytes (OpenCV asserts on an empty
+    buffer, which named no file)."""
+    import cv2
+
+    if not data:
+        return None, "empty file (0 bytes)"
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        return None, f"OpenCV cannot decode it ({str(exc).strip().splitlines()[-1]})"
+    if arr is None:
+        return None, "cannot be decoded as an image"
+    return arr, ""
+
+
+def _bad_message(path: Path, why: str, others: int) -> str:
+    more = f" (and {others} more bad file(s))" if others else ""
+    return (f"{path}: {why}{more}; remove or replace it, or pass --skip-bad to leave "
+            "undecodable files out (each is listed)")
+
+
+def _check_files(groups: List[Tuple[str, List[Path]]], progress: bool
+                 ) -> Tuple[List[Tuple[str, List[Path]]], List[Tuple[Path, str]]]:
+    """Decode every file once; return (groups with only good files, [(bad file, why)])."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(f) for _, f in groups), unit="img", desc="check",
+                   mininterval=1.0, leave=False)
+    bad: List[Tuple[Path, str]] = []
+    good_groups = []
+    try:
+        for name, files in groups:
+            good = []
+            for f in files:
+                arr, why = decode_image(f, f.read_bytes())
+                if arr is None:
+                    bad.append((f, why))
+                else:
+                    good.append(f)
+                if bar is not None:
+                    bar.update(1)
+            good_groups.append((name, good))
+    finally:
+        if bar is not None:
+            bar.close()
+    return good_groups, bad
+
+
+def _encode(path: Path, size: Optional[Tuple[int, int]]) -> Tuple[bytes, tuple]:
     import cv2
 
     data = path.read_bytes()
-    if size is None and not check:
-        return data, ()
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise ValueError(f"{path}: cannot be decoded as an image; remove or replace the file")
     if size is None:
-        return data, arr.shape[:2]
+        return data, ()
+    arr, why = decode_image(path, data)
+    if arr is None:
+        raise BadImageError(_bad_message(path, why, 0))
     if arr.shape[:2] != size:
         arr = cv2.resize(arr, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     ok, enc = cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -87,8 +141,16 @@ def _encode(path: Path, size: Optional[Tuple[int, int]], check: bool) -> Tuple[b
 
 def folders_to_rec(root: str, out_prefix: str, layout: str = "auto",
                    size: Optional[Sequence[int]] = None, shard_size: Optional[int] = None,
-                   check: bool = True, progress: bool = False) -> FoldersSummary:
-    """Write `out_prefix.rec/.idx` (or shards), `property` and `labels.csv`; return a summary."""
+                   check: bool = True, progress: bool = False,
+                   skip_bad: bool = False) -> FoldersSummary:
+    """Write `out_prefix.rec/.idx` (or shards), `property` and `labels.csv`; return a summary.
+
+    With `check` every file is decoded before anything is written: a bad one stops the run
+    with its name (or, with `skip_bad`, is left out and listed in the summary; an identity left
+    with no image is dropped). Without `check` files are copied as they are; `skip_bad` implies
+    `check`.
+    """
+    check = check or skip_bad
     rootp = Path(root)
     if not rootp.is_dir():
         raise FileNotFoundError(f"image folder {rootp} does not exist")
@@ -101,10 +163,19 @@ def folders_to_rec(root: str, out_prefix: str, layout: str = "auto",
         raise ValueError(f"layout must be auto, folders or flat; got {layout!r}")
     if not groups:
         raise ValueError(f"{rootp}: no images found ({', '.join(IMAGE_EXTS)})")
+    skipped: List[str] = []
+    if check:
+        groups, bad = _check_files(groups, progress)
+        if bad and not skip_bad:
+            raise BadImageError(_bad_message(bad[0][0], bad[0][1], len(bad) - 1))
+        skipped = [f"{f}: {why}" for f, why in bad]
+        groups = [(name, files) for name, files in groups if files]
+        if not groups:
+            raise BadImageError(f"{rootp}: none of the images can be decoded (first: "
+                                f"{skipped[0]}); nothing to write")
     want = tuple(size) if size else None
     if want is not None and len(want) == 1:
         want = (want[0], want[0])
-    shapes: set = set()
     total = sum(len(f) for _, f in groups)
     bar = None
     if progress:
@@ -115,33 +186,31 @@ def folders_to_rec(root: str, out_prefix: str, layout: str = "auto",
     def items() -> Iterator[Tuple[int, bytes]]:
         for label, (_, files) in enumerate(groups):
             for f in files:
-                data, shape = _encode(f, want, check)
-                if shape:
-                    shapes.add(tuple(shape))
+                data, _ = _encode(f, want)
                 if bar is not None:
                     bar.update(1)
                 yield label, data
 
     first_shape = want or _first_shape(groups[0][1][0])
-    write_insightface_dataset(out_prefix, items(), len(groups), first_shape,
-                              shard_size=shard_size)
-    if bar is not None:
-        bar.close()
     out = Path(out_prefix)
-    tmp = out.parent / f".labels.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["label", "identity", "images"])
-        for label, (name, files) in enumerate(groups):
-            w.writerow([label, name, len(files)])
-    os.replace(tmp, out.parent / "labels.csv")
-    return FoldersSummary(layout, len(groups), total, dropped, first_shape, str(out))
+    labels_csv = out.parent / "labels.csv"
+    rows = [["label", "identity", "images"]]
+    rows += [[label, name, len(files)] for label, (name, files) in enumerate(groups)]
+    with removed_if_failed(out.parent):
+        tmp = write_text_tmp(labels_csv, rows)
+        try:
+            write_insightface_dataset(out_prefix, items(), len(groups), first_shape,
+                                      shard_size=shard_size)
+            os.replace(tmp, labels_csv)
+        finally:
+            tmp.unlink(missing_ok=True)
+            if bar is not None:
+                bar.close()
+    return FoldersSummary(layout, len(groups), total, dropped, first_shape, str(out), skipped)
 
 
 def _first_shape(path: Path) -> Tuple[int, int]:
-    import cv2
-
-    arr = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    arr, why = decode_image(path, path.read_bytes())
     if arr is None:
-        raise ValueError(f"{path}: cannot be decoded as an image; remove or replace the file")
+        raise BadImageError(_bad_message(path, why, 0))
     return int(arr.shape[0]), int(arr.shape[1])

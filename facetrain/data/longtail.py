@@ -26,11 +26,14 @@ from facetrain.data.cache import cache_path_for, commit_memmap, load_cached_mmap
 from facetrain.data.dataset import (DatasetError, PROPERTY, ShardFiles, label_cache_stamp,
                                     labels_from_ranges, read_label_at, read_property,
                                     resolve_shards)
+from facetrain.data.framing import check_framing_streaming
+from facetrain.data.output import check_output_folder, removed_if_failed, write_text_tmp
 from facetrain.data.writer import relabel_framed, write_insightface_dataset
 
 log = logging.getLogger(__name__)
 DEFAULT_INPUT = "data/glyphs/train"
 DEFAULT_TAIL_SAMPLES = 5     # the paper's S
+OUTPUT_EXTRAS = ("property", "manifest.csv")   # written beside the train*.rec/.idx files
 
 
 def default_output(head: int, tail: Optional[int], tail_samples: int) -> str:
@@ -114,6 +117,8 @@ class StreamingSource:
 
     def __init__(self, path: str):
         self.shards: List[ShardFiles] = resolve_shards(path)
+        for shard in self.shards:   # every indexed offset, before anything relies on them
+            check_framing_streaming(shard.rec, shard.idx)
         self.lo = self.hi = None
         self._labels_mmap = None
         self._find_header()
@@ -194,10 +199,11 @@ class StreamingSource:
                     for k, o in zip(keys[m].tolist(), offs[m].tolist()):
                         out[i] = read_label_at(fds[sid], o, self.shards[sid].rec, k)
                         i += 1
-            finally:
+                commit_memmap(out, tmp, cache, stamp)
+            finally:   # no half-written cache left beside the input, whatever stopped the scan
                 for fd in fds:
                     os.close(fd)
-            commit_memmap(out, tmp, cache, stamp)
+                tmp.unlink(missing_ok=True)
             labels = load_cached_mmap(cache, stamp)
         self._labels_mmap = labels
         counts = np.zeros(int(labels.max()) + 1 if labels.size else 0, np.int64)
@@ -266,11 +272,18 @@ class LongtailSummary:
 def make_longtail(input_path: str, output_dir: str, head: int, tail: Optional[int],
                   tail_samples: int = DEFAULT_TAIL_SAMPLES, seed: int = 0,
                   shard_size: Optional[int] = None, progress: bool = False,
-                  tail_exclude: Optional[str] = None) -> LongtailSummary:
+                  tail_exclude: Optional[str] = None, overwrite: bool = False) -> LongtailSummary:
     """Write `output_dir/train.rec|.idx` (or train_000.rec ...), `property`, `manifest.csv`.
-    `tail_exclude`: a label,ordinal CSV of images tail classes may not keep (read_tail_exclude)."""
+    `tail_exclude`: a label,ordinal CSV of images tail classes may not keep (read_tail_exclude).
+    The output folder may not be (or lie inside) the input's folder, and an existing non-empty
+    one is refused unless `overwrite` (then only the dataset files are replaced; see output.py).
+    """
     t0 = time.perf_counter()
+    plan = check_output_folder(Path(output_dir), [s.rec for s in resolve_shards(input_path)],
+                               overwrite, extras=OUTPUT_EXTRAS)     # before any slow step
     src = StreamingSource(input_path)
+    if plan.replaced or plan.kept:
+        log.warning("%s", plan.describe())
     counts = src.counts
     excluded = read_tail_exclude(tail_exclude, counts) if tail_exclude else {}
     allowed = counts.copy()
@@ -305,11 +318,17 @@ def make_longtail(input_path: str, output_dir: str, head: int, tail: Optional[in
             for fd in fds.values():
                 os.close(fd)
 
-    write_insightface_dataset(out / "train", items(), head_ids.size + tail_ids.size, shape,
-                              shard_size=shard_size, framed=True)
-    if bar is not None:
-        bar.close()
-    _write_manifest(out, head_ids, tail_ids, counts, tail_samples)
+    manifest = out / "manifest.csv"
+    with removed_if_failed(out):
+        tmp = write_text_tmp(manifest, _manifest_rows(head_ids, tail_ids, counts, tail_samples))
+        try:
+            write_insightface_dataset(out / "train", items(), head_ids.size + tail_ids.size,
+                                      shape, shard_size=shard_size, framed=True)
+            os.replace(tmp, manifest)
+        finally:
+            tmp.unlink(missing_ok=True)
+            if bar is not None:
+                bar.close()
     n_head = int(counts[head_ids].sum())
     return LongtailSummary(int(head_ids.size), int(tail_ids.size), n_head,
                            int(order.size) - n_head, time.perf_counter() - t0, str(out))
@@ -339,13 +358,8 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="rec", desc="copy", mininterval=1.0)
 
 
-def _write_manifest(out: Path, head_ids, tail_ids, counts, tail_samples: int) -> None:
-    tmp = out / f".manifest.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["new_label", "source_label", "images", "part"])
-        for i, c in enumerate(head_ids.tolist()):
-            w.writerow([i, c, int(counts[c]), "head"])
-        for i, c in enumerate(tail_ids.tolist()):
-            w.writerow([head_ids.size + i, c, tail_samples, "tail"])
-    os.replace(tmp, out / "manifest.csv")
+def _manifest_rows(head_ids, tail_ids, counts, tail_samples: int) -> List[list]:
+    rows = [["new_label", "source_label", "images", "part"]]
+    rows += [[i, c, int(counts[c]), "head"] for i, c in enumerate(head_ids.tolist())]
+    rows += [[head_ids.size + i, c, tail_samples, "tail"] for i, c in enumerate(tail_ids.tolist())]
+    return rows

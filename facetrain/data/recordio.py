@@ -10,13 +10,15 @@ The `.idx` file is text, one `key<TAB>offset` line per record (offset of the rec
 """
 from __future__ import annotations
 
+import errno
 import numbers
 import os
 import struct
 import warnings
 from collections import namedtuple
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -34,6 +36,34 @@ IRHeader.__doc__ = ("Image record header: flag (0 = scalar label, n > 0 = n floa
 
 class RecordIOError(ValueError):
     """A malformed RecordIO file or index; the message names the file and the key or offset."""
+
+
+class TruncatedRecordError(RecordIOError):
+    """The .rec ends inside a record: only a new copy helps (no index can restore lost bytes)."""
+
+
+def rebuild_advice(rec: Union[str, Path]) -> str:
+    """What to do about a stale, malformed or missing .idx; each option works when followed."""
+    return (f"rebuild it with `python data_tools/rebuild_index.py {rec}` or set "
+            "data.rebuild_index=true")
+
+
+def missing_index_error(rec: Union[str, Path], idx: Union[str, Path]) -> FileNotFoundError:
+    return FileNotFoundError(f"index file {idx} is missing; {rebuild_advice(rec)}")
+
+
+def truncated_message(path: Union[str, Path], offset: int, size: int) -> str:
+    """The one message for a cut-short .rec, the same whether an index or a scan found it."""
+    return (f"{path} is truncated: the file ends at byte {size}, inside the record that starts "
+            f"at byte {offset}; it was cut short (an interrupted copy or download?): re-copy it "
+            "from its source (rebuilding the index cannot bring back missing bytes)")
+
+
+def damaged_message(path: Union[str, Path], pos: int, found: str) -> str:
+    """A scan from byte 0 found no record where the previous one ends: the .rec itself is bad."""
+    return (f"{path} is damaged at byte {pos}: {found} where the previous record (or part) "
+            "ends, so no index can be built past it; the file is corrupt or not RecordIO: "
+            "re-copy it from its source")
 
 
 def _upper4(n: int) -> int:
@@ -103,10 +133,12 @@ def encode_record(payload: bytes) -> bytes:
 
 
 def read_record_at(fd: int, offset: int, path: Union[str, Path], key: object = None,
-                   file_size: Optional[int] = None) -> Tuple[bytes, int]:
+                   file_size: Optional[int] = None, scanning: bool = False) -> Tuple[bytes, int]:
     """Read the record starting at `offset` of an open file; return (payload, offset after it).
 
-    Errors name the file, the key (when known) and the byte offset.
+    Errors name the file, the key (when known) and the byte offset. With `scanning` (the offset
+    is where the previous record ended, not an index entry) a bad header means a damaged .rec,
+    and the message says so instead of blaming the index.
     """
     where = f"{path}: record" + (f" key {key}" if key is not None else "") + f" at byte {offset}"
     chunks: List[bytes] = []
@@ -115,26 +147,29 @@ def read_record_at(fd: int, offset: int, path: Union[str, Path], key: object = N
     while True:
         head = os.pread(fd, 8, pos)
         if len(head) < 8:
-            raise RecordIOError(f"{where}: truncated (the file ends inside a record header"
-                                f"{'' if first else ' of a continuation part'}); the file was "
-                                "cut short: re-copy it, or rebuild the index to drop the tail")
+            raise TruncatedRecordError(truncated_message(path, offset, os.fstat(fd).st_size))
         magic, lrec = struct.unpack("<II", head)
         if magic != MAGIC:
+            if scanning or not first:
+                raise RecordIOError(damaged_message(
+                    path, pos, f"wrong magic word 0x{magic:08x} (expected 0x{MAGIC:08x})"))
             raise RecordIOError(f"{where}: wrong magic word 0x{magic:08x} at byte {pos} "
                                 f"(expected 0x{MAGIC:08x}); the .idx does not match the .rec "
                                 "(rebuild it with data_tools/rebuild_index.py) or the file is "
                                 "not RecordIO")
         cflag, length = lrec >> 29, lrec & _LEN_MASK
         if first and cflag not in (0, 1):
+            if scanning:
+                raise RecordIOError(damaged_message(
+                    path, pos, f"a continuation part (flag {cflag}) with no first part"))
             raise RecordIOError(f"{where}: starts with continuation flag {cflag}; the offset "
                                 "points inside a split record (stale .idx: rebuild it)")
         if not first and cflag not in (2, 3):
             raise RecordIOError(f"{where}: continuation part at byte {pos} has flag {cflag}; "
-                                "expected 2 or 3")
+                                "expected 2 or 3; the .rec is damaged: re-copy it from its source")
         body = os.pread(fd, _upper4(length), pos + 8)
         if len(body) < length:
-            raise RecordIOError(f"{where}: truncated (record says {length} bytes, file has "
-                                f"{len(body)} left); re-copy the file")
+            raise TruncatedRecordError(truncated_message(path, offset, os.fstat(fd).st_size))
         chunks.append(body[:length])
         pos += 8 + _upper4(length)
         if cflag in (0, 3):
@@ -167,7 +202,7 @@ def scan_records(path: Union[str, Path]) -> Iterator[Tuple[int, bytes]]:
     try:
         pos = 0
         while pos < size:
-            payload, nxt = read_record_at(fd, pos, path)
+            payload, nxt = read_record_at(fd, pos, path, scanning=True)
             yield pos, payload
             pos = nxt
     finally:
@@ -181,9 +216,7 @@ def read_index(idx_path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
     """
     idx_path = Path(idx_path)
     if not idx_path.is_file():
-        raise FileNotFoundError(f"index file {idx_path} does not exist; rebuild it from the .rec "
-                                "with `python data_tools/rebuild_index.py "
-                                f"{idx_path.with_suffix('.rec')}` (or data.rebuild_index=true)")
+        raise missing_index_error(idx_path.with_suffix(".rec"), idx_path)
     text = idx_path.read_bytes()
     lines = text.count(b"\n") + (1 if text and not text.endswith(b"\n") else 0)
     flat = None
@@ -200,7 +233,7 @@ def read_index(idx_path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
             if len(parts) != 2 or not all(x.isdigit() for x in parts):
                 break
         raise RecordIOError(f"{idx_path}: line {bad + 1} is not `integer_key<TAB>byte_offset`; "
-                            "rebuild the index with data_tools/rebuild_index.py")
+                            f"{rebuild_advice(idx_path.with_suffix('.rec'))}")
     pairs = flat.reshape(-1, 2)
     return pairs[:, 0].copy(), pairs[:, 1].copy()
 
@@ -210,8 +243,7 @@ def iter_index_chunks(idx_path: Union[str, Path], chunk_bytes: int = 1 << 22
     """(keys, offsets) int64 arrays of a .idx file, a bounded chunk at a time (streaming)."""
     idx_path = Path(idx_path)
     if not idx_path.is_file():
-        raise FileNotFoundError(f"index file {idx_path} does not exist; rebuild it with "
-                                f"`python data_tools/rebuild_index.py {idx_path.with_suffix('.rec')}`")
+        raise missing_index_error(idx_path.with_suffix(".rec"), idx_path)
     rest = b""
     line0 = 0
     with open(idx_path, "rb") as fh:
@@ -233,8 +265,8 @@ def iter_index_chunks(idx_path: Union[str, Path], chunk_bytes: int = 1 << 22
                         flat = np.empty(0, np.int64)
                 if flat.size != 2 * lines:
                     raise RecordIOError(f"{idx_path}: a line near line {line0 + 1} is not "
-                                        "`integer_key<TAB>byte_offset`; rebuild the index with "
-                                        "data_tools/rebuild_index.py")
+                                        "`integer_key<TAB>byte_offset`; "
+                                        f"{rebuild_advice(idx_path.with_suffix('.rec'))}")
                 line0 += lines
                 pairs = flat.reshape(-1, 2)
                 yield pairs[:, 0], pairs[:, 1]
@@ -283,18 +315,36 @@ class IndexedRecordWriter:
         self.count += 1
         return off
 
+    @property
+    def temp_paths(self) -> Tuple[Path, Path]:
+        """The hidden files written until `close()` renames them (named in error messages)."""
+        return self._rec_tmp, self._idx_tmp
+
+    def flush(self) -> None:
+        """Push buffered bytes to the temporary files (a full disk shows up here, not later)."""
+        self._rec.flush()
+        self._idx.flush()
+
     def close(self) -> None:
+        """Rename the temporary files to the final names; on any failure remove them instead."""
         if self._rec.closed:
             return
-        self._rec.close()
-        self._idx.close()
-        os.replace(self._rec_tmp, self.rec_path)
-        os.replace(self._idx_tmp, self.idx_path)
+        try:
+            self._rec.close()
+            self._idx.close()
+            os.replace(self._rec_tmp, self.rec_path)
+            os.replace(self._idx_tmp, self.idx_path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Drop the temporary files (nothing appears under the final names)."""
         for fh in (self._rec, self._idx):
-            fh.close()
+            try:
+                fh.close()
+            except OSError:     # e.g. the buffered tail cannot be flushed to a full disk
+                pass
         for tmp in (self._rec_tmp, self._idx_tmp):
             tmp.unlink(missing_ok=True)
 
@@ -357,11 +407,13 @@ class IndexedRecordReader:
 
 
 def rebuild_index(rec_path: Union[str, Path], idx_path: Union[str, Path, None] = None,
-                  start_key: int = 0) -> int:
+                  start_key: int = 0, progress: Optional[Callable[[int], None]] = None) -> int:
     """Write a fresh .idx for a .rec by scanning it (atomic); return the record count.
 
     Keys are start_key, start_key+1, ... in file order: what im2rec and InsightFace write for a
     single file (start_key=0) and what our sharded writer writes (keys continue across shards).
+    `progress(n)` is called with the bytes scanned since its last call (for a progress bar).
+    The temporary .idx is removed on every exit path (error, KeyboardInterrupt, SystemExit).
     """
     rec_path = Path(rec_path)
     idx_path = Path(idx_path) if idx_path else rec_path.with_suffix(".idx")
@@ -369,12 +421,63 @@ def rebuild_index(rec_path: Union[str, Path], idx_path: Union[str, Path, None] =
         raise FileNotFoundError(f"record file {rec_path} does not exist")
     tmp = _atomic_paths(idx_path)
     n = 0
+    done = 0
+    lines: List[str] = []
     try:
-        with open(tmp, "w", encoding="ascii") as fh:
+        with writing_to(idx_path, tmp):
+            fh = open(tmp, "w", encoding="ascii")
+        try:
             for off, _ in scan_records(rec_path):
-                fh.write(f"{start_key + n}\t{off}\n")
+                lines.append(f"{start_key + n}\t{off}\n")
                 n += 1
-        os.replace(tmp, idx_path)
-    finally:
+                if n % 4096 == 0:
+                    with writing_to(idx_path, tmp):
+                        fh.writelines(lines)
+                    lines.clear()
+                    if progress is not None:
+                        progress(off - done)
+                        done = off
+            with writing_to(idx_path, tmp):
+                fh.writelines(lines)
+                fh.close()
+                os.replace(tmp, idx_path)
+        finally:
+            try:
+                fh.close()
+            except OSError:
+                pass
+        if progress is not None:
+            progress(rec_path.stat().st_size - done)
+    finally:    # error, KeyboardInterrupt, SIGTERM (as an exception): no temporary .idx left
         tmp.unlink(missing_ok=True)
     return n
+
+
+@contextmanager
+def writing_to(target: Path, tmp: Path) -> Iterator[None]:
+    """An OSError while writing `tmp` (disk full, ...) becomes one that names both files; the
+    caller removes `tmp` (in a `finally`) before the error reaches the user."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {target}: {exc.strerror or exc} (the partial "
+                               f"temporary file {tmp} was removed; {target} is unchanged); "
+                               f"{write_advice(exc)}, then run again", exc) from exc
+
+
+def write_advice(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that disk (or write elsewhere)"
+    return "fix the cause"
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (disk full, ...); the message names the target and says the
+    partial temporary files were removed (the writer removes them before this propagates)."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(cause.errno, cause.strerror)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from facetrain.data import recordio as rio
+from facetrain.data.errors import DatasetError, StaleIndexError  # noqa: F401  (re-exported)
+from facetrain.data.framing import check_framing
 
 log = logging.getLogger(__name__)
 PROPERTY = "property"
-
-
-class DatasetError(ValueError):
-    """A dataset that breaks the format; the message names the file and the key or offset."""
 
 
 @dataclass(frozen=True)
@@ -78,39 +75,31 @@ def read_property(folder: Path) -> Optional[Tuple[int, Tuple[int, int]]]:
     return n, (h, w)
 
 
-def check_index(shard: ShardFiles) -> Tuple[np.ndarray, np.ndarray]:
-    """Read a shard's .idx and check it matches the .rec (else say how to rebuild it)."""
+def check_index(shard: ShardFiles, progress: Optional[Callable[[int], None]] = None
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """Read a shard's .idx and check its framing at every offset (else say how to rebuild it).
+
+    Raises FileNotFoundError (missing .idx), StaleIndexError or rio.RecordIOError (the .idx does
+    not match; rebuilding fixes it) or rio.TruncatedRecordError (the .rec is cut short; only a
+    new copy fixes it). `progress(n)` is called as entries are checked.
+    """
     if not shard.rec.is_file():
         raise FileNotFoundError(f"record file {shard.rec} does not exist")
-    fix = (f"rebuild it with `python data_tools/rebuild_index.py {shard.rec}` or set "
-           "data.rebuild_index=true")
     if not shard.idx.is_file():
-        raise FileNotFoundError(f"index file {shard.idx} is missing; {fix}")
+        raise rio.missing_index_error(shard.rec, shard.idx)
     keys, offsets = rio.read_index(shard.idx)
-    size = shard.rec.stat().st_size
-    if keys.size == 0:
-        if size:
-            raise DatasetError(f"index file {shard.idx} is empty but {shard.rec} holds {size} "
-                               f"bytes (stale index); {fix}")
-        return keys, offsets
-    last = int(offsets.argmax())
-    if offsets[last] >= size or offsets.min() < 0:
-        raise DatasetError(f"index file {shard.idx} is stale: offset {int(offsets[last])} (key "
-                           f"{int(keys[last])}) is past the end of {shard.rec} ({size} bytes); "
-                           f"{fix}")
-    fd = os.open(shard.rec, os.O_RDONLY)
-    try:
-        _, end = rio.read_record_at(fd, int(offsets[last]), shard.rec, int(keys[last]))
-    finally:
-        os.close(fd)
-    if end != size:
-        raise DatasetError(f"index file {shard.idx} is stale: its last record ends at byte {end} "
-                           f"but {shard.rec} has {size} bytes; {fix}")
+    check_framing(shard.rec, shard.idx, keys, offsets, progress)
     return keys, offsets
 
 
-def rebuild_indexes(path: Union[str, Path], force: bool = False) -> List[Path]:
-    """Rebuild every missing or stale .idx of a dataset (keys numbered across shards)."""
+def rebuild_indexes(path: Union[str, Path], force: bool = False,
+                    progress: Optional[Callable[[int], None]] = None) -> List[Path]:
+    """Rebuild every missing or stale .idx of a dataset (keys numbered across shards).
+
+    Every index is checked at every offset first (unless `force`). A truncated .rec is not an
+    index problem: its error is raised as is, since a rebuilt index would hide lost records.
+    `progress(n)` is called with the bytes of .rec scanned.
+    """
     rebuilt = []
     next_key = 0
     for shard in resolve_shards(path):
@@ -120,12 +109,16 @@ def rebuild_indexes(path: Union[str, Path], force: bool = False) -> List[Path]:
                 keys, _ = check_index(shard)
                 ok = True
                 next_key = int(keys.max()) + 1 if keys.size else next_key
-            except (FileNotFoundError, rio.RecordIOError):
-                ok = False
+            except rio.TruncatedRecordError:
+                raise
+            except (FileNotFoundError, StaleIndexError, rio.RecordIOError) as exc:
+                reason = str(exc).split("; rebuild it")[0]
         if not ok:
-            log.warning("rebuilding %s from %s", shard.idx, shard.rec)
-            next_key += rio.rebuild_index(shard.rec, shard.idx, start_key=next_key)
+            if force:
+                log.info("rebuilding %s from %s", shard.idx, shard.rec)
+            else:
+                log.warning("rebuilding %s from %s (%s)", shard.idx, shard.rec, reason)
+            next_key += rio.rebuild_index(shard.rec, shard.idx, start_key=next_key,
+                                          progress=progress)
             rebuilt.append(shard.idx)
     return rebuilt
-
-

@@ -5,7 +5,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from facetrain.data.dataset import RecordDataset
+from facetrain.data import recordio as rio
+from facetrain.data.dataset import DatasetError, RecordDataset
 
 HIST_EDGES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -22,28 +23,49 @@ def count_histogram(counts: np.ndarray) -> List[tuple]:
     return rows
 
 
-def check_decode(ds: RecordDataset, limit: Optional[int] = None) -> List[str]:
-    """Places (file, key, offset) of images OpenCV cannot decode, over the first `limit`."""
+def check_decode(ds: RecordDataset, limit: Optional[int] = None, progress: bool = False
+                 ) -> List[str]:
+    """Places (file, key, offset) of images that cannot be read or decoded, over the first
+    `limit`, each with the reason; `progress` shows a bar on stderr (it is the slow step)."""
     import cv2
 
     bad = []
     n = len(ds) if limit is None else min(limit, len(ds))
-    for i in range(n):
-        _, img = ds.read(i)
-        arr = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR) if img else None
-        if arr is None:
-            bad.append(ds.where(i))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="img", desc="decode", mininterval=1.0, leave=False)
+    try:
+        for i in range(n):
+            try:
+                _, img = ds.read(i)
+            except (rio.RecordIOError, DatasetError) as exc:   # damaged inside a split record
+                bad.append(str(exc))
+                continue
+            arr = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR) if img else None
+            if arr is None:
+                bad.append(f"{ds.where(i)}: not a decodable image")
+            if bar is not None and (i + 1) % 256 == 0:
+                bar.update(256)
+    finally:
+        if bar is not None:
+            bar.close()
     return bad
 
 
-def describe(path: str, decode: Optional[int] = 0, rebuild_index: bool = False) -> Dict:
-    """A summary dict; decode=None checks every image, 0 none, n the first n."""
+def describe(path: str, decode: Optional[int] = 0, rebuild_index: bool = False,
+             progress: bool = False) -> Dict:
+    """A summary dict; decode=None checks every image, 0 none, n the first n. Opening the
+    dataset checks the framing (magic word, length) at every indexed offset, so a summary is
+    only returned for a dataset whose every record can be found."""
     ds = RecordDataset.open(path, rebuild_index=rebuild_index)
     try:
         c = ds.class_counts
         info = {
             "layout": ds.layout,
             "shards": [str(s.rec) for s in ds.shards],
+            "framing": "ok at every indexed offset",
             "classes": ds.num_classes,
             "images": len(ds),
             "image_shape": ds.image_shape,
@@ -52,7 +74,7 @@ def describe(path: str, decode: Optional[int] = 0, rebuild_index: bool = False) 
             "histogram": count_histogram(c),
         }
         if decode != 0:
-            info["undecodable"] = check_decode(ds, decode)
+            info["undecodable"] = check_decode(ds, decode, progress)
         return info
     finally:
         ds.close()
@@ -62,6 +84,7 @@ def format_summary(info: Dict) -> str:
     lines = [f"layout        {info['layout']}",
              f"shards        {len(info['shards'])} ({info['shards'][0]}"
              f"{' ...' if len(info['shards']) > 1 else ''})",
+             f"framing       {info.get('framing', 'not checked')}",
              f"classes       {info['classes']}",
              f"images        {info['images']}",
              f"image shape   {info['image_shape'] or 'unknown (no property file)'}"]

@@ -5,14 +5,18 @@ interrupted run never leaves a half-written dataset under the real name.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from facetrain.data import recordio as rio
+from facetrain.data.interrupt import signals_deferred
 
 PROPERTY = "property"
 _MAX_FLOAT_KEY = 1 << 24  # InsightFace stores record keys as float32 labels: exact up to 2^24
@@ -40,24 +44,58 @@ class _ShardedWriter:
         return self.writers[-1]
 
     def write(self, key: int, payload: bytes, image: bool) -> None:
-        self._current(image).write(key, payload)
+        with self.guard():
+            self._current(image).write(key, payload)
         self._in_shard += int(image)
 
     def write_framed(self, key: int, framed: bytes) -> None:
-        self._current(True).write_raw(key, framed)
+        with self.guard():
+            self._current(True).write_raw(key, framed)
         self._in_shard += 1
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Output-side OSErrors (disk full, ...) become OutputWriteError naming the files;
+        input-side errors never pass through here, so they keep their own messages."""
+        try:
+            yield
+        except rio.OutputWriteError:
+            raise
+        except OSError as exc:
+            raise _write_failed(self.prefix, self.temp_paths(), exc) from exc
+
+    def temp_paths(self) -> List[Path]:
+        return [p for w in self.writers for p in w.temp_paths]
 
     def abort(self) -> None:
         for w in self.writers:
             w.abort()
 
 
+def _write_failed(prefix: Path, temps: Sequence[Path], cause: OSError) -> rio.OutputWriteError:
+    removed = ", ".join(str(t) for t in temps) or "none had been created"
+    return rio.OutputWriteError(
+        f"cannot write the dataset {prefix}: {cause.strerror or cause} "
+        f"({errno.errorcode.get(cause.errno or 0, 'error')}); the partial temporary files were "
+        f"removed ({removed}) and nothing under {prefix} changed; {rio.write_advice(cause)}, "
+        "then run again", cause)
+
+
+def dataset_files(prefix: Path) -> List[Path]:
+    """Existing files that belong to the dataset at `prefix`: `prefix.rec/.idx`, shards
+    `prefix_NNN.rec/.idx` and the caches derived from them (labels.npy + stamp, images.idx).
+    Nothing else: a user's `train.json` or `train_designs.csv` is not the dataset's."""
+    pattern = re.compile(re.escape(prefix.name) +
+                         r"(_\d+)?\.(rec|idx|labels\.npy|labels\.npy\.json|images\.idx)")
+    if not prefix.parent.is_dir():
+        return []
+    return sorted(f for f in prefix.parent.iterdir() if f.is_file() and pattern.fullmatch(f.name))
+
+
 def remove_dataset(prefix: Path) -> None:
     """Delete an existing dataset (and its derived caches) at `prefix` before replacing it."""
-    for pattern in (f"{prefix.name}.*", f"{prefix.name}_[0-9]*.*"):
-        for f in prefix.parent.glob(pattern):
-            if f.suffix in (".rec", ".idx", ".npy", ".json"):
-                f.unlink()
+    for f in dataset_files(prefix):
+        f.unlink()
 
 
 def write_insightface_dataset(path_prefix: Union[str, Path], items: Iterable[Tuple[int, bytes]],
@@ -77,8 +115,7 @@ def write_insightface_dataset(path_prefix: Union[str, Path], items: Iterable[Tup
         raise ValueError(f"shard_size must be >= 1 or None; got {shard_size}")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     out = _ShardedWriter(prefix, shard_size)
-    starts = np.full(num_classes, -1, np.int64)
-    ends = np.full(num_classes, -1, np.int64)
+    prop_tmp = prefix.parent / f".{PROPERTY}.tmp{os.getpid()}"
     try:
         # Placeholder header, patched once the image count is known (same byte length).
         out.write(0, rio.pack_irheader([0.0, 0.0], 0, 0, b""), image=False)
@@ -91,16 +128,21 @@ def write_insightface_dataset(path_prefix: Union[str, Path], items: Iterable[Tup
             a, b = (starts[c], ends[c]) if starts[c] >= 0 else (lo, lo)
             out.write(lo + c, rio.pack_irheader([float(a), float(b)], lo + c, 0, b""),
                       image=False)
-        _patch_header(out.writers[0], lo, hi)
-        prop_tmp = prefix.parent / f".{PROPERTY}.tmp{os.getpid()}"
-        prop_tmp.write_text(f"{num_classes},{h},{w}\n")
-    except BaseException:
+        with out.guard():
+            _patch_header(out.writers[0], lo, hi)
+            prop_tmp.write_text(f"{num_classes},{h},{w}\n")
+            for wr in out.writers:
+                wr.flush()      # a full disk fails here, before the old dataset is touched
+            with signals_deferred():    # the renames run whole: never half old, half new
+                remove_dataset(prefix)
+                for wr in out.writers:
+                    wr.close()
+                os.replace(prop_tmp, prefix.parent / PROPERTY)
+    except BaseException:   # errors, KeyboardInterrupt, Terminated (SIGTERM): no temp left
         out.abort()
         raise
-    remove_dataset(prefix)
-    for wr in out.writers:
-        wr.close()
-    os.replace(prop_tmp, prefix.parent / PROPERTY)
+    finally:
+        prop_tmp.unlink(missing_ok=True)
     return lo - 1
 
 

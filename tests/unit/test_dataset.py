@@ -100,13 +100,17 @@ def test_bad_inputs_name_file_and_key(tmp_path):
     ds = RecordDataset.open(prefix)
     off = int(ds.offsets[1])
     rec = tmp_path / "a" / "train.rec"
-    data = bytearray(rec.read_bytes())
+    orig = rec.read_bytes()
+    data = bytearray(orig)
     data[off:off + 4] = b"JUNK"
     rec.write_bytes(bytes(data))
-    with pytest.raises(rio.RecordIOError, match=rf"train\.rec: record key 2 at byte {off}: wrong magic"):
-        RecordDataset.open(prefix).read(1)
-    rec.write_bytes(bytes(data[: len(data) - 10]))           # truncated last record
-    with pytest.raises(rio.RecordIOError, match=r"train\.rec: record key \d+ at byte \d+: truncated"):
+    with pytest.raises(DatasetError, match=rf"train\.idx does not match .*train\.rec: key 2 "
+                                           rf"points at byte {off}, where no record starts"):
+        RecordDataset.open(prefix)                           # every offset is checked at open
+    rec.write_bytes(orig[: len(orig) - 10])                  # truncated last record
+    with pytest.raises(rio.TruncatedRecordError, match=r"train\.rec is truncated: the file ends "
+                                                       r"at byte \d+, inside the record that "
+                                                       r"starts at byte \d+"):
         RecordDataset.open(prefix)
     with pytest.raises(FileNotFoundError, match=r"nothere\.rec.*nothere_000\.rec"):
         RecordDataset.open(str(tmp_path / "nothere"))
