@@ -21,8 +21,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_json: str,
     from facetrain.eval import defaults
     g = parser.add_argument_group("model / features")
     g.add_argument("--model", default=None,
-                   help="exported backbone (facetrain-backbone .pt or TorchScript); default: the "
-                        f"newest {defaults.RUNS_GLOB}")
+                   help="exported backbone: facetrain-backbone .pt, TorchScript, or backbone.onnx "
+                        f"(run with onnxruntime); default: the newest {defaults.RUNS_GLOB}")
     g.add_argument("--features", default=None,
                    help="precomputed float32 features .npy, one row per image in the protocol's "
                         "order; skips the model")

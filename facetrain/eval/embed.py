@@ -29,7 +29,8 @@ def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Mo
 
     Accepts the trainer's export dict ``{"format": "facetrain-backbone", "version": 1,
     "backbone": name, "kwargs": {...}, "state_dict": ...}`` (rebuilt through
-    facetrain.models.registry.build_backbone) or a TorchScript file.
+    facetrain.models.registry.build_backbone), a TorchScript file, or an exported
+    ``backbone.onnx`` (run with onnxruntime, see facetrain.eval.onnx_backbone).
     """
     return load_backbone_with_info(path, device)[0]
 
@@ -37,8 +38,12 @@ def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Mo
 def load_backbone_with_info(path: str | Path, device: torch.device | str = "cpu"
                             ) -> Tuple[nn.Module, Dict[str, Any]]:
     """`load_backbone` plus what the file says about the model: {"backbone": name,
-    "image_size": the input side from the export's kwargs, or None (TorchScript)}."""
+    "image_size": the input side from the export's kwargs or the ONNX graph, or None
+    (TorchScript)}."""
     path = Path(path)
+    from facetrain.eval.onnx_backbone import is_onnx_file, load_onnx_backbone
+    if is_onnx_file(path):
+        return load_onnx_backbone(path, device)
     if not path.is_file():
         raise FileNotFoundError(f"backbone file {path} does not exist: pass --model PATH to an "
                                 "exported backbone.pt (or a TorchScript file)")

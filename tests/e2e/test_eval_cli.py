@@ -174,3 +174,32 @@ def test_trainer_export_is_loaded_at_its_own_input_size(tmp_path, capsys):
                                                   progress=False), issame)
     got = json.loads((tmp_path / "r.json").read_text())["p"]
     assert got["accuracy_mean"] == pytest.approx(ref["accuracy_mean"])
+
+
+def test_onnx_model_gives_the_pytorch_features(tmp_path, capsys):
+    """--model backbone.onnx runs in onnxruntime at the graph's input size (no --image-size) and
+    gives the features of --model backbone.pt."""
+    from facetrain.checkpoint import export_backbone
+    from facetrain.models.registry import build_backbone
+    kwargs = {"embedding_size": 8, "dropout": 0.0, "image_size": 16}
+    torch.manual_seed(0)
+    model = build_backbone("tiny", **kwargs).eval()
+    paths = export_backbone(model, "tiny", kwargs, tmp_path / "export", image_size=16)
+    make_pack(tmp_path / "p.bin", 10, np.random.default_rng(7))
+    feats = {}
+    for kind in ("torch", "onnx"):
+        rc, _, err = inproc("lfw", "--pack", str(tmp_path / "p.bin"), "--model",
+                            str(paths[kind]), "--json", str(tmp_path / f"{kind}.json"),
+                            "--no-plot", "--save-features", str(tmp_path / f"{kind}.npy"),
+                            capsys=capsys)
+        assert rc == 0, err
+        assert f"model: {paths[kind]} (input 16)" in err
+        feats[kind] = np.load(tmp_path / f"{kind}.npy")
+    np.testing.assert_allclose(feats["onnx"], feats["torch"], rtol=1e-4, atol=1e-5)
+    rc, _, err = inproc("lfw", "--pack", str(tmp_path / "p.bin"), "--model",
+                        str(tmp_path / "missing.onnx"), capsys=capsys)
+    assert rc == 2 and "missing.onnx does not exist" in err
+    (tmp_path / "bad.onnx").write_bytes(b"not a graph")
+    rc, _, err = inproc("lfw", "--pack", str(tmp_path / "p.bin"), "--model",
+                        str(tmp_path / "bad.onnx"), capsys=capsys)
+    assert rc == 2 and "onnxruntime cannot load" in err
