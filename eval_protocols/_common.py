@@ -83,10 +83,14 @@ def load_model(args: argparse.Namespace):
     model_path = args.model
     if model_path is None:
         from facetrain.eval import defaults
-        model_path = defaults.latest_backbone()
-        if model_path is None:
+        found = defaults.exported_backbones()
+        if not found:
             raise UsageError(f"no model: nothing matches {defaults.RUNS_GLOB} (train one with "
-                             "launch/train_face.py); pass --model PATH or --features PATH.npy")
+                             "launch/train_face.py or scripts/main_job.sh); pass --model PATH "
+                             "or --features PATH.npy")
+        model_path = found[-1]
+        print(f"no --model given: using the newest of {len(found)} exported backbone(s) under "
+              f"runs/: {model_path} (pass --model PATH to choose another)", file=sys.stderr)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_backbone_with_info(model_path, device)
@@ -110,7 +114,19 @@ def print_table(headers: Sequence[str], rows: List[Sequence[object]], title: str
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
+def add_fpr_rule_arg(parser: argparse.ArgumentParser) -> None:
+    """--fpr-rule for protocols that report TPR at FPR targets."""
+    from facetrain.eval.metrics import FPR_RULES
+    parser.add_argument("--fpr-rule", choices=FPR_RULES, default=FPR_RULES[0],
+                        help="le: the largest TPR whose FPR is <= the target (conservative); "
+                             "nearest: InsightFace's ROC point nearest the target (reproduces "
+                             "published tables; may lie above the target)")
+
+
 def _fmt(v: object) -> str:
+    if v is None:                     # a TPR the impostor count cannot resolve (see metrics)
+        from facetrain.eval.metrics import UNRESOLVED
+        return UNRESOLVED
     if isinstance(v, float):
         return f"{100 * v:.2f}" if 0.0 <= v <= 1.0 else f"{v:.4g}"
     return str(v)

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize-images", action="store_true",
                    help="L2-normalise each image feature before pooling (default keeps the norm)")
     p.add_argument("--no-1n", action="store_true", help="skip 1:N even when its CSVs exist")
+    _common.add_fpr_rule_arg(p)
     _common.add_common_args(p, str(defaults.REPORTS_DIR / "ijbc.json"))
     return p
 
@@ -43,13 +44,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     feats = _common.features_or_extract(
         args, len(meta.names), str(ijbc.meta_path(root, args.prefix, "face_tid_mid")),
         lambda: _checked(ijbc.AlignedImages(meta, args.image_size)))
-    res = ijbc.verify_features(meta, feats, args.faceness, args.normalize_images)
+    res = ijbc.verify_features(meta, feats, args.faceness, args.normalize_images,
+                               fpr_rule=args.fpr_rule)
     fpr, tpr = res.pop("roc")
     t_ids, tfeat = res.pop("template_ids"), res.pop("template_features")
     name = args.prefix.upper()
     _common.print_table(["FPR", *res["tpr_at_fpr"]], [["TPR %", *res["tpr_at_fpr"].values()]],
                         f"{name} 1:1 ({res['templates']} templates, {res['pairs']} pairs, "
-                        f"{res['genuine_pairs']} genuine)")
+                        f"{res['genuine_pairs']} genuine; FPR rule {args.fpr_rule})")
     report = {"1:1": res}
     if not args.no_1n and ijbc_1n.has_1n(root, args.prefix):
         one_n = ijbc_1n.identify_templates(root, args.prefix, t_ids, tfeat)

@@ -13,7 +13,7 @@ floor(FPIR x non-mated) non-mated top scores above it).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -107,7 +107,12 @@ def identify_templates(root: Path, prefix: str, template_ids: np.ndarray, tfeat:
     keys = [f"rank{r}" for r in ranks]
     out["mean"] = {k: float(np.mean([out[g][k] for g in GALLERIES])) for k in keys}
     if all("tpir_at_fpir" in out[g] for g in GALLERIES):
-        out["mean"]["tpir_at_fpir"] = {k: float(np.mean([out[g]["tpir_at_fpir"][k]
-                                                         for g in GALLERIES]))
+        out["mean"]["tpir_at_fpir"] = {k: _mean_or_none([out[g]["tpir_at_fpir"][k]
+                                                         for g in GALLERIES])
                                        for k in out[GALLERIES[0]]["tpir_at_fpir"]}
     return out
+
+
+def _mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
+    """Mean over the galleries; None (n/a) when a gallery could not resolve the FPIR."""
+    return None if any(v is None for v in values) else float(np.mean(values))

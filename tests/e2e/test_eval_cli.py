@@ -51,7 +51,7 @@ def test_no_arguments_uses_defaults_or_says_what_is_missing(tmp_path, capsys, mo
     make_pack(tmp_path / "data/glyphs/eval/verification.bin", 20, np.random.default_rng(0))
     monkeypatch.chdir(tmp_path)
     rc, _, err = inproc("lfw", capsys=capsys)
-    assert rc == 2 and "runs/*/export/backbone.pt" in err and "--model" in err
+    assert rc == 2 and "runs/**/export/backbone.pt" in err and "--model" in err
     (tmp_path / "runs/a/export").mkdir(parents=True)
     torch.jit.script(MeanNet()).save(str(tmp_path / "runs/a/export/backbone.pt"))
     r = cli("lfw", "--image-size", "16", cwd=tmp_path)
@@ -60,6 +60,15 @@ def test_no_arguments_uses_defaults_or_says_what_is_missing(tmp_path, capsys, mo
     rep = json.loads((tmp_path / "runs/eval/verification.json").read_text())
     assert rep["verification"]["pairs"] == 20
     assert (tmp_path / "runs/eval/verification.png").stat().st_size > 1000
+    assert "newest of 1 exported backbone(s)" in r.stderr and "runs/a/export" in r.stderr
+    # the main job's exports (runs/main/<method>_seed<k>/export/) count too: the newest wins
+    main = tmp_path / "runs/main/cosface_seed0/export/backbone.pt"
+    main.parent.mkdir(parents=True)
+    torch.jit.script(MeanNet()).save(str(main))
+    os.utime(tmp_path / "runs/a/export/backbone.pt", (1000, 1000))
+    rc, _, err = inproc("lfw", "--image-size", "16", capsys=capsys)
+    assert rc == 0, err
+    assert f"newest of 2 exported backbone(s) under runs/: {main.relative_to(tmp_path)}" in err
 
 
 def test_lfw_features_match_library(tmp_path, capsys):
@@ -203,3 +212,47 @@ def test_onnx_model_gives_the_pytorch_features(tmp_path, capsys):
     rc, _, err = inproc("lfw", "--pack", str(tmp_path / "p.bin"), "--model",
                         str(tmp_path / "bad.onnx"), capsys=capsys)
     assert rc == 2 and "onnxruntime cannot load" in err
+
+
+def test_unresolvable_fpr_is_na_and_fpr_rule_is_named(tmp_path, capsys):
+    """TPR at an FPR below 1/impostors prints n/a and is null in JSON (IJB-C and MegaFace);
+    --fpr-rule nearest is InsightFace's rule and the JSON says which rule made the numbers."""
+    from facetrain.eval.metrics import UNRESOLVED
+    rng = np.random.default_rng(8)
+    info = make_ijbc(tmp_path / "IJBC", rng, n_subjects=6)
+    np.save(tmp_path / "f.npy", subject_features(rng, info["subjects"], noise=1.0))
+    reports = {}
+    for rule in ("le", "nearest"):
+        args = ["--root", str(tmp_path / "IJBC"), "--features", str(tmp_path / "f.npy"),
+                "--json", str(tmp_path / f"{rule}.json"), "--no-plot"]
+        rc, out, err = inproc("ijbc", *args, *(["--fpr-rule", rule] if rule != "le" else []),
+                              capsys=capsys)
+        assert rc == 0, err
+        assert UNRESOLVED in out and f"FPR rule {rule}" in out
+        reports[rule] = json.loads((tmp_path / f"{rule}.json").read_text())["1:1"]
+        assert reports[rule]["fpr_rule"] == rule
+    rep = reports["le"]
+    n_imp = rep["impostor_pairs"]
+    assert n_imp == rep["pairs"] - rep["genuine_pairs"] and n_imp < 10 ** 6
+    for key, val in rep["tpr_at_fpr"].items():
+        assert (val is None) == (float(key) * n_imp < 1), key
+        assert (reports["nearest"]["tpr_at_fpr"][key] is None) == (val is None), key
+    assert rep["tpr_at_fpr"]["1e-06"] is None
+    assert rep["tpr_at_fpr"]["1e-01"] <= reports["nearest"]["tpr_at_fpr"]["1e-01"] + 0.2
+
+    info = make_megaface(tmp_path / "mf", rng, n_ids=4, per_id=3, n_distractors=30)
+    feats = np.r_[subject_features(rng, info["ids"], noise=0.5),
+                  rng.normal(size=(30, 16)).astype(np.float32)]
+    np.save(tmp_path / "mf.npy", feats)
+    rc, out, err = inproc("megaface", "--root", str(tmp_path / "mf"), "--features",
+                          str(tmp_path / "mf.npy"), "--fpr-rule", "nearest", "--json",
+                          str(tmp_path / "mf.json"), "--no-plot", capsys=capsys)
+    assert rc == 0, err
+    assert UNRESOLVED in out and "FPR rule nearest" in out
+    rep = json.loads((tmp_path / "mf.json").read_text())
+    assert rep["tpr_at_fpr"] == {"1e-06": None} and rep["fpr_rule"] == "nearest"
+    assert rep["impostor_pairs"] == 12 * 30
+    with pytest.raises(SystemExit) as exc:                 # argparse: usage line, exit 2
+        inproc("megaface", "--root", str(tmp_path / "mf"), "--fpr-rule", "closest",
+               capsys=capsys)
+    assert exc.value.code == 2 and "invalid choice: 'closest'" in capsys.readouterr().err
