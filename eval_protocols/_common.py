@@ -48,6 +48,24 @@ def add_common_args(parser: argparse.ArgumentParser, default_json: str,
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
+               ) -> argparse.Namespace:
+    """parse_args, then check every output path up front (a --json that names a directory must
+    fail before a long extraction, not with a traceback at the end)."""
+    from facetrain.eval.checks import check_output_path
+    args = parser.parse_args(argv)
+    try:
+        check_output_path(args.json, "--json", ".json")
+        png = plot_path(args)
+        if png is not None:
+            check_output_path(png, "--plot", ".png")
+        if args.save_features:
+            check_output_path(args.save_features, "--save-features", ".npy")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return args
+
+
 def plot_path(args: argparse.Namespace) -> Optional[Path]:
     if args.no_plot:
         return None
@@ -64,6 +82,7 @@ def require(path: Path, what: str, flag: str) -> Path:
 def features_or_extract(args: argparse.Namespace, n_expected: int, what: str,
                         dataset_factory: Callable[[], object]) -> np.ndarray:
     """--features if given (checked against n_expected rows), else run the model."""
+    from facetrain.eval.checks import check_features
     from facetrain.eval.embed import extract_features, load_features
     if args.features:
         return load_features(args.features, n_expected, what)
@@ -71,6 +90,9 @@ def features_or_extract(args: argparse.Namespace, n_expected: int, what: str,
     feats = extract_features(model, dataset_factory(), args.batch_size, flip=not args.no_flip,
                              device=device, image_size=args.image_size,
                              progress=not args.quiet, desc=what)
+    check_features(feats, f"features of {what} from the model", n_expected, what,
+                   fix="the model gives NaN/inf or empty embeddings: check the model file "
+                       "(a diverged training exports NaN weights)")
     if args.save_features:
         Path(args.save_features).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.save_features, feats)

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from facetrain.eval import megaface
-    args = build_parser().parse_args(argv)
+    args = _common.parse_args(build_parser(), argv)
     root = _common.require(Path(args.root), "MegaFace folder", "--root DIR")
     probes, ids, dis, keep_p, keep_d = megaface.load_layout(root, not args.no_noise)
 

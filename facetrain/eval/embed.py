@@ -188,14 +188,10 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def load_features(path: str | Path, expected_rows: int, what: str) -> np.ndarray:
-    """Load a --features .npy (float32 [N, D]) and check it has one row per protocol image."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"features file {path} does not exist")
-    feats = np.load(path, mmap_mode="r")
-    if feats.ndim != 2:
-        raise ValueError(f"{path}: features must be a 2-D array [N, D]; got shape {feats.shape}")
-    if feats.shape[0] != expected_rows:
-        raise ValueError(f"{path}: {feats.shape[0]} feature rows but {what} lists {expected_rows} "
-                         "images; the rows must follow that order one-to-one")
+    """Load a --features .npy (float32 [N, D]) and check it: readable, 2-D, D > 0, finite, one
+    row per protocol image (facetrain.eval.checks)."""
+    from facetrain.eval.checks import check_features, load_feature_file
+    feats = load_feature_file(path)
+    check_features(feats, str(path), expected_rows, what,
+                   fix="re-extract them (or drop --features to run the model)")
     return np.asarray(feats, dtype=np.float32)

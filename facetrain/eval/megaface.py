@@ -122,6 +122,11 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
     if m > distractors.shape[0] or m < 1:
         raise ValueError(f"n_distractors={m} but {distractors.shape[0]} distractor features exist")
     device = torch.device(device)
+    from facetrain.eval.checks import check_features
+    check_features(np.asarray(probes), "MegaFace probe (FaceScrub) features")
+    if distractors.ndim != 2 or distractors.shape[1] != probes.shape[1]:
+        raise ValueError(f"distractor features have shape {tuple(distractors.shape)}; expected "
+                         f"[M, {probes.shape[1]}] like the probes")
     p = torch.from_numpy(l2_normalize(probes) if normalize else np.asarray(probes, np.float32))
     p = p.to(device)
     kmax = max(ranks)
@@ -132,6 +137,7 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
     neg_top = TopScores(k_neg)
     for s in range(0, m, block):
         d = torch.from_numpy(np.array(distractors[s:min(s + block, m)], dtype=np.float32))
+        _check_finite_block(d, s)
         d = d.to(device, non_blocking=True)
         if normalize:                                   # torch: threaded, unlike numpy's norm
             d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -143,6 +149,17 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
 
 
 GROUP = 64
+
+
+def _check_finite_block(d: torch.Tensor, start: int) -> None:
+    """NaN/inf distractor rows would silently drop out of the impostor scores (NaN compares
+    false) and surface later as a misleading 'only 0 scores were kept': name them here."""
+    bad = ~torch.isfinite(d).all(1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).squeeze(1)
+        raise ValueError(f"MegaFace distractor features: {rows.numel()} rows in this block hold "
+                         f"NaN or inf (first: distractor row {start + int(rows[0])}); "
+                         "re-extract the features")
 
 
 def _grouped(sc: torch.Tensor) -> torch.Tensor:

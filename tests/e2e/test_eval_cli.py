@@ -256,3 +256,72 @@ def test_unresolvable_fpr_is_na_and_fpr_rule_is_named(tmp_path, capsys):
         inproc("megaface", "--root", str(tmp_path / "mf"), "--fpr-rule", "closest",
                capsys=capsys)
     assert exc.value.code == 2 and "invalid choice: 'closest'" in capsys.readouterr().err
+
+
+def _protocols(tmp_path):
+    """Each CLI's tiny protocol: name -> (its flags without --features, feature rows, dim)."""
+    from facetrain.eval import reid
+    rng = np.random.default_rng(9)
+    make_pack(tmp_path / "p.bin", 10, rng)
+    info = make_ijbc(tmp_path / "IJBC", rng, n_subjects=4, with_1n=True)
+    mf = make_megaface(tmp_path / "mf", rng, n_ids=3, per_id=3, n_distractors=10)
+    make_reid(tmp_path / "market", rng, n_ids=3, n_cams=2)
+    n_reid = sum(len(reid.parse_folder(tmp_path / "market" / d)[0])
+                 for d in (reid.QUERY_DIR, reid.GALLERY_DIR))
+    return {"lfw": (["--pack", str(tmp_path / "p.bin")], 20),
+            "ijbc": (["--root", str(tmp_path / "IJBC")], len(info["subjects"])),
+            "megaface": (["--root", str(tmp_path / "mf")],
+                         len(mf["probes"]) + len(mf["distractors"])),
+            "reid": (["--root", str(tmp_path / "market")], n_reid)}
+
+
+def test_bad_features_and_outputs_fail_up_front(tmp_path, capsys):
+    """NaN, [N, 0], empty and unreadable .npy features and a --json that is a directory: exit
+    2 with one message naming the file, no traceback, no report (issue 12)."""
+    protocols = _protocols(tmp_path)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    (tmp_path / "outdir").mkdir()
+    for name, (flags, rows) in protocols.items():
+        good = np.random.default_rng(1).normal(size=(rows, 8)).astype(np.float32)
+        nan = good.copy()
+        nan[rows - 1, 3] = np.nan                   # the last row: a MegaFace distractor
+        np.save(tmp_path / f"{name}_nan.npy", nan)
+        np.save(tmp_path / f"{name}_w0.npy", np.zeros((rows, 0), np.float32))
+        np.save(tmp_path / f"{name}_good.npy", good)
+        report = tmp_path / f"{name}.json"
+        cases = {f"{name}_nan.npy": f"1 of {rows} feature rows hold NaN or inf (first: row "
+                                    f"{rows - 1})",
+                 f"{name}_w0.npy": "zero values per row",
+                 "empty.npy": "empty.npy is empty (0 bytes)",
+                 "junk.npy": "junk.npy is not a readable .npy array"}
+        for feats, msg in cases.items():
+            rc, _, err = inproc(name, *flags, "--features", str(tmp_path / feats), "--json",
+                                str(report), capsys=capsys)
+            assert rc == 2 and msg in err and str(tmp_path / feats) in err, (name, feats, err)
+            assert "Traceback" not in err and "only 0 were kept" not in err
+            assert not report.exists()
+        rc, _, err = inproc(name, *flags, "--features", str(tmp_path / f"{name}_good.npy"),
+                            "--json", str(tmp_path / "outdir"), capsys=capsys)
+        assert rc == 2 and f"--json {tmp_path / 'outdir'} is a directory" in err, (name, err)
+        rc, _, err = inproc(name, *flags, "--features", str(tmp_path / f"{name}_good.npy"),
+                            "--json", str(report), "--no-plot", capsys=capsys)
+        assert rc == 0 and report.is_file(), (name, err)
+
+
+def test_ijbc_missing_1n_csv_is_an_error_not_a_silent_1to1(tmp_path, capsys):
+    flags, rows = _protocols(tmp_path)["ijbc"]
+    np.save(tmp_path / "f.npy", np.random.default_rng(2).normal(size=(rows, 8)).astype("f4"))
+    gallery = tmp_path / "IJBC/meta/ijbc_1N_gallery_G2.csv"
+    gallery.unlink()
+    args = [*flags, "--features", str(tmp_path / "f.npy"), "--json", str(tmp_path / "r.json")]
+    rc, _, err = inproc("ijbc", *args, capsys=capsys)
+    assert rc == 2 and f"1:N file {gallery} is missing" in err and "--no-1n" in err
+    assert not (tmp_path / "r.json").exists()
+    rc, out, err = inproc("ijbc", *args, "--no-1n", capsys=capsys)
+    assert rc == 0 and "1:N" not in out, err
+    for part in ("gallery_G1", "probe_mixed"):       # no 1:N CSV at all: a 1:1-only folder
+        (tmp_path / f"IJBC/meta/ijbc_1N_{part}.csv").unlink()
+    rc, out, err = inproc("ijbc", *args, capsys=capsys)
+    assert rc == 0 and "1:N skipped: no ijbc_1N_*.csv" in err
+    assert "1:N" not in json.loads((tmp_path / "r.json").read_text())
