@@ -21,8 +21,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_json: str,
     from facetrain.eval import defaults
     g = parser.add_argument_group("model / features")
     g.add_argument("--model", default=None,
-                   help="exported backbone (facetrain-backbone .pt or TorchScript); default: the "
-                        f"newest {defaults.RUNS_GLOB}")
+                   help="exported backbone: facetrain-backbone .pt, TorchScript, or backbone.onnx "
+                        f"(run with onnxruntime); default: the newest {defaults.RUNS_GLOB}")
     g.add_argument("--features", default=None,
                    help="precomputed float32 features .npy, one row per image in the protocol's "
                         "order; skips the model")
@@ -48,6 +48,24 @@ def add_common_args(parser: argparse.ArgumentParser, default_json: str,
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
+               ) -> argparse.Namespace:
+    """parse_args, then check every output path up front (a --json that names a directory must
+    fail before a long extraction, not with a traceback at the end)."""
+    from facetrain.eval.checks import check_output_path
+    args = parser.parse_args(argv)
+    try:
+        check_output_path(args.json, "--json", ".json")
+        png = plot_path(args)
+        if png is not None:
+            check_output_path(png, "--plot", ".png")
+        if args.save_features:
+            check_output_path(args.save_features, "--save-features", ".npy")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return args
+
+
 def plot_path(args: argparse.Namespace) -> Optional[Path]:
     if args.no_plot:
         return None
@@ -64,6 +82,7 @@ def require(path: Path, what: str, flag: str) -> Path:
 def features_or_extract(args: argparse.Namespace, n_expected: int, what: str,
                         dataset_factory: Callable[[], object]) -> np.ndarray:
     """--features if given (checked against n_expected rows), else run the model."""
+    from facetrain.eval.checks import check_features
     from facetrain.eval.embed import extract_features, load_features
     if args.features:
         return load_features(args.features, n_expected, what)
@@ -71,6 +90,9 @@ def features_or_extract(args: argparse.Namespace, n_expected: int, what: str,
     feats = extract_features(model, dataset_factory(), args.batch_size, flip=not args.no_flip,
                              device=device, image_size=args.image_size,
                              progress=not args.quiet, desc=what)
+    check_features(feats, f"features of {what} from the model", n_expected, what,
+                   fix="the model gives NaN/inf or empty embeddings: check the model file "
+                       "(a diverged training exports NaN weights)")
     if args.save_features:
         Path(args.save_features).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.save_features, feats)
@@ -83,10 +105,14 @@ def load_model(args: argparse.Namespace):
     model_path = args.model
     if model_path is None:
         from facetrain.eval import defaults
-        model_path = defaults.latest_backbone()
-        if model_path is None:
+        found = defaults.exported_backbones()
+        if not found:
             raise UsageError(f"no model: nothing matches {defaults.RUNS_GLOB} (train one with "
-                             "launch/train_face.py); pass --model PATH or --features PATH.npy")
+                             "launch/train_face.py or scripts/main_job.sh); pass --model PATH "
+                             "or --features PATH.npy")
+        model_path = found[-1]
+        print(f"no --model given: using the newest of {len(found)} exported backbone(s) under "
+              f"runs/: {model_path} (pass --model PATH to choose another)", file=sys.stderr)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_backbone_with_info(model_path, device)
@@ -110,7 +136,19 @@ def print_table(headers: Sequence[str], rows: List[Sequence[object]], title: str
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
+def add_fpr_rule_arg(parser: argparse.ArgumentParser) -> None:
+    """--fpr-rule for protocols that report TPR at FPR targets."""
+    from facetrain.eval.metrics import FPR_RULES
+    parser.add_argument("--fpr-rule", choices=FPR_RULES, default=FPR_RULES[0],
+                        help="le: the largest TPR whose FPR is <= the target (conservative); "
+                             "nearest: InsightFace's ROC point nearest the target (reproduces "
+                             "published tables; may lie above the target)")
+
+
 def _fmt(v: object) -> str:
+    if v is None:                     # a TPR the impostor count cannot resolve (see metrics)
+        from facetrain.eval.metrics import UNRESOLVED
+        return UNRESOLVED
     if isinstance(v, float):
         return f"{100 * v:.2f}" if 0.0 <= v <= 1.0 else f"{v:.4g}"
     return str(v)

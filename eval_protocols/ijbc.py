@@ -30,28 +30,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize-images", action="store_true",
                    help="L2-normalise each image feature before pooling (default keeps the norm)")
     p.add_argument("--no-1n", action="store_true", help="skip 1:N even when its CSVs exist")
+    _common.add_fpr_rule_arg(p)
     _common.add_common_args(p, str(defaults.REPORTS_DIR / "ijbc.json"))
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from facetrain.eval import ijbc, ijbc_1n
-    args = build_parser().parse_args(argv)
+    args = _common.parse_args(build_parser(), argv)
     root = _common.require(Path(args.root), "IJB folder", "--root DIR")
     _common.require(root / "meta", "IJB meta folder", "--root DIR (the folder above meta/)")
     meta = ijbc.read_meta(root, args.prefix, need_landmarks=not args.features or args.faceness)
+    do_1n = not args.no_1n and _check_1n(root, args.prefix)
     feats = _common.features_or_extract(
         args, len(meta.names), str(ijbc.meta_path(root, args.prefix, "face_tid_mid")),
         lambda: _checked(ijbc.AlignedImages(meta, args.image_size)))
-    res = ijbc.verify_features(meta, feats, args.faceness, args.normalize_images)
+    res = ijbc.verify_features(meta, feats, args.faceness, args.normalize_images,
+                               fpr_rule=args.fpr_rule)
     fpr, tpr = res.pop("roc")
     t_ids, tfeat = res.pop("template_ids"), res.pop("template_features")
     name = args.prefix.upper()
     _common.print_table(["FPR", *res["tpr_at_fpr"]], [["TPR %", *res["tpr_at_fpr"].values()]],
                         f"{name} 1:1 ({res['templates']} templates, {res['pairs']} pairs, "
-                        f"{res['genuine_pairs']} genuine)")
+                        f"{res['genuine_pairs']} genuine; FPR rule {args.fpr_rule})")
     report = {"1:1": res}
-    if not args.no_1n and ijbc_1n.has_1n(root, args.prefix):
+    if do_1n:
         one_n = ijbc_1n.identify_templates(root, args.prefix, t_ids, tfeat)
         report["1:N"] = one_n
         rows = []
@@ -69,6 +72,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from facetrain.eval.plots import plot_roc
         print(f"plot: {plot_roc({f'{name} 1:1': (fpr, tpr)}, png, f'{name} 1:1 ROC')}")
     return 0
+
+
+def _check_1n(root: Path, prefix: str) -> bool:
+    """True when all 1:N CSVs exist; a partial set is an error (never a silent 1:1-only run)."""
+    from facetrain.eval import ijbc_1n
+    missing = ijbc_1n.missing_1n(root, prefix)
+    if len(missing) == len(ijbc_1n.PARTS):
+        print(f"1:N skipped: no {prefix}_1N_*.csv in {root / 'meta'} (1:1 only)", file=sys.stderr)
+        return False
+    if missing:
+        raise _common.UsageError(f"1:N file {missing[0]} is missing ({len(missing)} of "
+                                 f"{len(ijbc_1n.PARTS)} 1:N CSVs absent) while the others exist; "
+                                 "restore it from the IJB release, or pass --no-1n for 1:1 only")
+    return True
 
 
 def _checked(images):

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from facetrain.eval import verification
-    args = build_parser().parse_args(argv)
+    args = _common.parse_args(build_parser(), argv)
     if args.features and len(args.pack) != 1:
         raise _common.UsageError("--features holds one pack's rows; pass exactly one --pack")
     report, curves, rows = {}, {}, []

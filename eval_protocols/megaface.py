@@ -33,13 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write devkit feature files under this folder "
                         "(facescrub/ and megaface/ subfolders)")
     p.add_argument("--algo", default="facetrain", help="algorithm name in devkit file names")
+    _common.add_fpr_rule_arg(p)
     _common.add_common_args(p, str(defaults.REPORTS_DIR / "megaface.json"))
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from facetrain.eval import megaface
-    args = build_parser().parse_args(argv)
+    args = _common.parse_args(build_parser(), argv)
     root = _common.require(Path(args.root), "MegaFace folder", "--root DIR")
     probes, ids, dis, keep_p, keep_d = megaface.load_layout(root, not args.no_noise)
 
@@ -65,13 +66,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "after noise removal")
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    res = megaface.evaluate(pf[keep_p], ids[keep_p], df, n_dis, device=device)
+    res = megaface.evaluate(pf[keep_p], ids[keep_p], df, n_dis, device=device,
+                            fpr_rule=args.fpr_rule)
     res["probes_dropped_as_noise"] = int((~keep_p).sum())
     res["distractors_dropped_as_noise"] = int((~keep_d).sum())
     _common.print_table(["distractors", "probes", "rank-1 %", "rank-5 %", "rank-10 %",
                          *[f"TPR@FPR={k} %" for k in res["tpr_at_fpr"]]],
                         [[res["distractors"], res["probes"], res["rank1"], res["rank5"],
-                          res["rank10"], *res["tpr_at_fpr"].values()]], "MegaFace Challenge 1")
+                          res["rank10"], *res["tpr_at_fpr"].values()]],
+                        f"MegaFace Challenge 1 (FPR rule {args.fpr_rule})")
     _common.write_json(args.json, res)
     png = _common.plot_path(args)
     if png is not None:

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import numpy as np
     from facetrain.eval import reid
-    args = build_parser().parse_args(argv)
+    args = _common.parse_args(build_parser(), argv)
     args.image_size = tuple(args.image_size)
     root = _common.require(Path(args.root), "re-ID folder", "--root DIR")
     qp, q_pids, q_cams = reid.parse_folder(root / reid.QUERY_DIR)

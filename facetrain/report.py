@@ -45,15 +45,16 @@ def metrics_from_eval(verification: Optional[Mapping] = None, ijbc: Optional[Map
                       megaface: Optional[Mapping] = None) -> Dict[str, float]:
     """One run's DEFAULT_METRICS values from the facetrain.eval results: verification
     (`accuracy_mean`), IJB-C 1:1 (`tpr_at_fpr` keyed "1e-03"/"1e-04") and MegaFace (`rank1`).
-    Missing evaluations or keys are left out (the table shows n/a)."""
+    Missing evaluations or keys, and None values (an FPR too small for the impostor count), are
+    left out (the table shows n/a)."""
     out: Dict[str, float] = {}
     if verification and "accuracy_mean" in verification:
         out["verification_acc"] = float(verification["accuracy_mean"])
-    if verification and "1e-03" in verification.get("tpr_at_fpr", {}):
+    if verification and (verification.get("tpr_at_fpr") or {}).get("1e-03") is not None:
         out["verification_tpr@1e-3"] = float(verification["tpr_at_fpr"]["1e-03"])
     tpr = (ijbc or {}).get("tpr_at_fpr", {})
     for fpr in ("1e-03", "1e-04"):
-        if fpr in tpr:
+        if tpr.get(fpr) is not None:              # None: too few impostor pairs (n/a)
             out[f"ijbc_tpr@{fpr.replace('-0', '-')}"] = float(tpr[fpr])
     if megaface and "rank1" in megaface:
         out["megaface_rank1"] = float(megaface["rank1"])

@@ -37,7 +37,8 @@ def load_setting(folder: Path) -> Dict[str, Dict[int, dict]]:
             continue
         e = json.loads(p.read_text())
         r = report.metrics_from_eval(e["verification"], e["ijbc"], e["megaface"])
-        r["ijbc_tpr@1e-5"] = e["ijbc"]["tpr_at_fpr"].get("1e-05")
+        if e["ijbc"]["tpr_at_fpr"].get("1e-05") is not None:      # None: too few impostors
+            r["ijbc_tpr@1e-5"] = e["ijbc"]["tpr_at_fpr"]["1e-05"]
         res.setdefault(m.group(1), {})[int(m.group(2))] = r
     return res
 

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --fonts
+bash scripts/mxnet_venv.sh     # side venv with the real mxnet for tests/interop
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pytest -q "$@"

@@ -29,7 +29,8 @@ def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Mo
 
     Accepts the trainer's export dict ``{"format": "facetrain-backbone", "version": 1,
     "backbone": name, "kwargs": {...}, "state_dict": ...}`` (rebuilt through
-    facetrain.models.registry.build_backbone) or a TorchScript file.
+    facetrain.models.registry.build_backbone), a TorchScript file, or an exported
+    ``backbone.onnx`` (run with onnxruntime, see facetrain.eval.onnx_backbone).
     """
     return load_backbone_with_info(path, device)[0]
 
@@ -37,8 +38,12 @@ def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Mo
 def load_backbone_with_info(path: str | Path, device: torch.device | str = "cpu"
                             ) -> Tuple[nn.Module, Dict[str, Any]]:
     """`load_backbone` plus what the file says about the model: {"backbone": name,
-    "image_size": the input side from the export's kwargs, or None (TorchScript)}."""
+    "image_size": the input side from the export's kwargs or the ONNX graph, or None
+    (TorchScript)}."""
     path = Path(path)
+    from facetrain.eval.onnx_backbone import is_onnx_file, load_onnx_backbone
+    if is_onnx_file(path):
+        return load_onnx_backbone(path, device)
     if not path.is_file():
         raise FileNotFoundError(f"backbone file {path} does not exist: pass --model PATH to an "
                                 "exported backbone.pt (or a TorchScript file)")
@@ -183,14 +188,10 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def load_features(path: str | Path, expected_rows: int, what: str) -> np.ndarray:
-    """Load a --features .npy (float32 [N, D]) and check it has one row per protocol image."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"features file {path} does not exist")
-    feats = np.load(path, mmap_mode="r")
-    if feats.ndim != 2:
-        raise ValueError(f"{path}: features must be a 2-D array [N, D]; got shape {feats.shape}")
-    if feats.shape[0] != expected_rows:
-        raise ValueError(f"{path}: {feats.shape[0]} feature rows but {what} lists {expected_rows} "
-                         "images; the rows must follow that order one-to-one")
+    """Load a --features .npy (float32 [N, D]) and check it: readable, 2-D, D > 0, finite, one
+    row per protocol image (facetrain.eval.checks)."""
+    from facetrain.eval.checks import check_features, load_feature_file
+    feats = load_feature_file(path)
+    check_features(feats, str(path), expected_rows, what,
+                   fix="re-extract them (or drop --features to run the model)")
     return np.asarray(feats, dtype=np.float32)

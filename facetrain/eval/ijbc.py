@@ -267,9 +267,11 @@ def score_pairs(tfeat: np.ndarray, r1: np.ndarray, r2: np.ndarray,
 
 
 def verify_features(meta: IJBMeta, features: np.ndarray, use_faceness: bool = False,
-                    normalize_images: bool = False, fprs: Sequence[float] = DEFAULT_FPRS
-                    ) -> Dict[str, object]:
-    """IJB 1:1 from image features[N, D] in face_tid_mid order -> report dict (with "roc")."""
+                    normalize_images: bool = False, fprs: Sequence[float] = DEFAULT_FPRS,
+                    fpr_rule: str = "le") -> Dict[str, object]:
+    """IJB 1:1 from image features[N, D] in face_tid_mid order -> report dict (with "roc").
+    fpr_rule: "le" or "nearest" (see metrics.tpr_at_fpr_from_roc); TPR at an FPR the impostor
+    pairs cannot resolve is None."""
     tm_path = meta_path(meta.root, meta.prefix, "face_tid_mid")
     if features.shape[0] != len(meta.names):
         raise ValueError(f"{features.shape[0]} feature rows but {tm_path} lists {len(meta.names)} "
@@ -284,7 +286,9 @@ def verify_features(meta: IJBMeta, features: np.ndarray, use_faceness: bool = Fa
     r2 = template_rows(t_ids, meta.pair_t2, f"{pr} pair")
     scores = score_pairs(tfeat, r1, r2)
     fpr, tpr, _ = roc_curve(meta.pair_label, scores)
-    return {"tpr_at_fpr": tpr_at_fpr_from_roc(fpr, tpr, fprs), "images": len(meta.names),
+    n_gen = int(np.count_nonzero(meta.pair_label))
+    return {"tpr_at_fpr": tpr_at_fpr_from_roc(fpr, tpr, fprs, scores.size - n_gen, fpr_rule),
+            "fpr_rule": fpr_rule, "images": len(meta.names),
             "templates": int(t_ids.size), "pairs": int(scores.size),
-            "genuine_pairs": int(meta.pair_label.sum()), "roc": (fpr, tpr),
+            "genuine_pairs": n_gen, "impostor_pairs": int(scores.size - n_gen), "roc": (fpr, tpr),
             "template_ids": t_ids, "template_features": tfeat}

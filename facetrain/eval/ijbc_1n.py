@@ -13,7 +13,7 @@ floor(FPIR x non-mated) non-mated top scores above it).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,9 +29,18 @@ def csv_path(root: Path, prefix: str, part: str) -> Path:
     return Path(root) / "meta" / f"{prefix}_1N_{part}.csv"
 
 
+PARTS = ("gallery_G1", "gallery_G2", "probe_mixed")
+
+
 def has_1n(root: str | Path, prefix: str = "ijbc") -> bool:
-    return all(csv_path(Path(root), prefix, p).is_file()
-               for p in ("gallery_G1", "gallery_G2", "probe_mixed"))
+    return all(csv_path(Path(root), prefix, p).is_file() for p in PARTS)
+
+
+def missing_1n(root: str | Path, prefix: str = "ijbc") -> List[Path]:
+    """The 1:N CSVs that are absent; all of them (1:1-only folder) or none is consistent,
+    anything in between is a damaged copy the CLI must not silently evaluate without 1:N."""
+    return [csv_path(Path(root), prefix, p) for p in PARTS
+            if not csv_path(Path(root), prefix, p).is_file()]
 
 
 def read_template_subjects(path: Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -107,7 +116,12 @@ def identify_templates(root: Path, prefix: str, template_ids: np.ndarray, tfeat:
     keys = [f"rank{r}" for r in ranks]
     out["mean"] = {k: float(np.mean([out[g][k] for g in GALLERIES])) for k in keys}
     if all("tpir_at_fpir" in out[g] for g in GALLERIES):
-        out["mean"]["tpir_at_fpir"] = {k: float(np.mean([out[g]["tpir_at_fpir"][k]
-                                                         for g in GALLERIES]))
+        out["mean"]["tpir_at_fpir"] = {k: _mean_or_none([out[g]["tpir_at_fpir"][k]
+                                                         for g in GALLERIES])
                                        for k in out[GALLERIES[0]]["tpir_at_fpir"]}
     return out
+
+
+def _mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
+    """Mean over the galleries; None (n/a) when a gallery could not resolve the FPIR."""
+    return None if any(v is None for v in values) else float(np.mean(values))

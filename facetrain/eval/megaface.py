@@ -113,22 +113,31 @@ def write_devkit_features(out_dir: str | Path, entries: Sequence[str], features:
 def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
              n_distractors: Optional[int] = None, ranks: Sequence[int] = (1, 5, 10),
              fprs: Sequence[float] = (1e-6,), block: int = 16384, normalize: bool = True,
-             device: torch.device | str = "cpu") -> Dict[str, object]:
+             device: torch.device | str = "cpu", fpr_rule: str = "le") -> Dict[str, object]:
     """Identification (CMC) and verification of probes[P, D] (identity probe_ids[P]) against the
     first `n_distractors` rows of distractors[M, D] (may be a np.memmap), streamed by block to
-    `device` (a GPU turns the 3.6 TFLOP of a 1M-distractor run into seconds)."""
+    `device` (a GPU turns the 3.6 TFLOP of a 1M-distractor run into seconds). fpr_rule: "le"
+    or "nearest" (metrics.tpr_at_fpr_split); TPR at an unresolvable FPR is None."""
     m = distractors.shape[0] if n_distractors is None else int(n_distractors)
     if m > distractors.shape[0] or m < 1:
         raise ValueError(f"n_distractors={m} but {distractors.shape[0]} distractor features exist")
     device = torch.device(device)
+    from facetrain.eval.checks import check_features
+    check_features(np.asarray(probes), "MegaFace probe (FaceScrub) features")
+    if distractors.ndim != 2 or distractors.shape[1] != probes.shape[1]:
+        raise ValueError(f"distractor features have shape {tuple(distractors.shape)}; expected "
+                         f"[M, {probes.shape[1]}] like the probes")
     p = torch.from_numpy(l2_normalize(probes) if normalize else np.asarray(probes, np.float32))
     p = p.to(device)
     kmax = max(ranks)
     top = torch.full((p.shape[0], kmax), -float("inf"), device=device)  # best per probe
     k_neg = int(np.floor(max(fprs) * p.shape[0] * m * (1 + 1e-12))) + 1
+    if fpr_rule == "nearest":                # the next reachable count lies past a tie run
+        k_neg += 64
     neg_top = TopScores(k_neg)
     for s in range(0, m, block):
         d = torch.from_numpy(np.array(distractors[s:min(s + block, m)], dtype=np.float32))
+        _check_finite_block(d, s)
         d = d.to(device, non_blocking=True)
         if normalize:                                   # torch: threaded, unlike numpy's norm
             d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -136,10 +145,21 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
         gmax = groups.amax(2)                                   # [P, n_groups]
         top = _row_topk(top, groups, gmax, kmax)
         _add_top_negatives(neg_top, groups, gmax)
-    return _score(p.cpu(), probe_ids, top.cpu().numpy(), neg_top, m, ranks, fprs)
+    return _score(p.cpu(), probe_ids, top.cpu().numpy(), neg_top, m, ranks, fprs, fpr_rule)
 
 
 GROUP = 64
+
+
+def _check_finite_block(d: torch.Tensor, start: int) -> None:
+    """NaN/inf distractor rows would silently drop out of the impostor scores (NaN compares
+    false) and surface later as a misleading 'only 0 scores were kept': name them here."""
+    bad = ~torch.isfinite(d).all(1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).squeeze(1)
+        raise ValueError(f"MegaFace distractor features: {rows.numel()} rows in this block hold "
+                         f"NaN or inf (first: distractor row {start + int(rows[0])}); "
+                         "re-extract the features")
 
 
 def _grouped(sc: torch.Tensor) -> torch.Tensor:
@@ -180,7 +200,7 @@ def _add_top_negatives(neg_top: TopScores, groups: torch.Tensor, gmax: torch.Ten
 
 
 def _score(p: torch.Tensor, probe_ids: np.ndarray, top: np.ndarray, neg_top: TopScores, m: int,
-           ranks: Sequence[int], fprs: Sequence[float]) -> Dict[str, object]:
+           ranks: Sequence[int], fprs: Sequence[float], fpr_rule: str) -> Dict[str, object]:
     pp = (p @ p.T).numpy()                                      # probe x probe, [P, P]
     same = probe_ids[:, None] == probe_ids[None, :]
     np.fill_diagonal(same, False)
@@ -194,7 +214,9 @@ def _score(p: torch.Tensor, probe_ids: np.ndarray, top: np.ndarray, neg_top: Top
     out: Dict[str, object] = {f"rank{r}": cmc[r - 1] for r in ranks}
     iu = np.flatnonzero(qi < gj)                                # each genuine pair once
     out["tpr_at_fpr"] = tpr_at_fpr_split(genuine[iu], neg_top.values, fprs,
-                                         n_neg=p.shape[0] * m)
+                                         n_neg=p.shape[0] * m, rule=fpr_rule)
+    out["fpr_rule"] = fpr_rule
+    out["impostor_pairs"] = int(p.shape[0] * m)
     out.update({"cmc": cmc, "probes": int(p.shape[0]), "identities": int(np.unique(probe_ids).size),
                 "distractors": int(m), "probe_pairs": int(qi.size)})
     return out

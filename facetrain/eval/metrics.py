@@ -7,7 +7,7 @@ Convention for every threshold below: a pair is predicted "same" when ``score >=
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -67,43 +67,93 @@ def _sort_desc_with_labels(scores: np.ndarray, labels: np.ndarray
     return (ub ^ back).view(np.float32), y
 
 
+FPR_RULES: Tuple[str, ...] = ("le", "nearest")
+UNRESOLVED = "n/a (needs >= 1/FPR impostor pairs)"
+
+
+def resolvable(target: float, n_neg: int) -> bool:
+    """Whether `n_neg` impostor pairs can measure FPR `target`: one false accept must be
+    <= target of them. Below that the 'TPR' is really TPR at FPR 0, so we report None (n/a)."""
+    return target * n_neg >= 1.0 - 1e-9
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in FPR_RULES:
+        raise ValueError(f"fpr rule must be one of {', '.join(FPR_RULES)}; got {rule!r}")
+
+
 def tpr_at_fpr_from_roc(fpr: np.ndarray, tpr: np.ndarray,
-                        targets: Sequence[float] = DEFAULT_FPRS) -> Dict[str, float]:
-    """The LARGEST TPR whose FPR is <= each target (no interpolation; conservative: InsightFace
-    picks the ROC point nearest the target, which may lie above it). Keys like "1e-04"."""
-    out = {}
+                        targets: Sequence[float] = DEFAULT_FPRS, n_neg: Optional[int] = None,
+                        rule: str = "le") -> Dict[str, Optional[float]]:
+    """TPR at each FPR target from a `roc_curve` ROC; keys like "1e-04".
+
+    rule "le": the LARGEST TPR whose FPR is <= the target (no interpolation; conservative).
+    rule "nearest": InsightFace's IJB-C rule, the ROC point whose FPR is nearest the target
+    (may lie above it), on sklearn's default ROC (collinear points dropped), ties to the later
+    point. With `n_neg` (impostor count), targets it cannot resolve give None.
+    """
+    _check_rule(rule)
+    if rule == "nearest":
+        fpr, tpr = _drop_collinear(np.asarray(fpr), np.asarray(tpr))
+    out: Dict[str, Optional[float]] = {}
     for t in targets:
-        ok = fpr <= t
-        out[_fpr_key(t)] = float(tpr[ok].max()) if ok.any() else 0.0
+        if n_neg is not None and not resolvable(t, n_neg):
+            out[_fpr_key(t)] = None
+        elif rule == "le":
+            ok = fpr <= t
+            out[_fpr_key(t)] = float(tpr[ok].max()) if ok.any() else 0.0
+        else:
+            d = np.abs(fpr - t)[::-1]                      # reversed: ties go to the later point
+            out[_fpr_key(t)] = float(tpr[fpr.size - 1 - int(np.argmin(d))])
     return out
 
 
+def _drop_collinear(fpr: np.ndarray, tpr: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """sklearn's roc_curve(drop_intermediate=True) points from our full ROC (whose first point
+    is the prepended (0, 0)): inner points where the curve does not turn are dropped."""
+    f, t = fpr[1:], tpr[1:]
+    if f.size <= 2:
+        return fpr, tpr
+    turn = (np.abs(np.diff(f, 2)) > 1e-12) | (np.abs(np.diff(t, 2)) > 1e-12)
+    keep = np.r_[True, turn, True]
+    return np.r_[fpr[:1], f[keep]], np.r_[tpr[:1], t[keep]]
+
+
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray,
-               targets: Sequence[float] = DEFAULT_FPRS) -> Dict[str, float]:
+               targets: Sequence[float] = DEFAULT_FPRS, rule: str = "le"
+               ) -> Dict[str, Optional[float]]:
     """TPR at FPR targets without a full sort (np.partition on the impostor scores only); equals
-    ``tpr_at_fpr_from_roc(*roc_curve(labels, scores)[:2])``."""
+    ``tpr_at_fpr_from_roc(*roc_curve(labels, scores)[:2], n_neg=impostors)`` for rule "le"."""
     labels, scores = _check_pairs(labels, scores)
     neg = scores[~labels]
     pos = scores[labels]
-    return tpr_at_fpr_split(pos, neg, targets)
+    return tpr_at_fpr_split(pos, neg, targets, rule=rule)
 
 
 def tpr_at_fpr_split(pos: np.ndarray, neg: np.ndarray,
-                     targets: Sequence[float] = DEFAULT_FPRS, n_neg: int | None = None
-                     ) -> Dict[str, float]:
-    """Largest TPR with FPR <= target from genuine scores `pos` and impostor scores `neg`.
+                     targets: Sequence[float] = DEFAULT_FPRS, n_neg: int | None = None,
+                     rule: str = "le") -> Dict[str, Optional[float]]:
+    """TPR at FPR targets from genuine scores `pos` and impostor scores `neg`; None where the
+    N impostors cannot resolve the target (N * target < 1).
 
-    With k = floor(target * N) false accepts allowed, the best threshold lies just above the
-    (k+1)-th largest impostor score v, so TPR = mean(pos > v). `neg` may hold only the largest
-    impostor scores (see `TopScores`) when `n_neg` gives the true impostor count N.
+    rule "le": with k = floor(target * N) false accepts allowed, the best threshold lies just
+    above the (k+1)-th largest impostor score v, so TPR = mean(pos > v). rule "nearest": the
+    reachable false-accept count nearest target * N (ties: the larger), at its highest TPR.
+    `neg` may hold only the largest impostor scores (see `TopScores`) when `n_neg` gives N.
     """
+    _check_rule(rule)
     n_neg = int(neg.size if n_neg is None else n_neg)
     if pos.size == 0 or n_neg == 0:
         raise ValueError(f"TPR@FPR needs genuine and impostor pairs; got {pos.size} and {n_neg}")
     neg_sorted = np.sort(np.asarray(neg, dtype=np.float64))[::-1]
-    out = {}
+    out: Dict[str, Optional[float]] = {}
     for t in targets:
+        if not resolvable(t, n_neg):
+            out[_fpr_key(t)] = None
+            continue
         k = int(np.floor(t * n_neg * (1 + 1e-12)))
+        if rule == "nearest" and k < n_neg:
+            k = _nearest_count(neg_sorted, k, t * n_neg)
         if k >= n_neg:
             out[_fpr_key(t)] = 1.0
             continue
@@ -112,6 +162,18 @@ def tpr_at_fpr_split(pos: np.ndarray, neg: np.ndarray,
                              f"{neg_sorted.size} were kept")
         out[_fpr_key(t)] = float(np.mean(pos > neg_sorted[k]))
     return out
+
+
+def _nearest_count(neg_sorted: np.ndarray, k: int, want: float) -> int:
+    """Of the false-accept counts a threshold can reach around k (ties in the impostor scores
+    make some unreachable), the one nearest `want`; ties go to the larger count."""
+    if k >= neg_sorted.size:
+        return k                                   # the caller reports the missing scores
+    v = neg_sorted[k]
+    below = int(np.sum(neg_sorted > v))            # reachable: threshold just above v
+    above = int(np.sum(neg_sorted >= v))           # reachable: threshold at v (when the run
+    # of v ends among the kept scores; else the caller reports that more are needed)
+    return above if abs(above - want) <= abs(below - want) else below
 
 
 class TopScores:

@@ -53,6 +53,9 @@ def evaluate(qf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray, gf: np.ndar
     if qf.shape[0] != q_pids.size or gf.shape[0] != g_pids.size:
         raise ValueError(f"features ({qf.shape[0]} query, {gf.shape[0]} gallery rows) do not match "
                          f"the folders ({q_pids.size} query, {g_pids.size} gallery images)")
+    from facetrain.eval.checks import check_features
+    check_features(np.asarray(qf), "query features")
+    check_features(np.asarray(gf), "gallery features")
     q = torch.from_numpy(l2_normalize(qf))
     g = torch.from_numpy(l2_normalize(gf))
     ranks_all = tuple(sorted(set(ranks) | set(range(1, max_cmc + 1))))

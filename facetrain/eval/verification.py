@@ -56,7 +56,7 @@ def evaluate_pack_features(features: np.ndarray, issame: np.ndarray, n_folds: in
     scores = pair_scores(features)
     res = verification_kfold(scores, issame, n_folds)
     fpr, tpr, _ = roc_curve(issame, scores)
-    res["tpr_at_fpr"] = tpr_at_fpr_from_roc(fpr, tpr, fprs)
+    res["tpr_at_fpr"] = tpr_at_fpr_from_roc(fpr, tpr, fprs, n_neg=int((~issame).sum()))
     res["pairs"] = int(issame.size)
     res["roc"] = (fpr, tpr)
     return res

@@ -51,7 +51,7 @@ def test_no_arguments_uses_defaults_or_says_what_is_missing(tmp_path, capsys, mo
     make_pack(tmp_path / "data/glyphs/eval/verification.bin", 20, np.random.default_rng(0))
     monkeypatch.chdir(tmp_path)
     rc, _, err = inproc("lfw", capsys=capsys)
-    assert rc == 2 and "runs/*/export/backbone.pt" in err and "--model" in err
+    assert rc == 2 and "runs/**/export/backbone.pt" in err and "--model" in err
     (tmp_path / "runs/a/export").mkdir(parents=True)
     torch.jit.script(MeanNet()).save(str(tmp_path / "runs/a/export/backbone.pt"))
     r = cli("lfw", "--image-size", "16", cwd=tmp_path)
@@ -60,6 +60,15 @@ def test_no_arguments_uses_defaults_or_says_what_is_missing(tmp_path, capsys, mo
     rep = json.loads((tmp_path / "runs/eval/verification.json").read_text())
     assert rep["verification"]["pairs"] == 20
     assert (tmp_path / "runs/eval/verification.png").stat().st_size > 1000
+    assert "newest of 1 exported backbone(s)" in r.stderr and "runs/a/export" in r.stderr
+    # the main job's exports (runs/main/<method>_seed<k>/export/) count too: the newest wins
+    main = tmp_path / "runs/main/cosface_seed0/export/backbone.pt"
+    main.parent.mkdir(parents=True)
+    torch.jit.script(MeanNet()).save(str(main))
+    os.utime(tmp_path / "runs/a/export/backbone.pt", (1000, 1000))
+    rc, _, err = inproc("lfw", "--image-size", "16", capsys=capsys)
+    assert rc == 0, err
+    assert f"newest of 2 exported backbone(s) under runs/: {main.relative_to(tmp_path)}" in err
 
 
 def test_lfw_features_match_library(tmp_path, capsys):
@@ -174,3 +183,145 @@ def test_trainer_export_is_loaded_at_its_own_input_size(tmp_path, capsys):
                                                   progress=False), issame)
     got = json.loads((tmp_path / "r.json").read_text())["p"]
     assert got["accuracy_mean"] == pytest.approx(ref["accuracy_mean"])
+
+
+def test_onnx_model_gives_the_pytorch_features(tmp_path, capsys):
+    """--model backbone.onnx runs in onnxruntime at the graph's input size (no --image-size) and
+    gives the features of --model backbone.pt."""
+    from facetrain.checkpoint import export_backbone
+    from facetrain.models.registry import build_backbone
+    kwargs = {"embedding_size": 8, "dropout": 0.0, "image_size": 16}
+    torch.manual_seed(0)
+    model = build_backbone("tiny", **kwargs).eval()
+    paths = export_backbone(model, "tiny", kwargs, tmp_path / "export", image_size=16)
+    make_pack(tmp_path / "p.bin", 10, np.random.default_rng(7))
+    feats = {}
+    for kind in ("torch", "onnx"):
+        rc, _, err = inproc("lfw", "--pack", str(tmp_path / "p.bin"), "--model",
+                            str(paths[kind]), "--json", str(tmp_path / f"{kind}.json"),
+                            "--no-plot", "--save-features", str(tmp_path / f"{kind}.npy"),
+                            capsys=capsys)
+        assert rc == 0, err
+        assert f"model: {paths[kind]} (input 16)" in err
+        feats[kind] = np.load(tmp_path / f"{kind}.npy")
+    np.testing.assert_allclose(feats["onnx"], feats["torch"], rtol=1e-4, atol=1e-5)
+    rc, _, err = inproc("lfw", "--pack", str(tmp_path / "p.bin"), "--model",
+                        str(tmp_path / "missing.onnx"), capsys=capsys)
+    assert rc == 2 and "missing.onnx does not exist" in err
+    (tmp_path / "bad.onnx").write_bytes(b"not a graph")
+    rc, _, err = inproc("lfw", "--pack", str(tmp_path / "p.bin"), "--model",
+                        str(tmp_path / "bad.onnx"), capsys=capsys)
+    assert rc == 2 and "onnxruntime cannot load" in err
+
+
+def test_unresolvable_fpr_is_na_and_fpr_rule_is_named(tmp_path, capsys):
+    """TPR at an FPR below 1/impostors prints n/a and is null in JSON (IJB-C and MegaFace);
+    --fpr-rule nearest is InsightFace's rule and the JSON says which rule made the numbers."""
+    from facetrain.eval.metrics import UNRESOLVED
+    rng = np.random.default_rng(8)
+    info = make_ijbc(tmp_path / "IJBC", rng, n_subjects=6)
+    np.save(tmp_path / "f.npy", subject_features(rng, info["subjects"], noise=1.0))
+    reports = {}
+    for rule in ("le", "nearest"):
+        args = ["--root", str(tmp_path / "IJBC"), "--features", str(tmp_path / "f.npy"),
+                "--json", str(tmp_path / f"{rule}.json"), "--no-plot"]
+        rc, out, err = inproc("ijbc", *args, *(["--fpr-rule", rule] if rule != "le" else []),
+                              capsys=capsys)
+        assert rc == 0, err
+        assert UNRESOLVED in out and f"FPR rule {rule}" in out
+        reports[rule] = json.loads((tmp_path / f"{rule}.json").read_text())["1:1"]
+        assert reports[rule]["fpr_rule"] == rule
+    rep = reports["le"]
+    n_imp = rep["impostor_pairs"]
+    assert n_imp == rep["pairs"] - rep["genuine_pairs"] and n_imp < 10 ** 6
+    for key, val in rep["tpr_at_fpr"].items():
+        assert (val is None) == (float(key) * n_imp < 1), key
+        assert (reports["nearest"]["tpr_at_fpr"][key] is None) == (val is None), key
+    assert rep["tpr_at_fpr"]["1e-06"] is None
+    assert rep["tpr_at_fpr"]["1e-01"] <= reports["nearest"]["tpr_at_fpr"]["1e-01"] + 0.2
+
+    info = make_megaface(tmp_path / "mf", rng, n_ids=4, per_id=3, n_distractors=30)
+    feats = np.r_[subject_features(rng, info["ids"], noise=0.5),
+                  rng.normal(size=(30, 16)).astype(np.float32)]
+    np.save(tmp_path / "mf.npy", feats)
+    rc, out, err = inproc("megaface", "--root", str(tmp_path / "mf"), "--features",
+                          str(tmp_path / "mf.npy"), "--fpr-rule", "nearest", "--json",
+                          str(tmp_path / "mf.json"), "--no-plot", capsys=capsys)
+    assert rc == 0, err
+    assert UNRESOLVED in out and "FPR rule nearest" in out
+    rep = json.loads((tmp_path / "mf.json").read_text())
+    assert rep["tpr_at_fpr"] == {"1e-06": None} and rep["fpr_rule"] == "nearest"
+    assert rep["impostor_pairs"] == 12 * 30
+    with pytest.raises(SystemExit) as exc:                 # argparse: usage line, exit 2
+        inproc("megaface", "--root", str(tmp_path / "mf"), "--fpr-rule", "closest",
+               capsys=capsys)
+    assert exc.value.code == 2 and "invalid choice: 'closest'" in capsys.readouterr().err
+
+
+def _protocols(tmp_path):
+    """Each CLI's tiny protocol: name -> (its flags without --features, feature rows, dim)."""
+    from facetrain.eval import reid
+    rng = np.random.default_rng(9)
+    make_pack(tmp_path / "p.bin", 10, rng)
+    info = make_ijbc(tmp_path / "IJBC", rng, n_subjects=4, with_1n=True)
+    mf = make_megaface(tmp_path / "mf", rng, n_ids=3, per_id=3, n_distractors=10)
+    make_reid(tmp_path / "market", rng, n_ids=3, n_cams=2)
+    n_reid = sum(len(reid.parse_folder(tmp_path / "market" / d)[0])
+                 for d in (reid.QUERY_DIR, reid.GALLERY_DIR))
+    return {"lfw": (["--pack", str(tmp_path / "p.bin")], 20),
+            "ijbc": (["--root", str(tmp_path / "IJBC")], len(info["subjects"])),
+            "megaface": (["--root", str(tmp_path / "mf")],
+                         len(mf["probes"]) + len(mf["distractors"])),
+            "reid": (["--root", str(tmp_path / "market")], n_reid)}
+
+
+def test_bad_features_and_outputs_fail_up_front(tmp_path, capsys):
+    """NaN, [N, 0], empty and unreadable .npy features and a --json that is a directory: exit
+    2 with one message naming the file, no traceback, no report (issue 12)."""
+    protocols = _protocols(tmp_path)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    (tmp_path / "outdir").mkdir()
+    for name, (flags, rows) in protocols.items():
+        good = np.random.default_rng(1).normal(size=(rows, 8)).astype(np.float32)
+        nan = good.copy()
+        nan[rows - 1, 3] = np.nan                   # the last row: a MegaFace distractor
+        np.save(tmp_path / f"{name}_nan.npy", nan)
+        np.save(tmp_path / f"{name}_w0.npy", np.zeros((rows, 0), np.float32))
+        np.save(tmp_path / f"{name}_good.npy", good)
+        report = tmp_path / f"{name}.json"
+        cases = {f"{name}_nan.npy": f"1 of {rows} feature rows hold NaN or inf (first: row "
+                                    f"{rows - 1})",
+                 f"{name}_w0.npy": "zero values per row",
+                 "empty.npy": "empty.npy is empty (0 bytes)",
+                 "junk.npy": "junk.npy is not a readable .npy array"}
+        for feats, msg in cases.items():
+            rc, _, err = inproc(name, *flags, "--features", str(tmp_path / feats), "--json",
+                                str(report), capsys=capsys)
+            assert rc == 2 and msg in err and str(tmp_path / feats) in err, (name, feats, err)
+            assert "Traceback" not in err and "only 0 were kept" not in err
+            assert not report.exists()
+        rc, _, err = inproc(name, *flags, "--features", str(tmp_path / f"{name}_good.npy"),
+                            "--json", str(tmp_path / "outdir"), capsys=capsys)
+        assert rc == 2 and f"--json {tmp_path / 'outdir'} is a directory" in err, (name, err)
+        rc, _, err = inproc(name, *flags, "--features", str(tmp_path / f"{name}_good.npy"),
+                            "--json", str(report), "--no-plot", capsys=capsys)
+        assert rc == 0 and report.is_file(), (name, err)
+
+
+def test_ijbc_missing_1n_csv_is_an_error_not_a_silent_1to1(tmp_path, capsys):
+    flags, rows = _protocols(tmp_path)["ijbc"]
+    np.save(tmp_path / "f.npy", np.random.default_rng(2).normal(size=(rows, 8)).astype("f4"))
+    gallery = tmp_path / "IJBC/meta/ijbc_1N_gallery_G2.csv"
+    gallery.unlink()
+    args = [*flags, "--features", str(tmp_path / "f.npy"), "--json", str(tmp_path / "r.json")]
+    rc, _, err = inproc("ijbc", *args, capsys=capsys)
+    assert rc == 2 and f"1:N file {gallery} is missing" in err and "--no-1n" in err
+    assert not (tmp_path / "r.json").exists()
+    rc, out, err = inproc("ijbc", *args, "--no-1n", capsys=capsys)
+    assert rc == 0 and "1:N" not in out, err
+    for part in ("gallery_G1", "probe_mixed"):       # no 1:N CSV at all: a 1:1-only folder
+        (tmp_path / f"IJBC/meta/ijbc_1N_{part}.csv").unlink()
+    rc, out, err = inproc("ijbc", *args, capsys=capsys)
+    assert rc == 0 and "1:N skipped: no ijbc_1N_*.csv" in err
+    assert "1:N" not in json.loads((tmp_path / "r.json").read_text())

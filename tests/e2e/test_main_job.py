@@ -58,7 +58,7 @@ def test_reduced_main_job_end_to_end(tmp_path):
         ev = json.loads((out / f"{m}_seed0" / "eval.json").read_text())
         assert 0.5 <= ev["verification"]["accuracy_mean"] <= 1.0
         assert ev["verification"]["pairs"] == 200
-        assert all(0.0 <= v <= 1.0 for v in ev["ijbc"]["tpr_at_fpr"].values())
+        assert all(v is None or 0.0 <= v <= 1.0 for v in ev["ijbc"]["tpr_at_fpr"].values())
         assert 0.0 <= ev["megaface"]["rank1"] <= 1.0 and ev["megaface"]["distractors"] > 0
         var = np.load(out / f"{m}_seed0" / "angular_variance.npz")
         assert var["variance"].shape == var["counts"].shape and var["head_mask"].sum() == 10

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -108,6 +109,12 @@ def test_latest_backbone_by_mtime(tmp_path, monkeypatch):
         p.write_bytes(b"x")
         os.utime(p, (1000 + i, 1000 + i))
     assert defaults.latest_backbone().parts[-3] == "a"
+    deep = tmp_path / "runs" / "main" / "leap_full_seed2" / "export" / "backbone.pt"
+    deep.parent.mkdir(parents=True)                      # the main job's layout, one level deeper
+    deep.write_bytes(b"x")
+    os.utime(deep, (2000, 2000))
+    assert defaults.latest_backbone() == Path("runs/main/leap_full_seed2/export/backbone.pt")
+    assert len(defaults.exported_backbones()) == 3
 
 
 def test_load_features_checks_rows(tmp_path):

@@ -43,12 +43,17 @@ def test_tpr_at_fpr_is_largest_tpr_with_fpr_at_most_target(seed):
     y, s = _data(seed, n=1500)
     targets = (1e-4, 1e-3, 5e-3, 1e-2, 0.1, 0.5)
     fpr, tpr, _ = metrics.roc_curve(y, s)
+    n_neg = int((~y).sum())
     a = metrics.tpr_at_fpr_from_roc(fpr, tpr, targets)
     b = metrics.tpr_at_fpr(y, s, targets)
+    c = metrics.tpr_at_fpr_from_roc(fpr, tpr, targets, n_neg=n_neg)
     for t in targets:
         ref = _brute_tpr_at_fpr(y, s, t)
         assert a[f"{t:.0e}"] == pytest.approx(ref)
-        assert b[f"{t:.0e}"] == pytest.approx(ref)
+        if t * n_neg < 1:            # one false accept is already above t: not measurable
+            assert b[f"{t:.0e}"] is None and c[f"{t:.0e}"] is None
+        else:
+            assert b[f"{t:.0e}"] == pytest.approx(ref) and c[f"{t:.0e}"] == pytest.approx(ref)
 
 
 def test_top_scores_streaming_equals_sorting():
@@ -93,7 +98,8 @@ def test_perfect_separation_gives_full_accuracy():
     y = np.tile([True, False], 50)
     s = np.where(y, 0.9, 0.1)
     assert metrics.verification_kfold(s, y)["accuracy_mean"] == 1.0
-    assert metrics.tpr_at_fpr(y, s, (1e-6,))["1e-06"] == 1.0
+    assert metrics.tpr_at_fpr(y, s, (0.1,))["1e-01"] == 1.0
+    assert metrics.tpr_at_fpr(y, s, (1e-6,))["1e-06"] is None      # 50 impostors: n/a
 
 
 def test_bad_inputs_are_named():
@@ -114,3 +120,32 @@ def test_cmc_map_against_hand_computed_case():
     assert res["queries_scored"] == 1 and res["queries_skipped"] == 2
     assert res["mAP"] == pytest.approx(0.5)
     assert res["rank1"] == 0.0 and res["rank5"] == 1.0
+
+
+def _insightface_nearest(y, s, target):
+    """InsightFace's IJB-C rule, literally: sklearn's default ROC, flipped, nearest FPR."""
+    fpr, tpr, _ = sk_roc(y, s)
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    return tpr[np.argmin(np.abs(fpr - target))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nearest_rule_reproduces_insightface(seed):
+    y, s = _data(seed, n=1500)
+    s = np.round(s, 2)                                    # ties: collinear ROC points
+    n_neg = int((~y).sum())
+    targets = (1e-3, 5e-3, 1e-2, 0.1, 0.5)
+    fpr, tpr, _ = metrics.roc_curve(y, s)
+    got = metrics.tpr_at_fpr_from_roc(fpr, tpr, targets, n_neg=n_neg, rule="nearest")
+    for t in targets:
+        assert got[f"{t:.0e}"] == pytest.approx(_insightface_nearest(y, s, t)), t
+    # the streamed form: the reachable false-accept count nearest t * N, at its best TPR
+    split = metrics.tpr_at_fpr_split(s[y], s[~y], targets, rule="nearest")
+    neg = np.sort(s[~y])[::-1]
+    for t in targets:
+        counts = np.r_[0, np.flatnonzero(np.r_[neg[1:] != neg[:-1], True]) + 1]
+        c = counts[::-1][np.argmin(np.abs(counts[::-1] - t * n_neg))]
+        ref = 1.0 if c == n_neg else np.mean(s[y] > neg[c])
+        assert split[f"{t:.0e}"] == pytest.approx(ref), t
+    with pytest.raises(ValueError, match="fpr rule"):
+        metrics.tpr_at_fpr(y, s, (0.1,), rule="closest")

@@ -122,3 +122,7 @@ def test_metrics_from_eval_results():
                    "ijbc_tpr@1e-4": 0.61, "megaface_rank1": 0.83}
     assert set(got) == {m.key for m in report.DEFAULT_METRICS}
     assert report.metrics_from_eval(ijbc={"tpr_at_fpr": {"1e-03": 0.5}}) == {"ijbc_tpr@1e-3": 0.5}
+    # None: an FPR the impostor pairs cannot resolve (JSON null) is left out, shown as n/a
+    assert report.metrics_from_eval(
+        verification={"tpr_at_fpr": {"1e-03": None}},
+        ijbc={"tpr_at_fpr": {"1e-03": 0.5, "1e-04": None}}) == {"ijbc_tpr@1e-3": 0.5}
