@@ -2,7 +2,7 @@
 # One prepared GPU session (run on a lent H100/H200 through the device tool, ~6-8 minutes):
 # InsightFace's anchor and our harness on the same card at the same moment, then the classifier
 # and backbone benchmarks and the GPU-marked tests. Results land in $OUT.
-#   carry: third_party  (third_party/anchor_insightface.py = shared/bench/anchor_insightface.py and
+#   carry: third_party  (third_party/anchor_insightface.py = the project's InsightFace anchor script and
 #                        third_party/recognition/arcface_torch from a snapshot of insightface; never committed)
 # STAGES: space-separated subset of "info anchor ours compile classifier tests" (default: all).
 # All stages together can pass the device tool's 600 s per call: on a 15-minute budget run

@@ -3,7 +3,7 @@
 The step is the trainer's own: backbone (DDP when launched under torchrun) -> all-gather ->
 sharded PartialFC (class sampling, LEAP, margin, distributed softmax CE) -> backward -> clip ->
 both optimizers (facetrain.engines.DDPEngine). Only the loader is replaced by a few fixed
-on-device batches, so the numbers compare one to one with shared/anchors.md (InsightFace's
+on-device batches, so the numbers compare one to one with the anchor table in RESULTS.md (InsightFace's
 arcface_torch measured the same way: 8 warm-up steps, 30 timed).
 
     python benchmarks/train_throughput.py                       # CPU, tiny sizes (CI keeps it working)
@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 
 from benchmarks.classifier_bench import _peak_gib, _sync  # noqa: E402
 from facetrain.config import config_from_dict  # noqa: E402
-from facetrain.dist import DistContext, destroy, init_distributed  # noqa: E402
+from facetrain.dist import DistContext, finish, init_distributed  # noqa: E402
 from facetrain.engines import build_engine  # noqa: E402
 from facetrain.heads.partial_fc import PartialFC  # noqa: E402
 from facetrain.models.registry import build_backbone  # noqa: E402
@@ -235,7 +235,7 @@ def main(argv: Optional[List[str]] = None) -> List[Result]:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
-    destroy(ctx)
+    finish(ctx)
     return results
 
 

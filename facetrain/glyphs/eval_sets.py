@@ -2,7 +2,7 @@
 
 Input: `classes`, a list of (class name, [(design index, image)]) with images uint8 [S, S]
 grayscale (dark ink on white). Every writer takes its own seeded numpy Generator so each set is
-reproducible on its own. Formats: shared/design/formats.md; readers: facetrain/eval/.
+reproducible on its own. Formats: those of InsightFace (README, "Formats we read"); readers: facetrain/eval/.
 """
 from __future__ import annotations
 
