@@ -80,3 +80,42 @@ def test_damaged_latest_checkpoint_falls_back_then_errors_when_none_is_intact(tm
     third = _run(*base, "train.max_steps=12")
     _assert_one_clean_message(third, "no intact checkpoint under", "replicated.pt",
                               "checkpoint.resume=none")
+
+
+def _idx_offsets(rec: str) -> dict:
+    return {int(k): int(v) for k, v in (ln.split("\t") for ln in
+                                        Path(rec + ".idx").read_text().split("\n") if ln)}
+
+
+def test_corrupt_record_is_one_message_before_training(tmp_path):
+    rec = make_tiny_rec(tmp_path / "data")
+    offsets = _idx_offsets(rec)
+    key = sorted(offsets)[5]
+    data = bytearray(Path(rec + ".rec").read_bytes())
+    data[offsets[key]] ^= 0xFF                                     # a damaged magic word
+    Path(rec + ".rec").write_bytes(bytes(data))
+    proc = _run(*tiny_overrides(rec, tmp_path / "out"))
+    _assert_one_clean_message(proc, "train.rec")
+    assert not (tmp_path / "out" / "checkpoints").exists()       # stopped before the first step
+
+
+def test_skipped_images_are_in_the_run_log(tmp_path):
+    """With data.skip_bad_images=true an undecodable image is replaced, and the warning reaches
+    log.txt (not only the console)."""
+    from facetrain.data.writer import write_insightface_dataset
+    import cv2
+    import numpy as np
+
+    items = []
+    rng = np.random.RandomState(0)
+    for label in range(4):
+        for k in range(6):
+            ok, buf = cv2.imencode(".jpg", rng.randint(0, 255, (16, 16, 3)).astype(np.uint8))
+            items.append((label, b"not an image" if (label, k) == (1, 2) else buf.tobytes()))
+    (tmp_path / "data").mkdir()
+    write_insightface_dataset(tmp_path / "data" / "train", items, num_classes=4, image_size=16)
+    out = tmp_path / "out"
+    proc = _run(*tiny_overrides(str(tmp_path / "data" / "train"), out,
+                                ["data.skip_bad_images=true", "train.epochs=1"]), nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING: 1 undecodable images replaced so far" in (out / "log.txt").read_text()
