@@ -39,7 +39,7 @@ FP16_NONFINITE_PATIENCE = 20
 # LEAP numbers logged every log_every steps (PartialFC.leap_summary): statistics, the expected
 # per-sample noise variance of the applied cloud and of LEAP's (matched controls make them
 # equal), and the realised noise of the steps since the previous log.
-LOGGED_LEAP = ("pooled_var", "num_perturbed", "noise_var", "leap_noise_var", "batch_noise_var",
+LOGGED_LEAP = ("pooled_var", "num_perturbed", "noise_var", "target_noise_var", "batch_noise_var",
                "mean_abs_alpha")
 
 

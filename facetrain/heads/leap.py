@@ -42,7 +42,7 @@ def memory_sizes(counts: torch.Tensor, memory_factor: float) -> torch.Tensor:
 
 # Replicated per-run scalars (same on every rank), in `LeapState.globals`.
 GLOBALS = ("pooled_var", "meangap_var", "num_valid", "num_perturbed", "noise_var",
-           "leap_noise_var", "refreshes")
+           "target_noise_var", "refreshes")
 
 
 class LeapState(torch.nn.Module):

@@ -200,7 +200,7 @@ class PartialFC(torch.nn.Module):
 
     def leap_summary(self) -> Dict[str, float]:
         """Global LEAP numbers (replicated): statistics, the expected per-sample noise variance
-        of the applied cloud (`noise_var`) and of LEAP's own (`leap_noise_var`, what controls
+        of the applied cloud (`noise_var`) and of LEAP's own (`target_noise_var`, what controls
         are matched to), and the realised noise since the previous call (`batch_noise_var`,
         `mean_abs_alpha`). A collective that syncs with the host: call it on every rank, at
         log time."""

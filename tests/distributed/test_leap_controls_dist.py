@@ -76,8 +76,8 @@ def _worker(ctx, out_dir) -> None:
                     np.testing.assert_allclose((COUNTS * v).sum(), lam * strength, rtol=1e-6, err_msg=tag)
                     assert (v[~valid] == 0).all(), tag
                     summ = head.leap_summary()
-                    assert summ["noise_var"] == pytest.approx(summ["leap_noise_var"], rel=1e-12), tag
-                    assert summ["leap_noise_var"] == pytest.approx(
+                    assert summ["noise_var"] == pytest.approx(summ["target_noise_var"], rel=1e-12), tag
+                    assert summ["target_noise_var"] == pytest.approx(
                         lam * strength / COUNTS[valid].sum(), rel=1e-9), tag
                     if control == "none":
                         np.testing.assert_allclose(v, lam * gap, rtol=1e-6, atol=1e-12, err_msg=tag)

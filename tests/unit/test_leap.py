@@ -186,8 +186,8 @@ def test_uniform_control_is_matched_and_sample_granularity():
         np.testing.assert_allclose(head.leap.class_std[:-1].double().numpy() ** 2,
                                    np.full(6, lam * shared), rtol=1e-6)
         summ = head.leap_summary()
-        assert summ["noise_var"] == pytest.approx(summ["leap_noise_var"], rel=1e-12)
-        assert summ["leap_noise_var"] == pytest.approx(lam * shared, rel=1e-12)
+        assert summ["noise_var"] == pytest.approx(summ["target_noise_var"], rel=1e-12)
+        assert summ["target_noise_var"] == pytest.approx(lam * shared, rel=1e-12)
         for cls in (0, 4):                 # every class with valid stats, same spread
             assert _angles(head, cls).std().item() == pytest.approx(math.sqrt(lam * shared), rel=0.06)
     head = _orthogonal_head(LeapConfig(mode="full", alpha_granularity="sample"), counts, var)
@@ -202,7 +202,7 @@ def test_uniform_meangap_is_the_earlier_unmatched_control():
     head = _orthogonal_head(LeapConfig(mode="full", control="uniform_meangap"), counts, var)
     np.testing.assert_allclose(head.leap.class_std[:-1].double().numpy() ** 2,
                                np.full(6, gaps[gaps > 0].mean()), rtol=1e-6)
-    assert head.leap_summary()["noise_var"] > head.leap_summary()["leap_noise_var"]
+    assert head.leap_summary()["noise_var"] > head.leap_summary()["target_noise_var"]
 
 
 def test_shuffled_control_is_a_scaled_permutation_redrawn_each_refresh():
