@@ -285,3 +285,30 @@ def test_before_start_epoch_and_in_eval_nothing_is_perturbed():
     assert _angles(head, 3).std() > 0.05
     head.eval()
     assert torch.equal(_angles(head, 3), torch.zeros(400, 5))
+
+
+def test_resume_and_reshard_continue_the_state_with_grad_accum_and_shuffled():
+    """Stop between optimizer steps, save, reshard 1 -> 3 -> 1, load into a fresh head: the
+    centres, memory, step counter and the shuffled control's permutation stream continue as if
+    uninterrupted."""
+    counts = np.arange(2, 14)
+    cfg = LeapConfig(mode="full", update_interval=2, control="shuffled", memory_factor=0.5)
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 12, (8,), generator=g))
+               for _ in range(24)]
+    full = PartialFC(6, counts, HeadConfig(), cfg, single_process(), seed=2, grad_accum=3).train()
+    half = PartialFC(6, counts, HeadConfig(), cfg, single_process(), seed=2, grad_accum=3).train()
+    for emb, lab in batches:
+        full(emb, lab)
+    for emb, lab in batches[:12]:          # 4 optimizer steps
+        half(emb, lab)
+    state = PartialFC.reshard(PartialFC.reshard([half.shard_state()], 3), 1)[0]
+    resumed = PartialFC(6, counts, HeadConfig(), cfg, single_process(), seed=2, grad_accum=3).train()
+    resumed.load_shard_state(state)
+    assert resumed.leap_steps == 4 and resumed.leap.refreshes == 2
+    for emb, lab in batches[12:]:
+        resumed(emb, lab)
+    assert resumed.leap.refreshes == full.leap.refreshes == 4 and full.leap.class_std.max() > 0
+    for key in ("centers", "memory", "count", "sum", "sumsq", "class_std"):
+        torch.testing.assert_close(getattr(resumed.leap, key), getattr(full.leap, key), msg=key)
+    torch.testing.assert_close(resumed.leap.globals, full.leap.globals)
