@@ -188,19 +188,14 @@ class LeapState(torch.nn.Module):
         cls, order, seg, _, _ = self._segments(labels)
         f = f[order]
         seg_sum = torch.zeros_like(f).index_add_(0, seg, f)
-        seg_cnt = torch.zeros(f.shape[0], device=f.device).index_add_(0, seg, torch.ones_like(seg, dtype=f.dtype))
+        ones = torch.ones_like(seg, dtype=f.dtype)
+        seg_cnt = torch.zeros(f.shape[0], device=f.device).index_add_(0, seg, ones)
         batch_mean = seg_sum[seg] / seg_cnt[seg].unsqueeze(1)
         old = self.centers[cls]
         center = torch.where(self.seen[cls].unsqueeze(1), old + self.cfg.center_lr * (batch_mean - old),
                              batch_mean)
         self.centers[cls] = center                        # duplicates write identical rows
         self.seen.index_fill_(0, cls, True)
-
-    def update(self, feats: torch.Tensor, labels: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
-        """One iteration that is also an update step: record, move the centres, refresh."""
-        self.record(feats, labels)
-        self.update_centers(feats, labels)
-        self.refresh(group)
 
     def _write_ring(self, cls, beta, cnt, seg_cnt, seg, write_ok) -> None:
         """Append each writable sample's angle to its class ring; only the last S_i of a class's

@@ -239,7 +239,7 @@ def test_zero_angles_give_the_baseline_loss(monkeypatch):
     var = [0.04, 0.05, 0.01, 0.01, 0.0, 0.08]
     for margin in (MarginConfig("cosface", 10.0, 0.2, 0.0), MarginConfig("arcface", 10.0, 0.0, 0.4)):
         head = _orthogonal_head(LeapConfig(mode="full", update_interval=10**6), counts, var, margin)
-        head.calls = 1                     # no statistics update inside the compared steps
+        head.leap_steps = 1                # no centre update or refresh inside the compared steps
         g = torch.Generator().manual_seed(4)
         emb = torch.randn(12, 7, generator=g)
         labels = torch.tensor([3, 4, 0, 2, 3, 1, 5, 3, 2, 2, 0, 4])
@@ -265,7 +265,7 @@ def test_finite_loss_and_grads_when_cosines_are_exactly_one():
     for kind in ("cosface", "arcface"):
         head = _orthogonal_head(LeapConfig(mode="full", update_interval=10**6), counts, var,
                                 MarginConfig(kind, 64.0, 0.35, 0.5))
-        head.calls = 1
+        head.leap_steps = 1
         emb = torch.eye(7)[[3, 4, 5, 3, 0]]          # cos = 1 to the target, 0 elsewhere
         emb2 = -torch.eye(7)[[3, 4]]                 # cos = -1 to class 3 / 4
         e = torch.cat([emb, emb2]).requires_grad_()
