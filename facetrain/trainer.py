@@ -40,7 +40,7 @@ FP16_NONFINITE_PATIENCE = 20
 # per-sample noise variance of the applied cloud and of LEAP's (matched controls make them
 # equal), and the realised noise of the steps since the previous log.
 LOGGED_LEAP = ("pooled_var", "num_perturbed", "noise_var", "target_noise_var", "batch_noise_var",
-               "mean_abs_alpha")
+               "mean_abs_alpha", "active")
 
 
 class NonFiniteLossError(RuntimeError):
