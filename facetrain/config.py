@@ -109,28 +109,36 @@ class HeadConfig:
         _check_choice("head.update_rows", self.update_rows, ("all", "sampled"))
 
 
+LEAP_CONTROLS = ("none", "null", "uniform", "shuffled", "uniform_meangap")
+
+
 @dataclass(frozen=True)
 class LeapConfig:
-    """LEAP feature cloud; every field is pinned down in shared/design/leap.md."""
+    """LEAP feature cloud; every field and the paper sentence behind it is in docs/leap.md."""
 
     mode: str = "full"                         # off | vanilla | full
-    update_interval: int = 5                   # iterations between centre/memory updates
+    update_interval: int = 5                   # optimizer steps between centre updates
     center_lr: float = 0.1                     # 0.9 = the paper's Eq. 4 read literally
     memory_factor: float = 1.0                 # the paper's P: memory S_i = ceil(K_i * P)
     head_threshold: int = 20                   # T: head classes have K_i > T (vanilla)
     alpha_granularity: str = "logit"           # logit | sample
     start_epoch: int = 0                       # feature cloud from this epoch on
-    control: str = "none"                      # none | null | uniform (experiment controls)
+    # Experiment controls: none | null | uniform | shuffled | uniform_meangap (docs/leap.md).
+    control: str = "none"
+    width_scale: float = 1.0                   # lambda: every class's cloud variance * lambda
 
     def __post_init__(self) -> None:
         _check_choice("leap.mode", self.mode, ("off", "vanilla", "full"))
         _check_choice("leap.alpha_granularity", self.alpha_granularity, ("logit", "sample"))
-        _check_choice("leap.control", self.control, ("none", "null", "uniform"))
+        _check_choice("leap.control", self.control, LEAP_CONTROLS)
         _check_range("leap.update_interval", self.update_interval, 1)
         _check_range("leap.center_lr", self.center_lr, 0.0, 1.0, lo_open=True)
         _check_range("leap.memory_factor", self.memory_factor, 0.0, lo_open=True)
         _check_range("leap.head_threshold", self.head_threshold, 0)
         _check_range("leap.start_epoch", self.start_epoch, 0)
+        _check_range("leap.width_scale", self.width_scale, 0.0, lo_open=True)
+        if not math.isfinite(self.width_scale):
+            raise ConfigError(f"leap.width_scale must be a finite number > 0; got {self.width_scale!r}")
 
 
 @dataclass(frozen=True)

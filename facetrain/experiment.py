@@ -28,11 +28,14 @@ METHODS: Dict[str, Tuple[str, ...]] = {
     "cosface": ("leap.mode=off",),
     "leap_full": ("leap.mode=full",),
     "leap_vanilla": ("leap.mode=vanilla",),
-    # Controls (issue 6): the baseline with LEAP's random stream consumed the same way, and
-    # untargeted angular noise of the same mean variance.
+    # Controls (docs/leap.md): the baseline with LEAP's random stream consumed the same way;
+    # untargeted angular noise of LEAP's expected per-sample variance (one shared level, or
+    # LEAP's levels shuffled over the classes); the earlier, unmatched uniform control.
     # Quoted: overrides are parsed as YAML, where a bare `null` is None.
     "null_control": ("leap.mode=full", "leap.control='null'"),
     "uniform_control": ("leap.mode=full", "leap.control=uniform"),
+    "shuffled_control": ("leap.mode=full", "leap.control=shuffled"),
+    "uniform_meangap_control": ("leap.mode=full", "leap.control=uniform_meangap"),
 }
 BASELINE = "cosface"
 

@@ -101,6 +101,40 @@ def evaluate_run(run: Path, eval_root: Path, rec: Path, tail_samples: int,
 
 
 CONTROL = "uniform_control"
+# metrics.jsonl keys (trainer.LOGGED_LEAP with the `leap_` prefix) -> report column.
+NOISE_COLUMNS = {"leap_noise_var": "expected noise var", "leap_target_noise_var": "LEAP's (matched)",
+                 "leap_batch_noise_var": "realised noise var", "leap_mean_abs_alpha": "mean abs(alpha)"}
+
+
+def noise_strengths(runs: Mapping[str, Mapping[int, Path]]) -> Dict[str, Dict[str, float]]:
+    """Per method, the mean over seeds of each run's mean LEAP noise while the cloud was active
+    (logged rows with leap_active): shows that LEAP and its matched controls add the same
+    per-sample noise. Methods without an active cloud (the baseline) are left out."""
+    from facetrain.logging_utils import read_metrics
+    out: Dict[str, Dict[str, float]] = {}
+    for method, per_seed in runs.items():
+        per_run = []
+        for run in per_seed.values():
+            path = Path(run) / "metrics.jsonl"
+            rows = [r for r in read_metrics(path).values() if r.get("leap_active")] \
+                if path.is_file() else []
+            if rows:
+                per_run.append({k: float(np.mean([r.get(k, 0.0) for r in rows])) for k in NOISE_COLUMNS})
+        if per_run:
+            out[method] = {k: float(np.mean([r[k] for r in per_run])) for k in NOISE_COLUMNS}
+    return out
+
+
+def format_noise_markdown(strengths: Mapping[str, Mapping[str, float]]) -> str:
+    """A markdown table of `noise_strengths` (empty string when no method had a cloud)."""
+    if not strengths:
+        return ""
+    lines = ["## LEAP noise strength (per training sample, mean over seeds)", "",
+             "| method | " + " | ".join(NOISE_COLUMNS.values()) + " |",
+             "| --- |" + " --- |" * len(NOISE_COLUMNS)]
+    for method, vals in strengths.items():
+        lines.append(f"| {method} | " + " | ".join(f"{vals[k]:.4g}" for k in NOISE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_job_report(out: Path, runs: Mapping[str, Mapping[int, Path]],
@@ -128,12 +162,16 @@ def write_job_report(out: Path, runs: Mapping[str, Mapping[int, Path]],
     if CONTROL in results and leap:
         vs_control = report.summarize({CONTROL: results[CONTROL], **{m: results[m] for m in leap}},
                                       CONTROL)
+    strengths = noise_strengths(runs)
     md, js = report.write_report(summary, out, "results", "Baseline vs LEAP on the long-tailed "
                                  "glyph benchmark", extra={"settings": dict(settings),
                                                            "angular_variance": var_summary,
-                                                           "leap_vs_uniform_control": vs_control})
-    if vs_control is not None:
-        with open(md, "a", encoding="utf-8") as fh:
+                                                           "leap_vs_uniform_control": vs_control,
+                                                           "leap_noise": strengths})
+    with open(md, "a", encoding="utf-8") as fh:
+        if vs_control is not None:
             fh.write("\n" + report.format_markdown(vs_control, "LEAP against the uniform-noise "
-                                                   "control (same mean noise, untargeted)"))
+                                                   "control (same per-sample noise, untargeted)"))
+        if strengths:
+            fh.write("\n" + format_noise_markdown(strengths))
     return {"markdown": md, "json": js, "roc": roc_png, "variance": var_png}

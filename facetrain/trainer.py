@@ -37,6 +37,11 @@ KILL_ENV = "FACETRAIN_TEST_KILL_AT"
 # fp16: the grad scaler skips steps with overflowing gradients; only this many consecutive
 # non-finite losses stop the run. fp32/bf16 stop at the first one.
 FP16_NONFINITE_PATIENCE = 20
+# LEAP numbers logged every log_every steps (PartialFC.leap_summary): statistics, the expected
+# per-sample noise variance of the applied cloud and of LEAP's (matched controls make them
+# equal), and the realised noise of the steps since the previous log.
+LOGGED_LEAP = ("pooled_var", "num_perturbed", "noise_var", "target_noise_var", "batch_noise_var",
+               "mean_abs_alpha", "active")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,7 +130,7 @@ class Trainer:
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.head = PartialFC(cfg.model.embedding_size, self.loader.class_counts, cfg.head,
-                              cfg.leap, ctx, seed=cfg.train.seed)
+                              cfg.leap, ctx, seed=cfg.train.seed, grad_accum=accum)
         self.class_range = _class_range(self.head)
         self.engine = build_engine(cfg, ctx, backbone, self.head)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, self.steps_per_epoch,
@@ -222,8 +227,7 @@ class Trainer:
         self.monitor.check()                 # the only per-log host sync of the loop
         loss = self.monitor.mean_and_reset()
         tp = self.log.throughput(self.step, samples_per_step)
-        leap = {k: _to_float(v) for k, v in self.head.leap_summary().items()
-                if k in ("pooled_var", "num_perturbed")}
+        leap = {k: _to_float(v) for k, v in self.head.leap_summary().items() if k in LOGGED_LEAP}
         self.log.info(f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {loss:.4f} "
                       f"lr {lr:.5g} {tp['samples_per_s']:.1f} samples/s "
                       + " ".join(f"leap_{k} {v:.4g}" for k, v in leap.items())

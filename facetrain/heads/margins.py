@@ -137,6 +137,13 @@ def _target_alpha(std, row_key, col_key, target_col, num_cols: int):
     return torch.where(std.view(-1) > 0, alpha_t, torch.zeros_like(alpha_t))
 
 
+def cloud_target_alpha(cloud: Cloud, target_col: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """Each sample's angle at its target column [B] (0 where unperturbed): the value the
+    block uses there. O(B); compiled on CUDA."""
+    return call_fused("target_alpha", _target_alpha, cloud.std, cloud.row_key, cloud.col_key,
+                      target_col, num_cols)
+
+
 def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: torch.Tensor,
                   margin: MarginConfig, cloud: Optional[Cloud] = None) -> torch.Tensor:
     """Scaled logits of one shard's block, margin on the targets this shard owns.
@@ -154,8 +161,7 @@ def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: tor
         alpha_t = torch.zeros_like(cos_t)
     else:
         logits = _CloudCos.apply(cos_blk, cloud.std, cloud.row_key, cloud.col_key, margin.scale)
-        alpha_t = call_fused("target_alpha", _target_alpha, cloud.std, cloud.row_key, cloud.col_key,
-                             target_col, cos_blk.shape[1])
+        alpha_t = cloud_target_alpha(cloud, target_col, cos_blk.shape[1])
     # Every row rewrites its target column. A row whose class lives on another shard rewrites
     # (column 0) with its own value, margin-free: a no-op that avoids a host sync to select the
     # local rows. The values come from an O(B) side path on cos_blk, so the in-place scatter

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from facetrain.config import HeadConfig, LeapConfig
 from facetrain.dist import DistContext, all_gather_no_grad, all_gather_with_grad
 from facetrain.heads.dist_softmax import dist_softmax_cross_entropy
-from facetrain.heads.leap import LeapState
-from facetrain.heads.margins import Cloud, margin_logits
+from facetrain.heads.leap import GLOBALS, LeapState
+from facetrain.heads.margins import Cloud, cloud_target_alpha, margin_logits
 from facetrain.heads.noise import noise_keys
 from facetrain.heads.partition import check_contiguous, class_range, partition_bounds, reshard_tree
 
@@ -80,10 +80,13 @@ class PartialFC(torch.nn.Module):
 
     weight: nn.Parameter [C_local, D] on ctx.device (sharded by class, contiguous blocks).
     class_counts: GLOBAL K_i, [C]. LEAP state (if leap_cfg.mode != off) lives in self.leap.
+    grad_accum: training forwards per optimizer step (optim.grad_accum); LEAP's
+    update_interval counts optimizer steps, so the head must know how many forwards make one.
     """
 
     def __init__(self, embedding_size: int, class_counts: np.ndarray | torch.Tensor,
-                 head_cfg: HeadConfig, leap_cfg: LeapConfig, ctx: DistContext, seed: int = 0):
+                 head_cfg: HeadConfig, leap_cfg: LeapConfig, ctx: DistContext, seed: int = 0,
+                 grad_accum: int = 1):
         super().__init__()
         counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.int64).reshape(-1)
         self.num_classes = int(counts.numel())
@@ -93,7 +96,8 @@ class PartialFC(torch.nn.Module):
         self.num_local = self.end - self.start
         self.weight = torch.nn.Parameter(init_rows(self.start, self.end, embedding_size, seed).to(ctx.device))
         self.leap = None if leap_cfg.mode == "off" else LeapState(
-            counts[self.start:self.end], self.start, embedding_size, leap_cfg, ctx.device)
+            counts[self.start:self.end], self.start, embedding_size, leap_cfg, ctx.device,
+            global_counts=counts, seed=seed)
         # Class sampling: a stream per rank. LEAP angles: keyed on (draw, sample, global class),
         # the same on every rank and for every world size (facetrain/heads/noise.py).
         self._sample_gen = _generator(ctx.device, seed * 7919 + ctx.rank + 1)
@@ -101,7 +105,13 @@ class PartialFC(torch.nn.Module):
         self.register_buffer("noise_counter", torch.zeros((), dtype=torch.int64, device=ctx.device),
                              persistent=False)
         self.epoch = 0
-        self.calls = 0                       # training forwards seen (drives update_interval)
+        if grad_accum < 1:
+            raise ValueError(f"PartialFC: grad_accum must be >= 1; got {grad_accum}")
+        self.grad_accum = int(grad_accum)
+        self.calls = 0                       # training forwards seen with LEAP
+        self.leap_steps = 0                  # optimizer steps seen (drives update_interval)
+        self._micro = 0                      # forwards of the current optimizer step
+        self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []   # its update batches
         self.last_sample_index: torch.Tensor | None = None   # [k] local rows of the last step
         if head_cfg.update_rows == "sampled":
             self.weight.register_post_accumulate_grad_hook(self._keep_rows_coalesced)
@@ -130,10 +140,29 @@ class PartialFC(torch.nn.Module):
         logits, col, local = self.shard_logits(emb, lab)
         loss = dist_softmax_cross_entropy(logits, col, local, group)
         if self.training and self.leap is not None:
-            if self.calls % self.leap_cfg.update_interval == 0:
-                self.leap.update(emb.detach(), lab, group)
-            self.calls += 1
+            self._leap_iteration(emb.detach(), lab, group)
         return loss
+
+    def _leap_iteration(self, emb: torch.Tensor, lab: torch.Tensor, group) -> None:
+        """LEAP bookkeeping of one training forward (docs/leap.md, "State"): every forward
+        records its angles (to the centres as they stand); on an update step (every
+        update_interval optimizer steps) the step's micro-batches are kept and, after the last
+        one, move the centres as one batch and the statistics are refreshed."""
+        self.leap.record(emb, lab)
+        update = self.leap_steps % self.leap_cfg.update_interval == 0
+        if update:
+            self._pending.append((emb, lab))
+        self.calls += 1
+        self._micro += 1
+        if self._micro < self.grad_accum:
+            return
+        if update:
+            feats = torch.cat([e for e, _ in self._pending])
+            labels = torch.cat([l for _, l in self._pending])
+            self.leap.update_centers(feats, labels)
+            self.leap.refresh(group)
+        self._pending, self._micro = [], 0
+        self.leap_steps += 1
 
     def shard_logits(self, emb: torch.Tensor, lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scaled logits of this rank's block for the gathered batch: ([N, C_s] fp32, target
@@ -162,16 +191,24 @@ class PartialFC(torch.nn.Module):
                     self.start, self.end, device=cos.device)
             keys = noise_keys(self._noise_seed, self.noise_counter, lab.shape[0], ids)
             self.noise_counter += 1           # "null" advances the stream the same way, unused
-            if self.leap_cfg.control != "null":
+            applied = self.leap_cfg.control != "null"
+            if applied:
                 cloud = Cloud(std.unsqueeze(1), *keys)
+            alpha_t = cloud_target_alpha(cloud, col, cos.shape[1]) if applied else std
+            self.leap.observe(std, alpha_t, local, applied)
         return margin_logits(cos, col, local, self.head_cfg.margin, cloud), col, local
 
     def leap_summary(self) -> Dict[str, float]:
-        """Global LEAP numbers (replicated); syncs with the host, so call it at log time."""
+        """Global LEAP numbers (replicated): statistics, the expected per-sample noise variance
+        of the applied cloud (`noise_var`) and of LEAP's own (`target_noise_var`, what controls
+        are matched to), and the realised noise since the previous call (`batch_noise_var`,
+        `mean_abs_alpha`). A collective that syncs with the host: call it on every rank, at
+        log time."""
         if self.leap is None:
-            return {"pooled_var": 0.0, "uniform_var": 0.0, "num_valid": 0, "num_perturbed": 0,
+            return {**{k: 0.0 for k in GLOBALS if k != "refreshes"}, "num_valid": 0,
+                    "num_perturbed": 0, "batch_noise_var": 0.0, "mean_abs_alpha": 0.0,
                     "active": False}
-        return {**self.leap.summary(), "active": self.perturbing}
+        return {**self.leap.summary(self.ctx.group), "active": self.perturbing}
 
     def class_stats(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(angular mean, variance, valid) of the owned classes, [C_local] each (sharded)."""
@@ -186,7 +223,8 @@ class PartialFC(torch.nn.Module):
         state = {"format": FORMAT, "num_classes": self.num_classes, "class_start": self.start,
                  "class_end": self.end, "embedding_size": self.embedding_size,
                  "weight": self.weight.detach().cpu().clone(), "calls": self.calls, "epoch": self.epoch,
-                 "leap": None, "leap_globals": torch.zeros(4, dtype=torch.float64),
+                 "leap_steps": self.leap_steps,
+                 "leap": None, "leap_globals": torch.zeros(len(GLOBALS), dtype=torch.float64),
                  # The sampling stream resumes exactly only on the same world size (reshard drops
                  # it); the LEAP noise counter is world-size independent.
                  "world_size": self.ctx.world_size, "noise_counter": int(self.noise_counter),
@@ -238,6 +276,9 @@ class PartialFC(torch.nn.Module):
         if self.leap is not None and state["leap"] is not None:
             self.leap.load(state["leap"], state["leap_globals"], where)
         self.calls, self.epoch = int(state["calls"]), int(state["epoch"])
+        # Checkpoints are written between optimizer steps; older ones counted forwards only.
+        self.leap_steps = int(state.get("leap_steps", self.calls // self.grad_accum))
+        self._pending, self._micro = [], 0
         self.noise_counter.fill_(int(state["noise_counter"]))
         self._noise_seed = int(state["noise_seed"])
         if state.get("rng") is not None and state.get("world_size") == self.ctx.world_size:

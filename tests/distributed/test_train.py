@@ -125,6 +125,10 @@ def test_two_process_training_resume_and_reshard(tmp_path):
     a = _losses(tmp_path / "a")
     assert len(a) == 3 * 15 and np.isfinite(a).all()
     assert a[-15:].mean() < 0.6 * a[:5].mean(), a              # the loss falls
+    rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    last = rows[max(rows)]                                     # LEAP active from epoch 1
+    assert last["leap_noise_var"] == pytest.approx(last["leap_target_noise_var"])
+    assert last["leap_batch_noise_var"] > 0 and last["leap_mean_abs_alpha"] > 0
     b = _losses(tmp_path / "b")
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)     # resume equivalence
     assert "resumed from" in (tmp_path / "b" / "log.txt").read_text()

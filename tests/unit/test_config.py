@@ -64,3 +64,16 @@ def test_every_main_job_method_loads_with_the_default_config():
         assert cfg.leap.mode in ("off", "full", "vanilla"), name
     assert load_config(None, list(METHODS["null_control"])).leap.control == "null"
     assert load_config(None, list(METHODS["uniform_control"])).leap.control == "uniform"
+    assert load_config(None, list(METHODS["shuffled_control"])).leap.control == "shuffled"
+
+
+def test_leap_width_scale_and_controls():
+    assert load_config(None, []).leap.width_scale == 1.0
+    assert load_config(None, ["leap.width_scale=3"]).leap.width_scale == 3.0
+    for bad in ("0", "-1", ".inf", ".nan"):
+        with pytest.raises(ConfigError, match="leap.width_scale"):
+            load_config(None, [f"leap.width_scale={bad}"])
+    for control in ("none", "uniform", "shuffled", "uniform_meangap"):
+        assert load_config(None, [f"leap.control={control}"]).leap.control == control
+    with pytest.raises(ConfigError, match="leap.control must be one of"):
+        load_config(None, ["leap.control=random"])
