@@ -46,7 +46,7 @@ class JobSettings:
 
     out: Path = Path("runs/main")
     config: Path = REPO / "configs" / "default.yaml"
-    methods: Tuple[str, ...] = ("cosface", "leap_full", "leap_vanilla", "uniform_control")
+    methods: Tuple[str, ...] = ("cosface", "leap_full", "uniform_control", "shuffled_control")
     seeds: Tuple[int, ...] = (0,)
     nproc: int = 2
     glyphs: Path = Path("data/glyphs")

@@ -2,8 +2,8 @@
 LEAP with torchrun (classifier sharded over the processes), evaluate every run on every
 protocol, and write one report with plots. Finished runs are reused when started again.
 
-    python launch/main_job.py                 # CosFace, LEAP full and vanilla, uniform-noise control, seed 0
-    python launch/main_job.py --methods cosface,leap_full,leap_vanilla,null_control,uniform_control \
+    python launch/main_job.py                 # CosFace, LEAP full, matched uniform and shuffled controls, seed 0
+    python launch/main_job.py --methods cosface,leap_full,leap_vanilla,uniform_control,shuffled_control \
         --seeds 0,1,2 --out runs/study                          # the study in the README
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/main", help="run folder of the whole job")
     p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"),
                    help="training config every run starts from")
-    p.add_argument("--methods", default="cosface,leap_full,leap_vanilla,uniform_control",
+    p.add_argument("--methods", default="cosface,leap_full,uniform_control,shuffled_control",
                    help=f"comma-separated, from: {', '.join(METHODS)} (cosface is required)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--glyphs", default="data/glyphs",
