@@ -103,9 +103,14 @@ class HeadConfig:
     # whole shard, as InsightFace's PartialFC_V2) or `sampled` (a sparse gradient and momentum
     # SGD over the step's k rows only, as PartialFC v1; needs optim.name=sgd).
     update_rows: str = "all"
+    # Class-balanced loss (Cui et al. 2019): each sample's CE is weighted by
+    # (1 - beta) / (1 - beta^K) of its class, mean 1 over classes; 0 = off, typical 0.99-0.9999
+    # (docs/long_tail_remedies.md).
+    class_balance_beta: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("head.sample_rate", self.sample_rate, 0.0, 1.0, lo_open=True)
+        _check_range("head.class_balance_beta", self.class_balance_beta, 0.0, 1.0, hi_open=True)
         _check_choice("head.update_rows", self.update_rows, ("all", "sampled"))
 
 
