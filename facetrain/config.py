@@ -49,9 +49,20 @@ class DataConfig:
     random_flip: bool = True
     skip_bad_images: bool = False              # count and log undecodable images instead of failing
     rebuild_index: bool = False                # rebuild a missing/stale .idx from the .rec
+    # Repeat-factor sampling (LVIS): class c with image fraction f_c is repeated
+    # max(1, sqrt(t / f_c)) times per epoch; t = this threshold, 0 = off
+    # (docs/long_tail_remedies.md). torch loader only.
+    repeat_factor_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("data.loader", self.loader, ("torch", "dali"))
+        _check_range("data.repeat_factor_threshold", self.repeat_factor_threshold, 0.0, 1.0)
+        if self.repeat_factor_threshold > 0 and self.loader == "dali":
+            # DALI's index cannot list a record twice (a record's size is the distance to the
+            # next listed offset) and its mid-epoch resume removes served records by identity.
+            raise ConfigError("data.repeat_factor_threshold > 0 (repeat-factor sampling) needs "
+                              "data.loader=torch: DALI's reader cannot serve a record twice in "
+                              "an epoch")
         _check_range("data.batch_size", self.batch_size, 1)
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.image_size", self.image_size, 8)
