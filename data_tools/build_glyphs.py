@@ -27,7 +27,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="output folder (default: data/glyphs; with --large data/glyphs_large)")
     p.add_argument("--large", action="store_true",
                    help="the large training-only set make_longtail reads by default: "
-                        "--train-only, 16000 training characters, --min-designs 5 (unless given)")
+                        "--train-only, 16000 training characters, --min-designs 5 (unless given), "
+                        "leaving out the characters data/glyphs holds out for evaluation")
     p.add_argument("--train-only", action="store_true",
                    help="write the training set only, no evaluation sets")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
@@ -76,7 +77,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     from facetrain.glyphs.build import BuildSettings, GlyphBuildError, build
     from facetrain.glyphs.fonts import FONT_ROOTS
+    from facetrain.glyphs.large import held_out_chars
 
+    try:
+        exclude = held_out_chars() if args.large else ""
+    except GlyphBuildError as err:
+        print(f"build_glyphs: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[build_glyphs] %(message)s")
     logging.getLogger("fontTools").setLevel(logging.ERROR)   # noisy about old font timestamps
@@ -88,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         verification_pairs=args.verification_pairs, ijbc_impostor_pairs=args.ijbc_impostor_pairs,
         holdout_designs=tuple(args.holdout_designs), eval_heldout_only=args.eval_heldout_only,
         font_roots=tuple(args.font_roots) if args.font_roots else FONT_ROOTS,
-        train_only=args.train_only)
+        train_only=args.train_only, exclude_chars=exclude)
     start = time.time()
     try:
         m = build(settings, progress=not args.quiet)

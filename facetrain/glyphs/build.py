@@ -59,6 +59,7 @@ class BuildSettings:
     eval_heldout_only: bool = False          # eval/distractor images only in held-out designs
     font_roots: Tuple[str, ...] = field(default=FONT_ROOTS)
     train_only: bool = False                 # write the training set only (no eval sets)
+    exclude_chars: str = ""                  # never used, e.g. another build's held-out classes
 
     def validate(self) -> None:
         for name in ("train_classes", "min_designs", "size", "jobs"):
@@ -214,6 +215,9 @@ def choose_classes(designs: Sequence[FontFace], settings: BuildSettings,
     designs, then split them: train, then held-out eval, then distractors (disjoint)."""
     use = training_designs(designs, settings.holdout_designs)
     order = candidate_order(designs, use, settings.min_designs, settings.seed)
+    if settings.exclude_chars:
+        excluded = set(settings.exclude_chars)
+        order = [ch for ch in order if ch not in excluded]
     need = settings.train_classes + settings.eval_classes + settings.distractor_classes
     if len(order) < need:
         raise GlyphBuildError(f"only {len(order)} characters are covered by >= "

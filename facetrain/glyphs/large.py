@@ -4,8 +4,10 @@ The paper's <H3K,T10K> split needs at least 13,000 classes with >= 5 images each
 glyph set has 2,000 (each in >= 20 designs). The same fonts cover 12k-21k ideographs each, so
 asking for >= 5 designs admits ~16,000 characters: those covered by few fonts are a natural tail,
 those covered by all ~25 designs the head (make_longtail ranks classes by image count). Training
-set only: the evaluation sets stay in data/glyphs/eval. Paths are relative to the current working
-directory (the repository root in the README's commands).
+set only: the evaluation sets stay in data/glyphs/eval, and the characters data/glyphs holds out
+(its evaluation and distractor classes, read from its manifest) are left out of the large set so
+that those sets stay unseen. Paths are relative to the current working directory (the repository
+root in the README's commands).
 
 Two environment variables reduce the build (CI, quick tries): FACETRAIN_GLYPHS_LARGE_CLASSES
 (training characters) and FACETRAIN_GLYPH_FONT_ROOTS (font folders, separated by os.pathsep).
@@ -20,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
-from facetrain.glyphs.build import MANIFEST, TRAIN_PREFIX, BuildSettings, GlyphBuildError, build
+from facetrain.glyphs.build import (DATA_ROOT, MANIFEST, TRAIN_PREFIX, BuildSettings,
+                                    GlyphBuildError, build)
 from facetrain.glyphs.fonts import FONT_ROOTS
 
 LARGE_ROOT = Path("data/glyphs_large")
@@ -30,8 +33,22 @@ CLASSES_ENV = "FACETRAIN_GLYPHS_LARGE_CLASSES"
 FONT_ROOTS_ENV = "FACETRAIN_GLYPH_FONT_ROOTS"
 
 
+def held_out_chars(glyphs_root: Path = DATA_ROOT) -> str:
+    """The evaluation and distractor characters of the glyph build at `glyphs_root` ("" when it
+    is not built): a training set that avoids them keeps that build's evaluation sets unseen."""
+    path = Path(glyphs_root) / MANIFEST
+    if not path.is_file():
+        return ""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+        return "".join(m[part]["classes"] for part in ("eval", "distractors") if m.get(part))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise GlyphBuildError(f"{path} is not a glyph build manifest ({err}); rebuild "
+                              f"{glyphs_root} with data_tools/build_glyphs.py") from None
+
+
 def large_settings(root: Path = LARGE_ROOT, environ: Optional[Mapping[str, str]] = None,
-                   jobs: int = 2) -> BuildSettings:
+                   jobs: int = 2, exclude_chars: str = "") -> BuildSettings:
     """Build settings of the large set, with the two environment overrides applied."""
     env = os.environ if environ is None else environ
     classes = LARGE_TRAIN_CLASSES
@@ -44,7 +61,7 @@ def large_settings(root: Path = LARGE_ROOT, environ: Optional[Mapping[str, str]]
     roots = tuple(r for r in env.get(FONT_ROOTS_ENV, "").split(os.pathsep) if r) or FONT_ROOTS
     return BuildSettings(out=str(root), train_classes=classes, eval_classes=0,
                          distractor_classes=0, min_designs=LARGE_MIN_DESIGNS, jobs=jobs,
-                         font_roots=roots, train_only=True)
+                         font_roots=roots, train_only=True, exclude_chars=exclude_chars)
 
 
 def is_built(root: Path = LARGE_ROOT) -> bool:
@@ -56,10 +73,12 @@ def is_built(root: Path = LARGE_ROOT) -> bool:
 
 def ensure_large_set(root: Path = LARGE_ROOT, progress: bool = True,
                      say: Callable[[str], None] = print,
-                     environ: Optional[Mapping[str, str]] = None) -> Optional[Dict[str, object]]:
-    """Build the large set under `root` unless already there; returns the new manifest, or None
-    when nothing was built. Builds into `<root>.partial` and renames at the end, so an
-    interrupted build is never mistaken for a finished one (it restarts from scratch)."""
+                     environ: Optional[Mapping[str, str]] = None,
+                     glyphs_root: Path = DATA_ROOT) -> Optional[Dict[str, object]]:
+    """Build the large set under `root` unless already there, leaving out the characters that
+    `glyphs_root` holds out; returns the new manifest, or None when nothing was built. Builds
+    into `<root>.partial` and renames at the end, so an interrupted build is never mistaken for
+    a finished one (it restarts from scratch)."""
     root = Path(root)
     if is_built(root):
         return None
@@ -67,11 +86,16 @@ def ensure_large_set(root: Path = LARGE_ROOT, progress: bool = True,
         raise GlyphBuildError(f"{root} exists but holds no finished glyph build "
                               f"({TRAIN_PREFIX}.rec, {TRAIN_PREFIX}.idx, {MANIFEST}); remove it "
                               "to rebuild, or pass --input")
-    settings = large_settings(root.with_name(root.name + ".partial"), environ)
+    excluded = held_out_chars(glyphs_root)
+    settings = large_settings(root.with_name(root.name + ".partial"), environ,
+                              exclude_chars=excluded)
+    left_out = (f"leaving out the {len(excluded)} characters {glyphs_root} holds out for "
+                "evaluation" if excluded else f"{glyphs_root} is not built: no characters "
+                "left out")
     say(f"{root} is missing: building it once (training set only, {settings.train_classes} "
         f"characters rendered in >= {settings.min_designs} font designs each, from "
-        f"{', '.join(settings.font_roots)}); the same as `python data_tools/build_glyphs.py "
-        f"--large`")
+        f"{', '.join(settings.font_roots)}; {left_out}); the same as `python "
+        f"data_tools/build_glyphs.py --large`")
     start = time.perf_counter()
     shutil.rmtree(settings.out, ignore_errors=True)
     logging.getLogger("fontTools").setLevel(logging.ERROR)   # noisy about old font timestamps

@@ -108,3 +108,26 @@ def test_failed_large_build_leaves_nothing(tmp_path):
     with pytest.raises(GlyphBuildError, match="found 0 distinct CJK font designs"):
         large.ensure_large_set(tmp_path / "g", progress=False, say=lambda m: None, environ=env)
     assert not any(tmp_path.glob("g*"))
+
+
+def test_excluded_chars_are_never_candidates(monkeypatch):
+    from facetrain.glyphs import build
+    monkeypatch.setattr(build, "render_chars", lambda designs, chars, *a: {
+        c: [(d, None) for d, f in enumerate(designs) if ord(c) in f.coverage] for c in chars})
+    s = BuildSettings(train_classes=4, eval_classes=0, distractor_classes=0, min_designs=2,
+                      train_only=True, exclude_chars="\u4e04\u4e05")
+    got = build.choose_classes(DESIGNS, s, progress=False)
+    names = [ch for ch, _ in got.train]
+    assert len(names) == 4 and not set(names) & {"\u4e04", "\u4e05"}
+
+
+def test_held_out_chars_read_from_the_manifest(tmp_path):
+    import json
+    from facetrain.glyphs.large import held_out_chars
+    assert held_out_chars(tmp_path) == ""
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"eval": {"classes": "\u4e00\u4e01"}, "distractors": {"classes": "\u4e02"}}))
+    assert held_out_chars(tmp_path) == "\u4e00\u4e01\u4e02"
+    (tmp_path / "manifest.json").write_text("[1]")
+    with pytest.raises(GlyphBuildError, match="not a glyph build manifest"):
+        held_out_chars(tmp_path)
