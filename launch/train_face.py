@@ -12,9 +12,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
-DATA_HINT = ("build the embedded glyph data first:\n"
+DATA_HINT = ("build the embedded glyph data first (the README's main command does it too):\n"
              "  python data_tools/build_glyphs.py\n"
-             "  python data_tools/make_longtail.py\n"
+             "  python data_tools/make_longtail.py --input data/glyphs/train --head 100 "
+             "--tail-samples 3\n"
              "or point data.rec at your own RecordIO prefix (data.rec=/path/to/train)")
 
 
