@@ -6,6 +6,7 @@ covered by tests/e2e/test_launch.py."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from facetrain.config import ConfigError  # noqa: E402
+from facetrain.dist import SetupFailedError  # noqa: E402
 from facetrain.engines import deepspeed_engine  # noqa: E402
 from facetrain.logging_utils import read_metrics  # noqa: E402
 from facetrain.trainer import Trainer  # noqa: E402
@@ -46,9 +48,14 @@ def _unsupported_precision_is_a_config_error(ctx, rec, out) -> None:
     real = deepspeed_engine.supported_precisions
     deepspeed_engine.supported_precisions = lambda device: ["fp32", "bf16"]   # an fp16-less CPU
     try:
-        with pytest.raises(ConfigError, match=r"train.precision=fp16 is not supported by "
-                           r"DeepSpeed on this machine .*supported here: fp32, bf16"):
+        # Found before the first collective and agreed by every rank; rank 0 reports it.
+        with pytest.raises(SetupFailedError) as info:
             _train(ctx, rec, out, ["train.engine=deepspeed", "train.precision=fp16"])
+        assert info.value.report == (ctx.rank == 0)
+        if ctx.rank == 0:
+            assert isinstance(info.value.cause, ConfigError)
+            assert re.search(r"train.precision=fp16 is not supported by DeepSpeed on this "
+                             r"machine .*supported here: fp32, bf16", str(info.value.cause))
     finally:
         deepspeed_engine.supported_precisions = real
 
