@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 import torch
 
-from facetrain import report
+from experiments import report
 from facetrain.eval import ijbc, megaface, verification
 from facetrain.eval.plots import plot_roc
 from facetrain.eval.embed import extract_features, load_backbone_with_info
