@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from facetrain.export import check_exported
+
 ImageLike = Union[np.ndarray, bytes, bytearray, memoryview]
-BACKBONE_FORMAT = "facetrain-backbone"
 
 
 class ImageDecodeError(ValueError):
@@ -61,17 +62,7 @@ def load_backbone_with_info(path: str | Path, device: torch.device | str = "cpu"
         return model.eval(), {"image_size": None}
     if isinstance(obj, torch.jit.ScriptModule):
         return obj.eval(), {"image_size": None}
-    if not isinstance(obj, dict) or obj.get("format") != BACKBONE_FORMAT:
-        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: expected a dict with format={BACKBONE_FORMAT!r} (written by "
-                         f"facetrain.checkpoint's backbone export); got {keys}. A training "
-                         "checkpoint must be exported first")
-    if obj.get("version") != 1:
-        raise ValueError(f"{path}: backbone export version {obj.get('version')} is not supported "
-                         "(this facetrain reads version 1)")
-    for key in ("backbone", "kwargs", "state_dict"):
-        if key not in obj:
-            raise ValueError(f"{path}: backbone export lacks key {key!r}")
+    check_exported(obj, path)
     from facetrain.models.registry import build_backbone  # heavy import only when needed
     model = build_backbone(obj["backbone"], **obj["kwargs"])
     model.load_state_dict(obj["state_dict"])

@@ -18,7 +18,7 @@ and `facetrain.optim.SampledRowSGD` updates only them.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -218,8 +218,13 @@ class PartialFC(torch.nn.Module):
         return self.leap.stats()
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def shard_state(self) -> Dict:
-        """CPU copy of this shard: weights, LEAP state, class range, counters."""
+    # The head's checkpoint state is more than its tensors (class block, LEAP ring buffers,
+    # counters, its sampling stream), so these two replace nn.Module's: a PartialFC is never a
+    # submodule of another module, whose state_dict would call them with other arguments.
+    def state_dict(self) -> Dict:  # type: ignore[override]
+        """CPU copy of this shard: weights, LEAP state, class range, counters and the class
+        sampling stream (the only random generator the head keeps; LEAP's angles are keyed by
+        `noise_counter`)."""
         state = {"format": FORMAT, "num_classes": self.num_classes, "class_start": self.start,
                  "class_end": self.end, "embedding_size": self.embedding_size,
                  "weight": self.weight.detach().cpu().clone(), "calls": self.calls, "epoch": self.epoch,
@@ -235,11 +240,25 @@ class PartialFC(torch.nn.Module):
             state["leap_globals"] = self.leap.globals.cpu().clone()
         return state
 
+    def load_state_dict(self, states: Sequence[Dict], world_size: int  # type: ignore[override]
+                        ) -> None:
+        """Restore this rank's shard from `states[r]`, saved rank r's `state_dict()`, for
+        `world_size` ranks now (this head's). With as many saved ranks as now only
+        `states[rank]` is read (`states` may be a lazy sequence); otherwise every saved state is
+        re-split by class (`reshard`) and this rank keeps its block."""
+        if world_size != self.ctx.world_size:
+            raise ValueError(f"PartialFC.load_state_dict: world_size={world_size} but this head "
+                             f"is one of {self.ctx.world_size} shards")
+        if len(states) == world_size:
+            self._load_own_state(states[self.ctx.rank])
+        else:
+            self._load_own_state(PartialFC.reshard(list(states), world_size)[self.ctx.rank])
+
     @staticmethod
     def reshard(states: List[Dict], world_size: int) -> List[Dict]:
         """Any N shard states (in rank order) -> world_size shard states with the same content."""
         if not states:
-            raise ValueError("PartialFC.reshard: no shard states given; pass every rank's shard_state()")
+            raise ValueError("PartialFC.reshard: no shard states given; pass every rank's state_dict()")
         num_classes = states[0]["num_classes"]
         for i, s in enumerate(states):
             if s.get("format") != FORMAT or s["num_classes"] != num_classes:
@@ -258,8 +277,8 @@ class PartialFC(torch.nn.Module):
                  "world_size": world_size, "rng": states[r].get("rng") if same else None}
                 for r in range(world_size)]
 
-    def load_shard_state(self, state: Dict) -> None:
-        """Load a state made for this rank's class range (see `reshard` for another world size)."""
+    def _load_own_state(self, state: Dict) -> None:
+        """Load a state made for this rank's class range."""
         where = f"shard state for classes [{state.get('class_start')}, {state.get('class_end')})"
         if state.get("format") != FORMAT:
             raise ValueError(f"{where}: format {state.get('format')!r} is not {FORMAT!r}")
@@ -269,8 +288,8 @@ class PartialFC(torch.nn.Module):
                              f"{self.embedding_size}; resume with the same data and model.embedding_size")
         if (state["class_start"], state["class_end"]) != (self.start, self.end):
             raise ValueError(f"{where}: this rank owns [{self.start}, {self.end}); the checkpoint "
-                             "was written for another world size: use PartialFC.reshard(states, "
-                             f"{self.ctx.world_size}) first")
+                             "was written for another world size: pass every saved rank's state to "
+                             "load_state_dict")
         with torch.no_grad():
             self.weight.copy_(state["weight"])
         if self.leap is not None and state["leap"] is not None:

@@ -58,11 +58,11 @@ def check_contiguous(ranges: Sequence[Tuple[int, int]], num_classes: int) -> Non
     for i, (lo, hi) in enumerate(ranges):
         if lo != expect or hi < lo:
             raise ValueError(f"shard state {i} covers classes [{lo}, {hi}) but [{expect}, ...) was "
-                             "expected: pass every rank's shard_state() in rank order")
+                             "expected: pass every rank's state_dict() in rank order")
         expect = hi
     if expect != num_classes:
         raise ValueError(f"shard states cover classes [0, {expect}) but num_classes is "
-                         f"{num_classes}: a shard is missing; pass every rank's shard_state()")
+                         f"{num_classes}: a shard is missing; pass every rank's state_dict()")
 
 
 def reshard_tree(states: Sequence[Dict], bounds: Sequence[int], keys_rows: Sequence[str],
