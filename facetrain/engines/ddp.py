@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facetrain.config import Config
 from facetrain.dist import DistContext
-from facetrain.engines import (PRECISION_DTYPES, Entries, head_optimizer_state,
-                               load_head_optimizer_state, undo_gradient_averaging)
+from facetrain.engines.base import (PRECISION_DTYPES, Entries, head_optimizer_state,
+                                    load_head_optimizer_state, undo_gradient_averaging)
 from facetrain.optim import build_head_optimizer, build_optimizer
 
 class DDPEngine:

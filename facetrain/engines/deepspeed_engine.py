@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from facetrain.config import Config, ConfigError
 from facetrain.dist import DistContext
-from facetrain.engines import (PRECISION_DTYPES, Entries, head_optimizer_state,
-                               load_head_optimizer_state, undo_gradient_averaging)
+from facetrain.engines.base import (PRECISION_DTYPES, Entries, head_optimizer_state,
+                                    load_head_optimizer_state, undo_gradient_averaging)
 from facetrain.optim import build_head_optimizer, build_optimizer
 
 def supported_precisions(device: torch.device) -> List[str]:

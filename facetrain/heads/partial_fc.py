@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from facetrain.config import HeadConfig, LeapConfig
 from facetrain.dist import DistContext, all_gather_no_grad, all_gather_with_grad
 from facetrain.heads.dist_softmax import dist_softmax_cross_entropy
+from facetrain.heads.feature_cloud import Cloud
 from facetrain.heads.leap import GLOBALS, LeapState
-from facetrain.heads.margins import Cloud, cloud_target_alpha, margin_logits
+from facetrain.heads.margins import margin_logits
 from facetrain.heads.noise import noise_keys
-from facetrain.heads.partition import check_contiguous, class_range, partition_bounds, reshard_tree
+from facetrain.heads.partition import (check_contiguous, class_range, partition_bounds,
+                                        reshard_tree, route_to_shard)
 
 FORMAT = "facetrain.partial_fc/1"
 _INIT_CHUNK = 1 << 16
@@ -167,8 +169,7 @@ class PartialFC(torch.nn.Module):
     def shard_logits(self, emb: torch.Tensor, lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scaled logits of this rank's block for the gathered batch: ([N, C_s] fp32, target
         column [N], is_local [N]). C_s = C_local, or k sampled rows in training with sampling."""
-        local = (lab >= self.start) & (lab < self.end)
-        col = torch.where(local, lab - self.start, torch.zeros_like(lab))
+        col, local = route_to_shard(lab, self.start, self.num_local, 0)
         weight = self.weight
         sampled = self.training and self.head_cfg.sample_rate < 1.0
         index = None
@@ -194,7 +195,7 @@ class PartialFC(torch.nn.Module):
             applied = self.leap_cfg.control != "null"
             if applied:
                 cloud = Cloud(std.unsqueeze(1), *keys)
-            alpha_t = cloud_target_alpha(cloud, col, cos.shape[1]) if applied else std
+            alpha_t = cloud.target_alpha(col, cos.shape[1]) if applied else std
             self.leap.observe(std, alpha_t, local, applied)
         return margin_logits(cos, col, local, self.head_cfg.margin, cloud), col, local
 

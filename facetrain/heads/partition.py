@@ -29,6 +29,16 @@ def class_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]
     return b[rank], b[rank + 1]
 
 
+def route_to_shard(labels: torch.Tensor, start: int, num_local: int, other: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row [N], is_local [N]) of global class ids `labels` [N] in the block [start, start +
+    num_local): the row of each local class, `other` for classes owned elsewhere (column 0 of a
+    logit block, or a buffer's scratch row num_local). Fixed shapes, no host sync: samples of
+    other shards are routed, not filtered out."""
+    local = (labels >= start) & (labels < start + num_local)
+    return torch.where(local, labels - start, torch.full_like(labels, other)), local
+
+
 def concat_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Join per-shard tensors whose dim 0 is the class (in shard order)."""
     return torch.cat([p.detach().cpu() for p in parts], dim=0)
