@@ -16,7 +16,7 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--missing-packages", action="store_true",
-                        help="print the font packages of issue 6 that are not installed, space "
+                        help="print the glyph study's font packages that are not installed, space "
                              "separated (nothing when none), and exit")
     parser.add_argument("--roots", nargs="+", default=None,
                         help="folders searched for font files (default: /usr/share/fonts)")

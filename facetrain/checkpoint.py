@@ -2,10 +2,11 @@
 
 Layout of `<output_dir>/checkpoints/`:
 ```
-ckpt_step{N}/replicated.pt     rank 0: backbone, backbone optimizer (replicated part), scheduler,
-                               grad scaler, epoch, batch position, step, resolved config
-ckpt_step{N}/rank{r:05d}.pt    rank r: classifier shard (PartialFC.state_dict: weights, LEAP state), its optimizer
-                               state, its class range, its RNG states (and a ZeRO partition)
+ckpt_step{N}/replicated.pt     rank 0: the engine's replicated state (backbone, its optimizer,
+                               grad scaler), epoch, batch position, step, resolved config
+ckpt_step{N}/rank{r:05d}.pt    rank r: the head's state (PartialFC.state_dict: classifier rows,
+                               LEAP state, class range, sampling stream), the engine's per-rank
+                               state (classifier optimizer, a ZeRO partition), RNG states
 ckpt_step{N}/meta.json         world size, step, files with their sizes and CRC-32: written last,
                                marks a complete checkpoint
 latest                         text file naming the newest complete checkpoint

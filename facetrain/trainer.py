@@ -60,18 +60,18 @@ class LossMonitor:
     def __init__(self, device: torch.device, patience: int) -> None:
         self.patience = patience
         zero = torch.zeros((), dtype=torch.long, device=device)
-        self.run, self.run_start = zero.clone(), zero.clone()      # current non-finite streak
+        self.streak, self.streak_start = zero.clone(), zero.clone()  # current non-finite streak
         self.worst, self.worst_start = zero.clone(), zero.clone()  # longest since last check
         self.total = torch.zeros((), device=device)
         self.count = 0
 
     def update(self, loss: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss)
-        self.run = (self.run + 1) * bad
-        self.run_start = torch.where(bad & (self.run == 1), step, self.run_start)
-        longer = self.run > self.worst
-        self.worst_start = torch.where(longer, self.run_start, self.worst_start)
-        self.worst = torch.maximum(self.worst, self.run)
+        self.streak = (self.streak + 1) * bad
+        self.streak_start = torch.where(bad & (self.streak == 1), step, self.streak_start)
+        longer = self.streak > self.worst
+        self.worst_start = torch.where(longer, self.streak_start, self.worst_start)
+        self.worst = torch.maximum(self.worst, self.streak)
         self.total = self.total + torch.where(bad, torch.zeros_like(loss), loss.float())
         self.count += 1
 
@@ -267,9 +267,8 @@ class Trainer:
         engine = self.engine.state_dict()
         replicated = None
         if self.ctx.is_main:
-            replicated = {**engine["replicated"], "schedule": self.schedule.state_dict(),
-                          "step": self.step, "epoch": self.epoch, "batch": self.batch,
-                          "world_size": self.ctx.world_size, "config": self.cfg.to_dict(),
+            replicated = {**engine["replicated"], "step": self.step, "epoch": self.epoch,
+                          "batch": self.batch, "world_size": self.ctx.world_size, "config": self.cfg.to_dict(),
                           "global_batch": self.cfg.data.batch_size * self.ctx.world_size}
         shard = {**engine["shard"], "head": self.head.state_dict(),
                  "rng": ckpt.rng_state(self.ctx.device), "rank": self.ctx.rank}
@@ -286,7 +285,6 @@ class Trainer:
         world = self.ctx.world_size
         self.engine.load_state_dict(files.view(lambda f: {"replicated": rep, "shard": f}), world)
         self.head.load_state_dict(files.view(lambda f: f["head"]), world)
-        self.schedule.load_state_dict(rep["schedule"])
         self.step, self.epoch, self.batch = rep["step"], rep["epoch"], rep["batch"]
         self._saved_step = self.step
         old_world = files.world_size

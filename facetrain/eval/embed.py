@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facetrain.data.images import decode_bgr
 from facetrain.export import check_exported
 
 ImageLike = Union[np.ndarray, bytes, bytearray, memoryview]
@@ -79,17 +80,18 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in n for n in zf.namelist())
 
 
-def decode_image(img: ImageLike, where: str = "image") -> np.ndarray:
-    """bytes or BGR uint8 array -> HxWx3 uint8 BGR array; `where` names the source in errors."""
+def as_bgr_image(img: ImageLike, where: str = "image") -> np.ndarray:
+    """Encoded bytes (decoded) or a BGR uint8 array (as is, grey made BGR) -> HxWx3 uint8 BGR
+    array; raises ImageDecodeError naming `where`."""
     import cv2
     if isinstance(img, np.ndarray):
         arr = img
     else:
-        buf = np.frombuffer(bytes(img), dtype=np.uint8)
-        arr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        data = bytes(img)
+        arr, _ = decode_bgr(data)
         if arr is None:
-            raise ImageDecodeError(f"{where}: OpenCV cannot decode these {buf.size} bytes (corrupt "
-                                   "or not an image); remove or replace it")
+            raise ImageDecodeError(f"{where}: OpenCV cannot decode these {len(data)} bytes "
+                                   "(corrupt or not an image); remove or replace it")
     if arr.ndim == 2:
         arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
     if arr.ndim != 3 or arr.shape[2] != 3:
@@ -144,7 +146,7 @@ def extract_features(model: nn.Module, images: Iterable[ImageLike], batch_size: 
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         for start, batch in _batches(images, batch_size):
-            decoded = list(pool.map(lambda a: decode_image(a[1], f"image {a[0]}"),
+            decoded = list(pool.map(lambda a: as_bgr_image(a[1], f"image {a[0]}"),
                                     enumerate(batch, start)))
             x = preprocess(decoded, size).to(device)
             emb = _forward(model, x)

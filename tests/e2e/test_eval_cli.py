@@ -277,7 +277,7 @@ def _protocols(tmp_path):
 
 def test_bad_features_and_outputs_fail_up_front(tmp_path, capsys):
     """NaN, [N, 0], empty and unreadable .npy features and a --json that is a directory: exit
-    2 with one message naming the file, no traceback, no report (issue 12)."""
+    2 with one message naming the file, no traceback, no report."""
     protocols = _protocols(tmp_path)
     (tmp_path / "empty.npy").write_bytes(b"")
     (tmp_path / "junk.npy").write_bytes(b"not an array")
