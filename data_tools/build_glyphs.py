@@ -10,7 +10,6 @@ Same seed and fonts -> byte-identical output. Needs the Debian font packages lis
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -55,10 +54,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from facetrain.glyphs.build import BuildSettings, GlyphBuildError, build
     from facetrain.glyphs.fonts import FONT_ROOTS
+    from facetrain.logging_utils import setup_tool_logging
 
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="[build_glyphs] %(message)s")
-    logging.getLogger("fontTools").setLevel(logging.ERROR)   # noisy about old font timestamps
+    setup_tool_logging(quiet=args.quiet)
     settings = BuildSettings(
         out=args.out, seed=args.seed, train_classes=args.train_classes,
         eval_classes=args.eval_classes, distractor_classes=args.distractor_classes,

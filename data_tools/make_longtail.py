@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # 
                                       stopped_message)
 from facetrain.data.longtail import (DEFAULT_INPUT, DEFAULT_TAIL_SAMPLES,  # noqa: E402
                                      default_output, make_longtail)
+from facetrain.logging_utils import setup_tool_logging  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_tool_logging()
     try:
         resolve_shards(args.input)
     except FileNotFoundError as exc:

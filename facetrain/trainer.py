@@ -139,7 +139,8 @@ class Trainer:
         self.monitor = LossMonitor(ctx.device, patience)
         self.step = self.epoch = self.batch = 0     # batch = micro-batches done in this epoch
         self._saved_step = self._verified_step = -1
-        self.log = RunLogger(self.out, ctx.is_main, self.total_steps, cfg.train.tensorboard)
+        self.log = RunLogger(self.out, ctx.is_main, self.total_steps, cfg.train.tensorboard,
+                             rank=ctx.rank)
         for problem in damaged:
             self.log.warning(f"skipping a damaged checkpoint: {problem}")
         if resume is not None:
