@@ -269,7 +269,8 @@ class Trainer:
         replicated = None
         if self.ctx.is_main:
             replicated = {**engine["replicated"], "step": self.step, "epoch": self.epoch,
-                          "batch": self.batch, "world_size": self.ctx.world_size, "config": self.cfg.to_dict(),
+                          "batch": self.batch, "world_size": self.ctx.world_size,
+                          "config": self.cfg.to_dict(),
                           "global_batch": self.cfg.data.batch_size * self.ctx.world_size}
         shard = {**engine["shard"], "head": self.head.state_dict(),
                  "rng": ckpt.rng_state(self.ctx.device), "rank": self.ctx.rank}

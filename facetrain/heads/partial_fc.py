@@ -259,7 +259,8 @@ class PartialFC(torch.nn.Module):
     def reshard(states: List[Dict], world_size: int) -> List[Dict]:
         """Any N shard states (in rank order) -> world_size shard states with the same content."""
         if not states:
-            raise ValueError("PartialFC.reshard: no shard states given; pass every rank's state_dict()")
+            raise ValueError("PartialFC.reshard: no shard states given; pass every rank's "
+                             "state_dict()")
         num_classes = states[0]["num_classes"]
         for i, s in enumerate(states):
             if s.get("format") != FORMAT or s["num_classes"] != num_classes:

@@ -89,7 +89,8 @@ DISTINCT = [("ipag.ttf", "ipam.ttf"), ("ipag.ttf", "MTLc3m.ttf"), ("uming.ttc", 
 
 def _real(name: str):
     found = [f for f in fonts.find_font_files([REAL]) if os.path.basename(f) == name]
-    assert found, f"{name} missing: run scripts/setup.sh --fonts (installs the glyph study's packages)"
+    assert found, (f"{name} missing: run scripts/setup.sh --fonts (installs the glyph study's "
+                   "packages)")
     return read_faces(found[0])[0]
 
 
