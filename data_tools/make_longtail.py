@@ -2,6 +2,11 @@
 
     python data_tools/make_longtail.py --head 3000 --tail 10000            # face <H3K,T10K>
     python data_tools/make_longtail.py --input data/duke/train --head 20   # re-ID <H20,S5>
+
+The default input, data/glyphs_large/train (16,000 glyph classes with >= 5 images each), is built
+on first use from the installed CJK fonts (`python data_tools/build_glyphs.py --large` does the
+same). FACETRAIN_GLYPHS_LARGE_CLASSES and FACETRAIN_GLYPH_FONT_ROOTS (folders separated by ':')
+reduce that build, e.g. for CI.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", default=DEFAULT_INPUT,
                    help=f"source dataset: prefix, .rec file or folder of shards "
-                        f"(default {DEFAULT_INPUT}, the embedded glyph set)")
+                        f"(default {DEFAULT_INPUT}, the large glyph set, built on first "
+                        "use)")
     p.add_argument("--output", default=None,
                    help="output folder (default data/longtail_H{head}_T{tail|all}_S{S})")
     p.add_argument("--head", type=int, required=True,
@@ -50,16 +56,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _ensure_default_input(progress: bool) -> int:
+    """Build the default input (the large glyph set) when missing; 0, or an exit code after
+    printing why the build failed or stopped."""
+    from facetrain.glyphs.build import GlyphBuildError
+    from facetrain.glyphs.large import ensure_large_set
+
+    root = Path(DEFAULT_INPUT).parent
+    try:
+        with sigterm_raises():
+            ensure_large_set(root, progress=progress,
+                             say=lambda msg: print(f"make_longtail: {msg}", flush=True))
+    except (GlyphBuildError, OSError) as exc:
+        print(f"make_longtail: cannot build the default input {root}: {exc}. Pass --input "
+              "PREFIX to use another dataset.", file=sys.stderr)
+        return 2
+    except (Terminated, KeyboardInterrupt) as exc:
+        print(stopped_message("make_longtail", exc, root), file=sys.stderr)
+        return exit_code(exc)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_tool_logging()
+    if args.input == DEFAULT_INPUT:
+        code = _ensure_default_input(progress=not args.no_progress)
+        if code:
+            return code
     try:
         resolve_shards(args.input)
     except FileNotFoundError as exc:
-        hint = (" The default input is the embedded glyph set; build it with `python "
-                "data_tools/build_glyphs.py` or "
-                "pass --input PREFIX.") if args.input == DEFAULT_INPUT else ""
-        print(f"make_longtail: {exc}{hint}", file=sys.stderr)
+        print(f"make_longtail: {exc}", file=sys.stderr)
         return 2
     out = args.output or default_output(args.head, args.tail, args.tail_samples)
     try:

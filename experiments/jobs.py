@@ -36,6 +36,15 @@ METHODS: Dict[str, Tuple[str, ...]] = {
     "uniform_control": ("leap.mode=full", "leap.control=uniform"),
     "shuffled_control": ("leap.mode=full", "leap.control=shuffled"),
     "uniform_meangap_control": ("leap.mode=full", "leap.control=uniform_meangap"),
+    # Long-tail remedies a user would try instead of LEAP (docs/long_tail_remedies.md), on the
+    # CosFace baseline. beta = 0.99: a 3-image tail class weighs (1 - .99^22) / (1 - .99^3)
+    # ~ 6.7x a 22-image head class. t = 0.002: a 3-image class of the default split (f ~ 3/7,950)
+    # gets r ~ 2.3, every head class (f >= 20/7,950 > t) r = 1, so an epoch is ~1.9x longer;
+    # 6 epochs of 3 cycles keep the number of steps near the baseline's 12 (equal compute, as
+    # LVIS trains repeat-factor sampling on the baseline's iteration budget).
+    "class_balanced": ("leap.mode=off", "head.class_balance_beta=0.99"),
+    "repeat_factor": ("leap.mode=off", "data.repeat_factor_threshold=0.002", "train.epochs=6",
+                      "schedule.cycle_epochs=2"),
 }
 BASELINE = "cosface"
 

@@ -49,9 +49,20 @@ class DataConfig:
     random_flip: bool = True
     skip_bad_images: bool = False              # count and log undecodable images instead of failing
     rebuild_index: bool = False                # rebuild a missing/stale .idx from the .rec
+    # Repeat-factor sampling (LVIS): class c with image fraction f_c is repeated
+    # max(1, sqrt(t / f_c)) times per epoch; t = this threshold, 0 = off
+    # (docs/long_tail_remedies.md). torch loader only.
+    repeat_factor_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("data.loader", self.loader, ("torch", "dali"))
+        _check_range("data.repeat_factor_threshold", self.repeat_factor_threshold, 0.0, 1.0)
+        if self.repeat_factor_threshold > 0 and self.loader == "dali":
+            # DALI's index cannot list a record twice (a record's size is the distance to the
+            # next listed offset) and its mid-epoch resume removes served records by identity.
+            raise ConfigError("data.repeat_factor_threshold > 0 (repeat-factor sampling) needs "
+                              "data.loader=torch: DALI's reader cannot serve a record twice in "
+                              "an epoch")
         _check_range("data.batch_size", self.batch_size, 1)
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.image_size", self.image_size, 8)
@@ -103,9 +114,14 @@ class HeadConfig:
     # whole shard, as InsightFace's PartialFC_V2) or `sampled` (a sparse gradient and momentum
     # SGD over the step's k rows only, as PartialFC v1; needs optim.name=sgd).
     update_rows: str = "all"
+    # Class-balanced loss (Cui et al. 2019): each sample's CE is weighted by
+    # (1 - beta) / (1 - beta^K) of its class, mean 1 over classes; 0 = off, typical 0.99-0.9999
+    # (docs/long_tail_remedies.md).
+    class_balance_beta: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("head.sample_rate", self.sample_rate, 0.0, 1.0, lo_open=True)
+        _check_range("head.class_balance_beta", self.class_balance_beta, 0.0, 1.0, hi_open=True)
         _check_choice("head.update_rows", self.update_rows, ("all", "sampled"))
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
-DATA_HINT = ("build the embedded glyph data first:\n"
+DATA_HINT = ("build the embedded glyph data first (the README's main command does it too):\n"
              "  python data_tools/build_glyphs.py\n"
-             "  python data_tools/make_longtail.py\n"
+             "  python data_tools/make_longtail.py --input data/glyphs/train --head 100 "
+             "--tail-samples 3\n"
              "or point data.rec at your own RecordIO prefix (data.rec=/path/to/train)")
 
 
@@ -131,5 +132,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave without interpreter finalization once a run has succeeded.
+
+    By then every output is written and closed, every rank has passed the final barrier and the
+    process group is destroyed: finalization has nothing left to do for us, and it is the phase
+    where C++ threads of the communication and loader stacks are torn down in no fixed order
+    (the reported "terminate called without an active exception" SIGABRT after "done", which
+    made torchrun kill the other rank mid-export). Failures exit normally, with tracebacks."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc == 0:
+        _exit_now(0)
+    sys.exit(rc)

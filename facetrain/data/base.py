@@ -4,7 +4,9 @@ Epoch plan: a permutation of all images seeded by (seed, epoch); rank r takes ev
 entry starting at r (rank-strided) and keeps the first `len(loader) * batch_size`, so every rank
 yields exactly the same number of full batches (an all-gather downstream needs equal sizes;
 a rank with one batch more would hang the job at the end of the epoch). The up to
-`world * batch_size - 1` images left out differ from epoch to epoch.
+`world * batch_size - 1` images left out differ from epoch to epoch. With repeat-factor sampling
+(data.repeat_factor_threshold > 0) the permutation is replaced by resampling.py's global plan,
+taken by the same rank-strided rule.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from facetrain.config import ConfigError, DataConfig
 from facetrain.data.dataset import RecordDataset
+from facetrain.data.resampling import image_repeat_factors, plan_size, repeat_factor_rank_indices
 from facetrain.dist import DistContext
 
 
@@ -52,14 +55,18 @@ class TrainLoader:
         self.num_classes = dataset.num_classes
         self.class_counts = dataset.class_counts
         self.skipped = 0   # undecodable images replaced (only with cfg.skip_bad_images)
-        n = len(dataset)
+        # Repeat-factor sampling (data.repeat_factor_threshold > 0; resampling.py): per image.
+        self.repeats = image_repeat_factors(dataset.labels, dataset.class_counts,
+                                            cfg.repeat_factor_threshold) \
+            if cfg.repeat_factor_threshold > 0 else None
+        n = self.plan_images = len(dataset) if self.repeats is None else plan_size(self.repeats)
         if batches_per_epoch(n, ctx.world_size, cfg.batch_size) == 0:
             raise ConfigError(f"data.batch_size={cfg.batch_size} x {ctx.world_size} ranks needs at "
                              f"least {cfg.batch_size * ctx.world_size} images; the dataset at "
                              f"{cfg.rec} has {n}: lower data.batch_size")
 
     def __len__(self) -> int:
-        return batches_per_epoch(len(self.dataset), self.ctx.world_size, self.cfg.batch_size)
+        return batches_per_epoch(self.plan_images, self.ctx.world_size, self.cfg.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose seeded permutation the next iteration follows."""
@@ -67,8 +74,12 @@ class TrainLoader:
 
     def rank_plan(self) -> Tuple[np.ndarray, np.ndarray]:
         """(positions int64 [len*B], flips bool [len*B]) of this rank for the current epoch."""
-        idx = epoch_indices(len(self.dataset), self.ctx.rank, self.ctx.world_size,
-                            self.cfg.batch_size, self.seed, self.epoch)
+        if self.repeats is None:
+            idx = epoch_indices(len(self.dataset), self.ctx.rank, self.ctx.world_size,
+                                self.cfg.batch_size, self.seed, self.epoch)
+        else:
+            idx = repeat_factor_rank_indices(self.repeats, self.ctx.rank, self.ctx.world_size,
+                                             self.cfg.batch_size, self.seed, self.epoch)
         flips = epoch_flips(idx.size, self.ctx.rank, self.seed, self.epoch)
         if not self.cfg.random_flip:
             flips[:] = False

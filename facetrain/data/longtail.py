@@ -31,7 +31,7 @@ from facetrain.data.output import check_output_folder, removed_if_failed, write_
 from facetrain.data.writer import relabel_framed, write_insightface_dataset
 
 log = logging.getLogger(__name__)
-DEFAULT_INPUT = "data/glyphs/train"
+DEFAULT_INPUT = "data/glyphs_large/train"    # built on first use (facetrain.glyphs.large)
 DEFAULT_TAIL_SAMPLES = 5     # the paper's S
 OUTPUT_EXTRAS = ("property", "manifest.csv")   # written beside the train*.rec/.idx files
 

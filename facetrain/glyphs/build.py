@@ -58,20 +58,33 @@ class BuildSettings:
     holdout_designs: Tuple[str, ...] = ()   # name/file substrings: designs kept out of training
     eval_heldout_only: bool = False          # eval/distractor images only in held-out designs
     font_roots: Tuple[str, ...] = field(default=FONT_ROOTS)
+    train_only: bool = False                 # write the training set only (no eval sets)
+    exclude_chars: str = ""                  # never used, e.g. another build's held-out classes
 
     def validate(self) -> None:
-        for name in ("train_classes", "eval_classes", "min_designs", "size", "jobs"):
+        for name in ("train_classes", "min_designs", "size", "jobs"):
             if getattr(self, name) < 1:
                 raise GlyphBuildError(f"--{name.replace('_', '-')} must be >= 1; "
                                       f"got {getattr(self, name)}")
-        if self.distractor_classes < 1:
-            raise GlyphBuildError("--distractor-classes must be >= 1 (MegaFace needs "
-                                  f"distractors); got {self.distractor_classes}")
         if self.min_designs < 2:
             raise GlyphBuildError(f"--min-designs must be >= 2 (a class needs two images for a "
                                   f"same-class pair); got {self.min_designs}")
         if self.size < 8:
             raise GlyphBuildError(f"--size must be >= 8 pixels; got {self.size}")
+        if self.train_only:
+            if self.eval_classes or self.distractor_classes or self.eval_heldout_only:
+                raise GlyphBuildError("--train-only writes no evaluation sets: --eval-classes "
+                                      "and --distractor-classes must be 0 and "
+                                      "--eval-heldout-only unset")
+            return
+        self._validate_eval()
+
+    def _validate_eval(self) -> None:
+        if self.eval_classes < 1:
+            raise GlyphBuildError(f"--eval-classes must be >= 1; got {self.eval_classes}")
+        if self.distractor_classes < 1:
+            raise GlyphBuildError("--distractor-classes must be >= 1 (MegaFace needs "
+                                  f"distractors); got {self.distractor_classes}")
         folds = 2 * eval_sets.VERIFICATION_FOLDS
         if self.verification_pairs < folds or self.verification_pairs % folds:
             raise GlyphBuildError(f"--verification-pairs must be a positive multiple of {folds} "
@@ -202,6 +215,9 @@ def choose_classes(designs: Sequence[FontFace], settings: BuildSettings,
     designs, then split them: train, then held-out eval, then distractors (disjoint)."""
     use = training_designs(designs, settings.holdout_designs)
     order = candidate_order(designs, use, settings.min_designs, settings.seed)
+    if settings.exclude_chars:
+        excluded = set(settings.exclude_chars)
+        order = [ch for ch in order if ch not in excluded]
     need = settings.train_classes + settings.eval_classes + settings.distractor_classes
     if len(order) < need:
         raise GlyphBuildError(f"only {len(order)} characters are covered by >= "
@@ -281,6 +297,22 @@ def build(settings: BuildSettings, progress: bool = True) -> Dict[str, object]:
     write_train_designs(out / TRAIN_DESIGNS, classes.train, designs)
     log.info("step 3/4: wrote %s.rec, %d images (%.1fs)", out / TRAIN_PREFIX, n_train,
              time.perf_counter() - clock)
+    if settings.train_only:
+        log.info("step 4/4: --train-only: no evaluation sets")
+        manifest = _manifest(settings, choice, classes, n_train, None, None, None)
+    else:
+        manifest = _manifest(settings, choice, classes, n_train,
+                             *_write_eval_sets(out, classes, settings))
+        log.info("step 4/4: wrote %s (verification, IJBC, megaface) (%.1fs)", out / EVAL_DIR,
+                 time.perf_counter() - clock)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+                                encoding="utf-8")
+    return manifest
+
+
+def _write_eval_sets(out: Path, classes: Classes, settings: BuildSettings
+                     ) -> Tuple[Dict, Dict, Dict]:
+    """Verification pack, IJB-C and MegaFace folders under out/eval; -> their manifest parts."""
     # Eval sets go to a scratch folder renamed at the end, so a failed build leaves no half set.
     scratch = out / (EVAL_DIR + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -295,17 +327,14 @@ def build(settings: BuildSettings, progress: bool = True) -> Dict[str, object]:
     mega = eval_sets.write_megaface(scratch / "megaface", named_eval, named_dis)
     shutil.rmtree(out / EVAL_DIR, ignore_errors=True)
     scratch.rename(out / EVAL_DIR)
-    log.info("step 4/4: wrote %s (verification, IJBC, megaface) (%.1fs)", out / EVAL_DIR,
-             time.perf_counter() - clock)
-    manifest = _manifest(settings, choice, classes, n_train, ver, ijbc, mega)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
-                                encoding="utf-8")
-    return manifest
+    return ver, ijbc, mega
 
 
 def _manifest(settings: BuildSettings, choice: DesignChoice, classes: Classes, n_train: int,
-              ver: Dict, ijbc: Dict, mega: Dict) -> Dict[str, object]:
-    """What was built from what: settings, designs kept/dropped (why), classes, counts."""
+              ver: Optional[Dict], ijbc: Optional[Dict], mega: Optional[Dict]
+              ) -> Dict[str, object]:
+    """What was built from what: settings, designs kept/dropped (why), classes, counts.
+    A --train-only build has null verification/ijbc/megaface parts."""
     train_idx = set(training_designs(choice.kept, settings.holdout_designs))
     return {
         "settings": asdict(settings),

@@ -19,9 +19,10 @@ class _DistSoftmaxCE(torch.autograd.Function):
     """Hand-written instead of torch's cross_entropy because the normaliser spans ranks."""
 
     @staticmethod
-    def forward(ctx, logits, target_col, is_local, group):  # type: ignore[override]
+    def forward(ctx, logits, target_col, is_local, group, weight=None):  # type: ignore[override]
         # logits [B, C_s] fp32 (class-sharded); target_col [B] (valid column everywhere);
-        # is_local [B] bool: the sample's class is in this block.
+        # is_local [B] bool: the sample's class is in this block; weight [B] or None: per-sample
+        # loss weights (class-balanced loss), the same on every rank.
         row_max = logits.detach().max(dim=1).values
         if group is not None:
             # Row max over all shards, for a numerically safe exp.
@@ -33,9 +34,10 @@ class _DistSoftmaxCE(torch.autograd.Function):
             # Row sums of exp and the target logit (non-zero on exactly one rank), in one call.
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         denom, tgt_all = packed[0], packed[1]
-        loss = (denom.log() + row_max - tgt_all).mean()
+        ce = denom.log() + row_max - tgt_all
+        loss = (ce if weight is None else ce * weight).mean()
         probs.div_(denom.unsqueeze(1))
-        ctx.save_for_backward(probs, target_col, is_local)
+        ctx.save_for_backward(probs, target_col, is_local, weight)
         ctx.used = False
         return loss
 
@@ -45,22 +47,29 @@ class _DistSoftmaxCE(torch.autograd.Function):
             raise RuntimeError("dist_softmax_cross_entropy's backward reuses its softmax buffer in "
                                "place and cannot run twice; do not use retain_graph=True on it")
         ctx.used = True
-        probs, target_col, is_local = ctx.saved_tensors
-        # In place on the saved softmax to avoid another [B, C_s] buffer: (p - one_hot) / B.
+        probs, target_col, is_local, weight = ctx.saved_tensors
+        # In place on the saved softmax to avoid another [B, C_s] buffer: w (p - one_hot) / B.
         grad = probs
         grad.scatter_add_(1, target_col.view(-1, 1), -is_local.to(grad.dtype).view(-1, 1))
         grad.mul_(grad_loss / probs.shape[0])
-        return grad, None, None, None
+        if weight is not None:
+            grad.mul_(weight.view(-1, 1))
+        return grad, None, None, None, None
 
 
 def dist_softmax_cross_entropy(logits: torch.Tensor, target_col: torch.Tensor,
-                               is_local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+                               is_local: torch.Tensor, group: Optional[dist.ProcessGroup],
+                               sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean cross-entropy over the global batch (same value on every rank of `group`).
 
     logits [B, C_s] (this rank's classes, fp32; cast here if not), target_col [B] int64 column
     of the target in this block (ignored where is_local is False), is_local [B] bool.
-    group None = a single process holding every class.
+    group None = a single process holding every class. sample_weight [B] (identical on every
+    rank; no gradient): the loss becomes sum_n w_n CE_n / B, a plain mean of weighted losses as
+    in Cui et al.'s class-balanced loss (not divided by sum_n w_n).
     """
     if logits.dtype != torch.float32:
         logits = logits.float()
-    return _DistSoftmaxCE.apply(logits, target_col, is_local, group)
+    if sample_weight is not None:
+        sample_weight = sample_weight.detach().to(torch.float32)
+    return _DistSoftmaxCE.apply(logits, target_col, is_local, group, sample_weight)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from facetrain.config import HeadConfig, LeapConfig
 from facetrain.dist import DistContext, all_gather_no_grad, all_gather_with_grad
+from facetrain.heads.class_weights import class_weight_table
 from facetrain.heads.dist_softmax import dist_softmax_cross_entropy
 from facetrain.heads.feature_cloud import Cloud
 from facetrain.heads.leap import GLOBALS, LeapState
@@ -100,6 +101,9 @@ class PartialFC(torch.nn.Module):
         self.leap = None if leap_cfg.mode == "off" else LeapState(
             counts[self.start:self.end], self.start, embedding_size, leap_cfg, ctx.device,
             global_counts=counts, seed=seed)
+        # Class-balanced loss (head.class_balance_beta > 0): a weight per global class, [C].
+        self.class_weight = class_weight_table(counts.numpy(), head_cfg.class_balance_beta,
+                                               ctx.device)
         # Class sampling: a stream per rank. LEAP angles: keyed on (draw, sample, global class),
         # the same on every rank and for every world size (facetrain/heads/noise.py).
         self._sample_gen = _generator(ctx.device, seed * 7919 + ctx.rank + 1)
@@ -140,7 +144,8 @@ class PartialFC(torch.nn.Module):
         emb = all_gather_with_grad(embeddings, group)
         lab = all_gather_no_grad(labels.to(torch.int64), group)
         logits, col, local = self.shard_logits(emb, lab)
-        loss = dist_softmax_cross_entropy(logits, col, local, group)
+        weight = None if self.class_weight is None else self.class_weight[lab]
+        loss = dist_softmax_cross_entropy(logits, col, local, group, weight)
         if self.training and self.leap is not None:
             self._leap_iteration(emb.detach(), lab, group)
         return loss

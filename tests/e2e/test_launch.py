@@ -4,6 +4,7 @@ errors, the missing-data message, and every shipped config."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -109,7 +110,7 @@ SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 def test_every_shipped_config_is_valid():
     names = {p.name for p in SHIPPED}
     assert {"default.yaml", "ms1mv3_r50.yaml", "reid_h20_s5_r50_adam.yaml"} <= names
-    for split in ("h5k_t10k", "h3k_t20k"):
+    for split in ("h5k_t10k", "h3k_t20k", "h5k_t20k", "h3k_t10k"):
         for margin in ("cosface", "arcface"):
             for mode in ("off", "vanilla", "full"):
                 assert f"face_{split}_r18_{margin}_leap_{mode}.yaml" in names
@@ -125,6 +126,12 @@ def test_every_shipped_config_is_valid():
             assert cfg.leap.mode == path.stem.rsplit("_", 1)[1]
         if path.name.startswith("reid_"):
             assert cfg.optim.name == "adam" and cfg.model.backbone == "resnet50_reid"
+            # Vanilla LEAP's head/tail split: tail classes have exactly S images.
+            split = re.fullmatch(r"reid_h(\d+)_s(\d+)_.*", path.stem)
+            assert f"_H{split[1]}_Tall_S{split[2]}" in cfg.data.rec, path.name
+            assert cfg.leap.head_threshold == int(split[2]), path.name
+    for h, s in ((20, 5), (150, 5), (100, 5), (50, 5), (20, 4), (20, 3)):
+        assert f"reid_h{h}_s{s}_r50_adam.yaml" in names
 
 
 def test_misspelled_key_in_a_config_file(tmp_path):

@@ -65,6 +65,11 @@ def test_every_main_job_method_loads_with_the_default_config():
     assert load_config(None, list(METHODS["null_control"])).leap.control == "null"
     assert load_config(None, list(METHODS["uniform_control"])).leap.control == "uniform"
     assert load_config(None, list(METHODS["shuffled_control"])).leap.control == "shuffled"
+    cfg = load_config(REPO / "configs" / "default.yaml", list(METHODS["class_balanced"]))
+    assert cfg.head.class_balance_beta > 0 and cfg.leap.mode == "off"
+    cfg = load_config(REPO / "configs" / "default.yaml", list(METHODS["repeat_factor"]))
+    assert cfg.data.repeat_factor_threshold > 0 and cfg.leap.mode == "off"
+    assert cfg.train.epochs == 3 * cfg.schedule.cycle_epochs
 
 
 def test_leap_width_scale_and_controls():

@@ -22,10 +22,18 @@ def tool(name):
 
 def test_make_longtail_defaults_and_missing_input(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert tool("make_longtail")(["--head", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "data/glyphs/train.rec" in err and "build_glyphs.py" in err and "--input" in err
-    make_dataset(tmp_path / "data" / "glyphs", [9, 7, 6, 5, 2])
+    assert tool("make_longtail")(["--head", "2", "--input", "nowhere/train"]) == 2
+    assert "nowhere/train" in capsys.readouterr().err
+    # The default input is built on first use; with no fonts that fails and says why.
+    (tmp_path / "nofonts").mkdir()
+    monkeypatch.setenv("FACETRAIN_GLYPH_FONT_ROOTS", str(tmp_path / "nofonts"))
+    assert tool("make_longtail")(["--head", "2", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert "data/glyphs_large is missing: building it once" in out
+    assert "cannot build the default input data/glyphs_large" in err and "--input" in err
+    assert not (tmp_path / "data" / "glyphs_large.partial").exists()
+    make_dataset(tmp_path / "data" / "glyphs_large", [9, 7, 6, 5, 2])
+    (tmp_path / "data" / "glyphs_large" / "manifest.json").write_text("{}")
     assert tool("make_longtail")(["--head", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "2 head classes (16 images) + 2 tail classes (10 images)" in out

@@ -1,6 +1,8 @@
 """Builder logic without rendering: design hold-out, seeded candidate order, settings checks."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from facetrain.glyphs.build import (BuildSettings, GlyphBuildError, candidate_order, class_name,
@@ -64,3 +66,68 @@ def test_template_pairs(monkeypatch, enumerate_up_to):
     every = eval_sets._template_pairs(cls, 10 ** 6, np.random.default_rng(0))
     assert len(every) == 18 * 17 // 2                      # capped at all pairs that exist
     assert eval_sets._template_pairs(cls, 40, np.random.default_rng(0)) == pairs
+
+
+def test_train_only_settings():
+    BuildSettings(train_only=True, eval_classes=0, distractor_classes=0,
+                  verification_pairs=0).validate()           # eval knobs are not checked
+    with pytest.raises(GlyphBuildError, match="--train-only writes no evaluation sets"):
+        BuildSettings(train_only=True).validate()
+
+
+def test_large_settings_and_environment_overrides(tmp_path):
+    from facetrain.glyphs import large
+    s = large.large_settings(environ={})
+    assert (s.train_classes, s.min_designs, s.train_only) == (16000, 5, True)
+    assert s.out == "data/glyphs_large" and s.font_roots == ("/usr/share/fonts",)
+    s.validate()
+    env = {large.CLASSES_ENV: "30", large.FONT_ROOTS_ENV: f"/a{os.pathsep}/b"}
+    s = large.large_settings(tmp_path / "x", environ=env)
+    assert (s.train_classes, s.font_roots, s.out) == (30, ("/a", "/b"), str(tmp_path / "x"))
+    with pytest.raises(GlyphBuildError, match=large.CLASSES_ENV):
+        large.large_settings(environ={large.CLASSES_ENV: "many"})
+
+
+def test_ensure_large_set_skips_built_and_refuses_foreign_folder(tmp_path):
+    from facetrain.glyphs import large
+    root = tmp_path / "glyphs_large"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(GlyphBuildError, match="holds no finished glyph build"):
+        large.ensure_large_set(root, progress=False, say=lambda m: None)
+    for name in ("train.rec", "train.idx", "manifest.json"):
+        (root / name).write_text("")
+    said = []
+    assert large.ensure_large_set(root, progress=False, say=said.append) is None and not said
+
+
+def test_failed_large_build_leaves_nothing(tmp_path):
+    from facetrain.glyphs import large
+    (tmp_path / "nofonts").mkdir()
+    env = {large.FONT_ROOTS_ENV: str(tmp_path / "nofonts")}
+    with pytest.raises(GlyphBuildError, match="found 0 distinct CJK font designs"):
+        large.ensure_large_set(tmp_path / "g", progress=False, say=lambda m: None, environ=env)
+    assert not any(tmp_path.glob("g*"))
+
+
+def test_excluded_chars_are_never_candidates(monkeypatch):
+    from facetrain.glyphs import build
+    monkeypatch.setattr(build, "render_chars", lambda designs, chars, *a: {
+        c: [(d, None) for d, f in enumerate(designs) if ord(c) in f.coverage] for c in chars})
+    s = BuildSettings(train_classes=4, eval_classes=0, distractor_classes=0, min_designs=2,
+                      train_only=True, exclude_chars="\u4e04\u4e05")
+    got = build.choose_classes(DESIGNS, s, progress=False)
+    names = [ch for ch, _ in got.train]
+    assert len(names) == 4 and not set(names) & {"\u4e04", "\u4e05"}
+
+
+def test_held_out_chars_read_from_the_manifest(tmp_path):
+    import json
+    from facetrain.glyphs.large import held_out_chars
+    assert held_out_chars(tmp_path) == ""
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"eval": {"classes": "\u4e00\u4e01"}, "distractors": {"classes": "\u4e02"}}))
+    assert held_out_chars(tmp_path) == "\u4e00\u4e01\u4e02"
+    (tmp_path / "manifest.json").write_text("[1]")
+    with pytest.raises(GlyphBuildError, match="not a glyph build manifest"):
+        held_out_chars(tmp_path)
