@@ -13,7 +13,6 @@ Same seed and fonts -> byte-identical output. Needs the Debian font packages lis
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -78,15 +77,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from facetrain.glyphs.build import BuildSettings, GlyphBuildError, build
     from facetrain.glyphs.fonts import FONT_ROOTS
     from facetrain.glyphs.large import held_out_chars
+    from facetrain.logging_utils import setup_tool_logging
 
     try:
         exclude = held_out_chars() if args.large else ""
     except GlyphBuildError as err:
         print(f"build_glyphs: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="[build_glyphs] %(message)s")
-    logging.getLogger("fontTools").setLevel(logging.ERROR)   # noisy about old font timestamps
+    setup_tool_logging(quiet=args.quiet)
     settings = BuildSettings(
         out=args.out, seed=args.seed, train_classes=args.train_classes,
         eval_classes=0 if args.train_only else args.eval_classes,

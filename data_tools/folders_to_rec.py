@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from facetrain.data.folders import folders_to_rec  # noqa: E402
 from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
                                       stopped_message)
+from facetrain.logging_utils import setup_tool_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
                         "files, instead of stopping at the first one; implies the check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    setup_tool_logging()
     try:
         with sigterm_raises():
             s = folders_to_rec(args.root, args.output, args.layout, args.size, args.shard_size,

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,7 +15,7 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--missing-packages", action="store_true",
-                        help="print the font packages of issue 6 that are not installed, space "
+                        help="print the glyph study's font packages that are not installed, space "
                              "separated (nothing when none), and exit")
     parser.add_argument("--roots", nargs="+", default=None,
                         help="folders searched for font files (default: /usr/share/fonts)")
@@ -25,7 +24,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Runnable from a checkout without `pip install -e .`: the repository root holds facetrain/.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from facetrain.glyphs import fonts
-    logging.getLogger("fontTools").setLevel(logging.ERROR)   # noisy about old font timestamps
+    from facetrain.logging_utils import setup_tool_logging
+    setup_tool_logging()
     if args.missing_packages:
         print(" ".join(fonts.missing_packages()))
         return 0

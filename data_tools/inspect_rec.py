@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facetrain.data.summary import describe, format_summary  # noqa: E402
+from facetrain.logging_utils import setup_tool_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --check-decode")
     args = p.parse_args(argv)
+    setup_tool_logging()
     decode = None if args.check_decode == -1 else args.check_decode
     try:
         info = describe(args.path, decode=decode, rebuild_index=args.rebuild_index,

@@ -11,7 +11,6 @@ reduce that build, e.g. for CI.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # 
                                       stopped_message)
 from facetrain.data.longtail import (DEFAULT_INPUT, DEFAULT_TAIL_SAMPLES,  # noqa: E402
                                      default_output, make_longtail)
+from facetrain.logging_utils import setup_tool_logging  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,7 +79,7 @@ def _ensure_default_input(progress: bool) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_tool_logging()
     if args.input == DEFAULT_INPUT:
         code = _ensure_default_input(progress=not args.no_progress)
         if code:

@@ -10,7 +10,6 @@ such (re-copy it): no index can make it whole.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from facetrain.data.dataset import rebuild_indexes, resolve_shards  # noqa: E402
 from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
                                       stopped_message)
+from facetrain.logging_utils import setup_tool_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild every .idx, not only bad ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_tool_logging()
     bar = None
     try:
         with sigterm_raises():

@@ -178,7 +178,11 @@ def _plain(obj: object) -> object:
 
 
 def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]]) -> int:
-    """Call a CLI's body, turning user errors into one 'error:' line and exit status 2."""
+    """Call a CLI's body, turning user errors into one 'error:' line and exit status 2; the
+    library's log records go to stderr in the tools' format."""
+    from facetrain.logging_utils import setup_tool_logging
+
+    setup_tool_logging()
     try:
         return main(argv)
     except (UsageError, FileNotFoundError, ValueError) as err:

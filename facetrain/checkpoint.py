@@ -1,11 +1,12 @@
-"""Checkpoints that survive faults and world-size changes, and the backbone export.
+"""Checkpoints that survive faults and world-size changes: assemble, verify, write, read.
 
 Layout of `<output_dir>/checkpoints/`:
 ```
-ckpt_step{N}/replicated.pt     rank 0: backbone, backbone optimizer (replicated part), scheduler,
-                               grad scaler, epoch, batch position, step, resolved config
-ckpt_step{N}/rank{r:05d}.pt    rank r: classifier shard (weights + LEAP state), its optimizer
-                               state, its class range, its RNG states (and a ZeRO partition)
+ckpt_step{N}/replicated.pt     rank 0: the engine's replicated state (backbone, its optimizer,
+                               grad scaler), epoch, batch position, step, resolved config
+ckpt_step{N}/rank{r:05d}.pt    rank r: the head's state (PartialFC.state_dict: classifier rows,
+                               LEAP state, class range, sampling stream), the engine's per-rank
+                               state (classifier optimizer, a ZeRO partition), RNG states
 ckpt_step{N}/meta.json         world size, step, files with their sizes and CRC-32: written last,
                                marks a complete checkpoint
 latest                         text file naming the newest complete checkpoint
@@ -19,8 +20,8 @@ storage every rank sees (the usual shared file system of a cluster).
 Why a hand-made format rather than torch.distributed.checkpoint: the classifier is split in
 contiguous, possibly uneven class blocks whose LEAP state (ring buffers sized by K_i) and optimizer
 rows must move with their classes on a world-size change. That is a row concatenation and a
-re-split (`PartialFC.reshard`, `reshard_optimizer_state`) that is easier to read and test than
-expressing the blocks as DTensor placements.
+re-split (`PartialFC.reshard`, `facetrain.engines.reshard_optimizer_state`) that is easier to
+read and test than expressing the blocks as DTensor placements.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ import json
 import os
 import random
 import shutil
-import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,8 +42,6 @@ from facetrain.dist import DistContext
 
 CKPT_PREFIX = "ckpt_step"
 LATEST = "latest"
-EXPORT_FORMAT = "facetrain-backbone"
-EXPORT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
@@ -252,42 +251,35 @@ def load_all_shards(path: Path, map_location: Any = "cpu") -> List[Dict[str, Any
     return [load_shard(path, r, map_location) for r in range(read_meta(path)["world_size"])]
 
 
-def reshard_optimizer_state(shards: Sequence[Dict[str, Any]], new_range: Tuple[int, int]
-                            ) -> Dict[str, Any]:
-    """Re-split the classifier shards' optimizer states for the class block `new_range`.
+class SavedStates(Sequence):
+    """One part of every saved rank's state, `part(rank r's file)` for r in range(saved world
+    size), each file read on first access and kept. What the head's and the engines'
+    `load_state_dict(states, world_size)` take: on the same world size a rank reads only its
+    own file unless its part needs every rank's (ZeRO partitions)."""
 
-    Each shard holds `head_optim` (a torch optimizer state_dict), `head_param_rows` (dim-0 size
-    of each head parameter) and `class_range` (start, end). A state tensor whose dim 0 equals its
-    parameter's class count is a per-class row block (SGD momentum, Adam moments): the blocks
-    are concatenated in class order and sliced, so each momentum row moves with its class.
-    Anything else (Adam's step counter) is taken from shard 0.
-    """
-    shards = sorted(shards, key=lambda s: s["class_range"][0])
-    start, end = new_range
-    base = shards[0]["head_optim"]
-    out_state: Dict[int, Dict[str, Any]] = {}
-    for idx in range(len(shards[0]["head_param_rows"])):
-        names = set()
-        for s in shards:
-            names.update(s["head_optim"]["state"].get(idx, {}).keys())
-        entry: Dict[str, Any] = {}
-        for name in sorted(names):
-            parts, row_sharded = [], True
-            for s in shards:
-                rows = s["head_param_rows"][idx]
-                val = s["head_optim"]["state"].get(idx, {}).get(name)
-                if not (torch.is_tensor(val) and val.dim() >= 1 and val.shape[0] == rows
-                        and rows == s["class_range"][1] - s["class_range"][0]):
-                    row_sharded = False
-                    break
-                parts.append(val)
-            if row_sharded:
-                entry[name] = torch.cat(parts, 0)[start:end].clone()
-            else:
-                entry[name] = base["state"].get(idx, {}).get(name)
-        if entry:
-            out_state[idx] = entry
-    return {"state": out_state, "param_groups": base["param_groups"]}
+    def __init__(self, path: Path, part: Callable[[Dict[str, Any]], Any],
+                 files: Optional[Dict[int, Dict[str, Any]]] = None,
+                 map_location: Any = "cpu") -> None:
+        self.path, self.part, self.map_location = Path(path), part, map_location
+        self.world_size = int(read_meta(path)["world_size"])
+        self._files = {} if files is None else files
+
+    def view(self, part: Callable[[Dict[str, Any]], Any]) -> "SavedStates":
+        """Another part of the same files (read once for both)."""
+        return SavedStates(self.path, part, self._files, self.map_location)
+
+    def __len__(self) -> int:
+        return self.world_size
+
+    def __getitem__(self, rank):  # type: ignore[override]
+        if isinstance(rank, slice):
+            return [self[r] for r in range(self.world_size)[rank]]
+        if not 0 <= rank < self.world_size:
+            raise IndexError(f"checkpoint {self.path} was saved by {self.world_size} ranks; "
+                             f"there is no rank {rank}")
+        if rank not in self._files:
+            self._files[rank] = load_shard(self.path, rank, self.map_location)
+        return self.part(self._files[rank])
 
 
 def rng_state(device: torch.device) -> Dict[str, Any]:
@@ -305,58 +297,3 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def export_backbone(backbone: torch.nn.Module, name: str, kwargs: Dict[str, Any],
-                    out_dir: Path, image_size: Union[int, Sequence[int]],
-                    onnx: bool = True) -> Dict[str, Path]:
-    """Write `backbone.pt` ({format, version, backbone, kwargs, state_dict}, loadable by
-    `facetrain.models.registry.build_backbone(name, **kwargs)`) and `backbone.onnx`.
-
-    The ONNX graph takes float images [N, 3, H, W] in [-1, 1] and returns embeddings [N, D]
-    (not normalised), with a dynamic batch dimension. Call on rank 0 only.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # float32 whatever the training precision (DeepSpeed bf16/fp16 casts the module itself).
-    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-             for k, v in backbone.state_dict().items()}
-    payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "backbone": name,
-               "kwargs": dict(kwargs), "state_dict": state}
-    paths = {"torch": out_dir / "backbone.pt"}
-    _atomic_torch_save(payload, paths["torch"])
-    if onnx:
-        paths["onnx"] = out_dir / "backbone.onnx"
-        export_onnx(backbone, paths["onnx"], image_size)
-    return paths
-
-
-def export_onnx(backbone: torch.nn.Module, path: Path,
-                image_size: Union[int, Sequence[int]]) -> None:
-    """ONNX via the TorchScript-based exporter: the dynamo exporter needs onnxscript, which is
-    not a dependency; the traced graph of a plain CNN is the same."""
-    import copy
-
-    model = copy.deepcopy(backbone).float().cpu().eval()
-    model = model.to(memory_format=torch.contiguous_format)
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    dummy = torch.zeros(2, 3, h, w)
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(tmp), dynamo=False, input_names=["images"],
-                          output_names=["embeddings"], opset_version=17,
-                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
-    os.replace(tmp, path)
-
-
-def load_exported(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Read and check an exported backbone file (the eval side builds the module from it)."""
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{path} is not a {EXPORT_FORMAT} file (no 'format' key); export "
-                              "one with facetrain.checkpoint.export_backbone")
-    if payload.get("version") != EXPORT_VERSION:
-        raise CheckpointError(f"{path}: export version {payload.get('version')!r} is not "
-                              f"{EXPORT_VERSION}; re-export with this facetrain version")
-    return payload

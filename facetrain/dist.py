@@ -54,6 +54,18 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer; got {raw!r}") from exc
 
 
+def _uses_cuda(device: str) -> bool:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
+    return torch.cuda.is_available() if device == "auto" else device == "cuda"
+
+
+def backend_for(device: str) -> str:
+    """The process-group backend for `train.device` (auto, cpu or cuda): NCCL on CUDA, gloo
+    on CPU."""
+    return "nccl" if _uses_cuda(device) else "gloo"
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
     """Set up the default process group from torchrun's environment.
 
@@ -64,9 +76,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = _uses_cuda(device)
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was requested but torch.cuda.is_available() is False; "
                            "use device=cpu or install a CUDA build of torch")
@@ -77,7 +87,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         dev = torch.device("cpu")
     if "WORLD_SIZE" not in os.environ:
         return DistContext(0, 1, 0, dev, None, None)
-    backend = "nccl" if use_cuda else "gloo"
+    backend = backend_for(device)
     if not dist.is_initialized():
         kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
         if use_cuda:

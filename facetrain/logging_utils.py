@@ -1,7 +1,13 @@
-"""Rank-0 run logging: log.txt, metrics.jsonl, TensorBoard scalars and a progress display.
+"""Logging: a training run's log.txt, metrics.jsonl, TensorBoard scalars and progress display
+(`RunLogger`), and the console logging of the command-line tools (`setup_tool_logging`).
 
-Only rank 0 writes; other ranks get a logger whose methods do nothing, so call sites need no
-`if rank == 0`. Nothing here touches a process group.
+The library logs through Python's `logging` under the `facetrain` logger and never configures
+it. The programs set up the one handler: a training run's RunLogger routes WARNING and up into
+log.txt and the console (rank 0; other ranks print theirs to stderr, naming the rank); the
+data tools and evaluation CLIs call `setup_tool_logging`.
+
+Only rank 0 writes run files; other ranks get a RunLogger whose methods do nothing, so call
+sites need no `if rank == 0`. Nothing here touches a process group.
 """
 from __future__ import annotations
 
@@ -17,6 +23,19 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 
+# The tools' console format: "INFO message" / "WARNING message" on stderr.
+TOOL_FORMAT = "%(levelname)s %(message)s"
+
+
+def setup_tool_logging(quiet: bool = False) -> None:
+    """Console logging for a command-line tool: its own records and the library's (INFO and up,
+    WARNING and up with `quiet`) to stderr as TOOL_FORMAT; fontTools' notices about old font
+    timestamps are silenced. Leaves logging alone when the process already configured it (a
+    test harness, a program calling the tool's main)."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format=TOOL_FORMAT)
+    logging.getLogger("fontTools").setLevel(logging.ERROR)
+
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
@@ -30,14 +49,22 @@ class RunLogger:
     """
 
     def __init__(self, out_dir: Path, is_main: bool, total_steps: int,
-                 tensorboard: bool = True, progress: bool = True) -> None:
+                 tensorboard: bool = True, progress: bool = True, rank: int = 0) -> None:
         self.enabled = is_main
         self.total_steps = total_steps
         self._tb = None
         self._bar = None
         self._t_last = time.perf_counter()
         self._step_last: Optional[int] = None
+        self._handler: logging.Handler
         if not self.enabled:
+            # Library warnings of the other ranks (e.g. a skipped image in their shard): stderr,
+            # in the same format, naming the rank.
+            self._handler = logging.StreamHandler(sys.stderr)
+            self._handler.setLevel(logging.WARNING)
+            self._handler.setFormatter(logging.Formatter(
+                f"[%(asctime)s] %(levelname)s: rank {rank}: %(message)s", datefmt="%H:%M:%S"))
+            logging.getLogger("facetrain").addHandler(self._handler)
             return
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -118,9 +145,9 @@ class RunLogger:
         self._log.flush()
 
     def close(self) -> None:
+        logging.getLogger("facetrain").removeHandler(self._handler)
         if not self.enabled:
             return
-        logging.getLogger("facetrain").removeHandler(self._handler)
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:

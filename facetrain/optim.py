@@ -2,11 +2,13 @@
 
 Schedules count OPTIMIZER steps (not micro-batches), so a run with gradient accumulation
 follows the same curve per sample as one without. Every schedule is a pure function of the step
-(`LRSchedule.lr_at`), which makes resuming trivial: the trainer's step counter is the state.
+(`LRSchedule.lr_at`), which makes resuming trivial: the trainer's step counter is the state, so
+a schedule has no checkpoint state of its own (checkpoints written before this keep a "schedule"
+entry, which is ignored).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -126,7 +128,6 @@ class LRSchedule:
         self.steps_per_epoch = int(steps_per_epoch)
         self.total_steps = max(int(total_steps), 1)
         self.warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-        self.step_count = 0
 
     def lr_at(self, step: int) -> float:
         """The learning rate used for optimizer step `step` (0-based)."""
@@ -156,17 +157,8 @@ class LRSchedule:
         lr = self.lr_at(step)
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-        self.step_count = step
+                group["lr"] = lr
         return lr
-
-    def state_dict(self) -> Dict[str, float]:
-        return {"step_count": self.step_count, "base_lr": self.base_lr,
-                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
-
-    def load_state_dict(self, state: Dict[str, float]) -> None:
-        # Only the position is restored: the curve itself comes from the (possibly edited) config.
-        self.step_count = int(state.get("step_count", 0))
 
 
 def cycle_start_epoch(cfg: ScheduleConfig, cycle: int) -> float:

@@ -28,6 +28,7 @@ from facetrain.config import Config, ConfigError
 from facetrain.data.shards import DatasetError
 from facetrain.dist import DistContext, raise_if_any_failed
 from facetrain.engines import build_engine, check_engine
+from facetrain.export import export_backbone
 from facetrain.logging_utils import RunLogger, format_eta
 from facetrain.optim import LRSchedule
 
@@ -59,18 +60,18 @@ class LossMonitor:
     def __init__(self, device: torch.device, patience: int) -> None:
         self.patience = patience
         zero = torch.zeros((), dtype=torch.long, device=device)
-        self.run, self.run_start = zero.clone(), zero.clone()      # current non-finite streak
+        self.streak, self.streak_start = zero.clone(), zero.clone()  # current non-finite streak
         self.worst, self.worst_start = zero.clone(), zero.clone()  # longest since last check
         self.total = torch.zeros((), device=device)
         self.count = 0
 
     def update(self, loss: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss)
-        self.run = (self.run + 1) * bad
-        self.run_start = torch.where(bad & (self.run == 1), step, self.run_start)
-        longer = self.run > self.worst
-        self.worst_start = torch.where(longer, self.run_start, self.worst_start)
-        self.worst = torch.maximum(self.worst, self.run)
+        self.streak = (self.streak + 1) * bad
+        self.streak_start = torch.where(bad & (self.streak == 1), step, self.streak_start)
+        longer = self.streak > self.worst
+        self.worst_start = torch.where(longer, self.streak_start, self.worst_start)
+        self.worst = torch.maximum(self.worst, self.streak)
         self.total = self.total + torch.where(bad, torch.zeros_like(loss), loss.float())
         self.count += 1
 
@@ -131,7 +132,6 @@ class Trainer:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.head = PartialFC(cfg.model.embedding_size, self.loader.class_counts, cfg.head,
                               cfg.leap, ctx, seed=cfg.train.seed, grad_accum=accum)
-        self.class_range = _class_range(self.head)
         self.engine = build_engine(cfg, ctx, backbone, self.head)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, self.steps_per_epoch,
                                    self.total_steps)
@@ -139,7 +139,8 @@ class Trainer:
         self.monitor = LossMonitor(ctx.device, patience)
         self.step = self.epoch = self.batch = 0     # batch = micro-batches done in this epoch
         self._saved_step = self._verified_step = -1
-        self.log = RunLogger(self.out, ctx.is_main, self.total_steps, cfg.train.tensorboard)
+        self.log = RunLogger(self.out, ctx.is_main, self.total_steps, cfg.train.tensorboard,
+                             rank=ctx.rank)
         for problem in damaged:
             self.log.warning(f"skipping a damaged checkpoint: {problem}")
         if resume is not None:
@@ -259,67 +260,53 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _save(self) -> None:
+        """One checkpoint: the engine's and the head's own states plus the trainer's position
+        and random streams (facetrain/checkpoint.py writes and verifies the files)."""
         if self._saved_step == self.step:
             return
         self.monitor.check()                 # never write a checkpoint after a bad loss
+        engine = self.engine.state_dict()
         replicated = None
         if self.ctx.is_main:
-            replicated = {**self.engine.replicated_state(), "schedule": self.schedule.state_dict(),
-                          "step": self.step, "epoch": self.epoch, "batch": self.batch,
-                          "world_size": self.ctx.world_size, "config": self.cfg.to_dict(),
+            replicated = {**engine["replicated"], "step": self.step, "epoch": self.epoch,
+                          "batch": self.batch, "world_size": self.ctx.world_size,
+                          "config": self.cfg.to_dict(),
                           "global_batch": self.cfg.data.batch_size * self.ctx.world_size}
-        shard = {**self.engine.shard_state(), "head": self.head.shard_state(),
-                 "head_param_rows": [p.shape[0] for p in self.head.parameters()],
-                 "class_range": self.class_range, "rng": ckpt.rng_state(self.ctx.device),
-                 "head_rng": {k: g.get_state() for k, g in _generators(self.head).items()},
-                 "rank": self.ctx.rank}
+        shard = {**engine["shard"], "head": self.head.state_dict(),
+                 "rng": ckpt.rng_state(self.ctx.device), "rank": self.ctx.rank}
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, replicated, shard, self.ctx,
                                     self.cfg.checkpoint.keep_last)
         self._saved_step = self.step
         self.log.info(f"checkpoint {path}")
 
     def _load(self, path: Path) -> None:
-        from facetrain.heads.partial_fc import PartialFC
-
-        meta = ckpt.read_meta(path)
+        """Resume from checkpoint `path`, also one saved by another number of ranks: the
+        engine and the head re-split their per-class state themselves."""
         rep = ckpt.load_replicated(path, map_location=self.ctx.device)
-        self.engine.load_replicated(rep)
-        self.schedule.load_state_dict(rep["schedule"])
+        files = ckpt.SavedStates(path, lambda f: f)
+        world = self.ctx.world_size
+        self.engine.load_state_dict(files.view(lambda f: {"replicated": rep, "shard": f}), world)
+        self.head.load_state_dict(files.view(lambda f: f["head"]), world)
         self.step, self.epoch, self.batch = rep["step"], rep["epoch"], rep["batch"]
         self._saved_step = self.step
-        old_world = meta["world_size"]
-        if old_world == self.ctx.world_size:
-            shard = ckpt.load_shard(path, self.ctx.rank, map_location=self.ctx.device)
-            self.head.load_shard_state(shard["head"])
-            everyone = ckpt.load_all_shards(path, map_location="cpu") \
-                if getattr(self.engine, "needs_all_shards", False) else None
-            self.engine.load_shard(shard, all_shards=everyone)
-            ckpt.set_rng_state(shard["rng"], self.ctx.device)
-            for name, gen in _generators(self.head).items():
-                if name in shard.get("head_rng", {}):
-                    gen.set_state(shard["head_rng"][name].cpu())
+        old_world = files.world_size
+        if old_world == world:
+            ckpt.set_rng_state(files[self.ctx.rank]["rng"], self.ctx.device)
         else:
-            # Another world size: every rank reads all shards and keeps its new class block;
-            # classifier rows, LEAP state and optimizer rows move with their classes.
-            shards = ckpt.load_all_shards(path, map_location="cpu")
-            heads = PartialFC.reshard([s["head"] for s in shards], self.ctx.world_size)
-            self.head.load_shard_state(heads[self.ctx.rank])
-            opt = ckpt.reshard_optimizer_state(shards, self.class_range)
-            self.engine.load_shard({**shards[0], "head_optim": opt}, all_shards=shards)
             _seed_everything(self.cfg.train.seed + 7919 * self.step, self.ctx.rank)
             # Keep the position in global samples, not per-rank batches.
             accum = self.cfg.optim.grad_accum
             consumed = self.batch * rep.get("global_batch", self.cfg.data.batch_size * old_world)
-            new_global = self.cfg.data.batch_size * self.ctx.world_size
+            new_global = self.cfg.data.batch_size * world
             self.batch = consumed // new_global // accum * accum
         self.log.info(f"resumed from {path} (step {self.step}, epoch {self.epoch}, batch "
-                      f"{self.batch}, saved by {old_world} ranks, now {self.ctx.world_size})")
+                      f"{self.batch}, saved by {old_world} ranks, now {world})")
 
     # ---- diagnostics, export, evaluation -------------------------------------------------
     def _gather_class_stats(self) -> Optional[tuple]:
         """(mean, var, valid, class_counts) over ALL classes on rank 0 (None elsewhere)."""
         mean, var, valid = (t.detach().cpu().numpy() for t in self.head.class_stats())
-        local = (self.class_range, mean, var, valid)
+        local = ((self.head.start, self.head.end), mean, var, valid)
         parts = [local]
         if self.ctx.distributed:
             parts = [None] * self.ctx.world_size
@@ -343,9 +330,8 @@ class Trainer:
     def _export(self) -> Optional[Dict[str, str]]:
         if not self.ctx.is_main:
             return None
-        paths = ckpt.export_backbone(self.engine.backbone, self.cfg.model.backbone,
-                                     self.backbone_kwargs, self.out / "export",
-                                     self.cfg.data.hw)
+        paths = export_backbone(self.engine.backbone, self.cfg.model.backbone,
+                                self.backbone_kwargs, self.out / "export", self.cfg.data.hw)
         self.log.info("exported " + ", ".join(str(p) for p in paths.values()))
         return {k: str(v) for k, v in paths.items()}
 
@@ -391,17 +377,6 @@ def _seed_everything(seed: int, rank: int) -> None:
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
-
-
-def _class_range(head: torch.nn.Module) -> tuple:
-    """This rank's class block [start, end) (contiguous blocks in rank order)."""
-    return (int(head.start), int(head.end))
-
-
-def _generators(module: torch.nn.Module) -> Dict[str, torch.Generator]:
-    """The module's own random streams (PartialFC's sampling/LEAP generators are not part of
-    its shard_state, but resuming with the same losses needs them)."""
-    return {k: v for k, v in vars(module).items() if isinstance(v, torch.Generator)}
 
 
 def _maybe_die(ctx: DistContext, step: int, out: Path) -> None:

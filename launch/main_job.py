@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from facetrain.experiment import METHODS
+    from experiments.jobs import METHODS
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/main", help="run folder of the whole job")
@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from facetrain.experiment import BASELINE, JobSettings, ensure_data, train
-    from facetrain.experiment_eval import evaluate_run, write_job_report
+    from experiments.jobs import BASELINE, JobSettings, ensure_data, train
+    from experiments.evaluation import evaluate_run, write_job_report
 
     args = parse_args(argv)
     s = JobSettings(out=Path(args.out), config=Path(args.config),

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from facetrain import report  # noqa: E402
+from experiments import report  # noqa: E402
 
 METRICS = report.DEFAULT_METRICS + (report.Metric("ijbc_tpr@1e-5", "IJB-C TPR@1e-5"),)
 RUN = re.compile(r"(.+)_seed(\d+)$")

@@ -50,18 +50,18 @@ def _init_group_after_restart(device: str) -> None:
     import datetime
     import os
 
-    import torch
     import torch.distributed as dist
+
+    from facetrain.dist import backend_for
 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if attempt == 0 or "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     timeout = datetime.timedelta(seconds=1800)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
     store = dist.PrefixStore(f"facetrain_restart_{attempt}", store)
-    dist.init_process_group("nccl" if use_cuda else "gloo", store=store, timeout=timeout,
+    dist.init_process_group(backend_for(device), store=store, timeout=timeout,
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 

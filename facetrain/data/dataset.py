@@ -118,12 +118,6 @@ class RecordDataset:
                                f"records (class {int(self.labels[i])}); the dataset is corrupt")
         return int(self.labels[i]), img
 
-    def global_offsets(self) -> np.ndarray:
-        """Offsets as if the shards were one concatenated file (DALI's index convention)."""
-        sizes = np.array([s.rec.stat().st_size for s in self.shards], dtype=np.int64)
-        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        return self.offsets + base[self.shard_ids]
-
     def close(self) -> None:
         if self._pid == os.getpid():
             for fd in self._fds.values():

@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from facetrain.data.images import decode_bgr
 from facetrain.data.output import removed_if_failed, write_text_tmp
 from facetrain.data.writer import write_insightface_dataset
 
@@ -73,22 +74,6 @@ class BadImageError(ValueError):
     """An input image that cannot be decoded; the message names it and the way to skip it."""
 
 
-def decode_image(path: Path, data: bytes) -> Tuple[Optional[np.ndarray], str]:
-    """(BGR image, "") or (None, why): never raises for bad bytes (OpenCV asserts on an empty
-    buffer, which named no file)."""
-    import cv2
-
-    if not data:
-        return None, "empty file (0 bytes)"
-    try:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error as exc:
-        return None, f"OpenCV cannot decode it ({str(exc).strip().splitlines()[-1]})"
-    if arr is None:
-        return None, "cannot be decoded as an image"
-    return arr, ""
-
-
 def _bad_message(path: Path, why: str, others: int) -> str:
     more = f" (and {others} more bad file(s))" if others else ""
     return (f"{path}: {why}{more}; remove or replace it, or pass --skip-bad to leave "
@@ -110,7 +95,7 @@ def _check_files(groups: List[Tuple[str, List[Path]]], progress: bool
         for name, files in groups:
             good = []
             for f in files:
-                arr, why = decode_image(f, f.read_bytes())
+                arr, why = decode_bgr(f.read_bytes())
                 if arr is None:
                     bad.append((f, why))
                 else:
@@ -130,7 +115,7 @@ def _encode(path: Path, size: Optional[Tuple[int, int]]) -> Tuple[bytes, tuple]:
     data = path.read_bytes()
     if size is None:
         return data, ()
-    arr, why = decode_image(path, data)
+    arr, why = decode_bgr(data)
     if arr is None:
         raise BadImageError(_bad_message(path, why, 0))
     if arr.shape[:2] != size:
@@ -210,7 +195,7 @@ def folders_to_rec(root: str, out_prefix: str, layout: str = "auto",
 
 
 def _first_shape(path: Path) -> Tuple[int, int]:
-    arr, why = decode_image(path, path.read_bytes())
+    arr, why = decode_bgr(path.read_bytes())
     if arr is None:
         raise BadImageError(_bad_message(path, why, 0))
     return int(arr.shape[0]), int(arr.shape[1])

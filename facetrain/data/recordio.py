@@ -102,11 +102,6 @@ def unpack_record(payload: bytes, where: str = "record") -> Tuple[IRHeader, byte
     return IRHeader(flag, label, id_, id2), bytes(body)
 
 
-def unpack_irheader(payload: bytes, where: str = "record") -> Tuple[IRHeader, bytes]:
-    """Alias of `unpack_record` (mxnet calls it `unpack`)."""
-    return unpack_record(payload, where)
-
-
 def encode_record(payload: bytes) -> bytes:
     """Frame one payload exactly as dmlc-core's RecordIOWriter::WriteRecord does."""
     n = len(payload)

@@ -19,16 +19,18 @@ import torch
 
 from facetrain.data.base import TrainLoader
 from facetrain.data.dataset import DatasetError, RecordDataset
+from facetrain.data.images import decode_bgr
 
 log = logging.getLogger(__name__)
 _MAX_SUBSTITUTES = 64
 
 
-def decode_image(img: bytes, size: Tuple[int, int], flip: bool) -> "np.ndarray | None":
-    """Encoded bytes -> uint8 RGB [3, H, W] for size (H, W) (None when OpenCV cannot decode them)."""
+def decode_train_image(img: bytes, size: Tuple[int, int], flip: bool) -> "np.ndarray | None":
+    """Encoded bytes -> uint8 RGB [3, H, W] for size (H, W), mirrored when `flip` (None when
+    OpenCV cannot decode them)."""
     import cv2
 
-    arr = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR) if img else None
+    arr, _ = decode_bgr(img)
     if arr is None:
         return None
     if arr.shape[:2] != tuple(size):
@@ -37,10 +39,11 @@ def decode_image(img: bytes, size: Tuple[int, int], flip: bool) -> "np.ndarray |
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-class RecordImages(torch.utils.data.Dataset):
+class DecodedTrainBatches(torch.utils.data.Dataset):
     """Batched access for DataLoader: items are (position, flip) pairs; returns a whole batch.
 
-    Output of `__getitems__`: (uint8 [B, 3, S, S], int64 labels [B], int skipped count).
+    Output of `__getitems__`: (uint8 [B, 3, H, W], int64 labels [B], int skipped count), (H, W)
+    = data.hw (data.image_size is the height).
     """
 
     def __init__(self, dataset: RecordDataset, size: Tuple[int, int], skip_bad: bool):
@@ -56,7 +59,7 @@ class RecordImages(torch.utils.data.Dataset):
         for attempt in range(_MAX_SUBSTITUTES):
             p = (pos + attempt) % n
             label, img = self.dataset.read(p)
-            arr = decode_image(img, self.size, flip)
+            arr = decode_train_image(img, self.size, flip)
             if arr is not None:
                 return arr, label, attempt
             if not self.skip_bad:
@@ -140,7 +143,7 @@ class _BatchPlan:
 
 
 class TorchTrainLoader(TrainLoader):
-    """torch.utils.data.DataLoader over `RecordImages` with a seeded per-rank batch plan."""
+    """torch.utils.data.DataLoader over `DecodedTrainBatches` with a seeded per-rank batch plan."""
 
     def _batch_plan(self, start_batch: int) -> _BatchPlan:
         idx, flips = self.rank_plan()
@@ -148,7 +151,7 @@ class TorchTrainLoader(TrainLoader):
 
     def _iter_batches(self, start_batch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         plan = self._batch_plan(start_batch)
-        images = RecordImages(self.dataset, self.cfg.hw, self.cfg.skip_bad_images)
+        images = DecodedTrainBatches(self.dataset, self.cfg.hw, self.cfg.skip_bad_images)
         workers = self.cfg.num_workers
         # Workers start from a forkserver, not a fork of this process: a fork copies OpenCV's
         # and OpenMP's thread pools mid-lock once this process has used them (in-training

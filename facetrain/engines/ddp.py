@@ -6,6 +6,7 @@ rank's classifier rows (saved per rank, re-split with the classes on a world-siz
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any, Dict, List
 
 import torch
@@ -14,11 +15,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facetrain.config import Config
 from facetrain.dist import DistContext
-from facetrain.engines import undo_gradient_averaging
+from facetrain.engines.base import (PRECISION_DTYPES, Entries, head_optimizer_state,
+                                    load_head_optimizer_state, undo_gradient_averaging)
 from facetrain.optim import build_head_optimizer, build_optimizer
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class DDPEngine:
     """Forward/backward/step for one rank.
@@ -44,7 +43,7 @@ class DDPEngine:
             self.model = torch.compile(self.model)
         self.backbone_opt = build_optimizer(cfg.optim, backbone.parameters())
         self.head_opt = build_head_optimizer(cfg, head.parameters())
-        self.dtype = _DTYPES.get(cfg.train.precision)
+        self.dtype = PRECISION_DTYPES.get(cfg.train.precision)
         # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler(ctx.device.type,
                                            enabled=cfg.train.precision == "fp16")
@@ -117,24 +116,25 @@ class DDPEngine:
         self.backbone_opt.zero_grad(set_to_none=True)
         self.head_opt.zero_grad(set_to_none=True)
 
-    # ---- checkpoint parts -------------------------------------------------------------
-    def replicated_state(self) -> Dict[str, Any]:
-        """Saved once (rank 0): backbone weights, its optimizer, the grad scaler."""
-        return {"backbone": self.backbone.state_dict(),
-                "backbone_optim": self.backbone_opt.state_dict(),
-                "scaler": self.scaler.state_dict()}
+    # ---- checkpoint state ----------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Dict[str, Any]]:
+        """Replicated: backbone weights, its optimizer, the grad scaler. Per rank: the
+        classifier shard's optimizer."""
+        return {"replicated": {"backbone": self.backbone.state_dict(),
+                               "backbone_optim": self.backbone_opt.state_dict(),
+                               "scaler": self.scaler.state_dict()},
+                "shard": head_optimizer_state(self.head_opt, self.head)}
 
-    def shard_state(self) -> Dict[str, Any]:
-        """Saved per rank: the classifier shard's optimizer state."""
-        return {"head_optim": self.head_opt.state_dict()}
+    def load_state_dict(self, states: Sequence[Dict[str, Dict[str, Any]]],
+                        world_size: int) -> None:
+        """See `Engine.load_state_dict`; reads only this rank's entry on the same world size."""
+        rank = self.ctx.rank if len(states) == world_size else 0
+        rep = states[rank]["replicated"]
+        self.backbone.load_state_dict(rep["backbone"])
+        if "backbone_optim" in rep:
+            self.backbone_opt.load_state_dict(rep["backbone_optim"])
+        if rep.get("scaler"):
+            self.scaler.load_state_dict(rep["scaler"])
+        load_head_optimizer_state(self.head_opt, self.head, Entries(states, "shard"),
+                                  self.ctx.rank, world_size)
 
-    def load_replicated(self, state: Dict[str, Any]) -> None:
-        self.backbone.load_state_dict(state["backbone"])
-        if "backbone_optim" in state:
-            self.backbone_opt.load_state_dict(state["backbone_optim"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-
-    def load_shard(self, state: Dict[str, Any], all_shards: Any = None) -> None:
-        """all_shards is unused: this engine's optimizer rows come resharded in `state`."""
-        self.head_opt.load_state_dict(state["head_optim"])

@@ -21,11 +21,9 @@ import torch.distributed as dist
 
 from facetrain.config import Config, ConfigError
 from facetrain.dist import DistContext
-from facetrain.engines import undo_gradient_averaging
+from facetrain.engines.base import (PRECISION_DTYPES, Entries, head_optimizer_state,
+                                    load_head_optimizer_state, undo_gradient_averaging)
 from facetrain.optim import build_head_optimizer, build_optimizer
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def supported_precisions(device: torch.device) -> List[str]:
     """The `train.precision` values DeepSpeed accepts on `device`.
@@ -84,10 +82,9 @@ def check_precision(cfg: Config, ctx: DistContext) -> None:
 
 
 class DeepSpeedEngine:
-    """Same surface as DDPEngine (micro_step, step, optimizers, checkpoint parts)."""
+    """The `Engine` surface over a DeepSpeed engine."""
 
     name = "deepspeed"
-    needs_all_shards = True        # a resume reads every rank's ZeRO partition
 
     def __init__(self, cfg: Config, ctx: DistContext, backbone: torch.nn.Module,
                  head: torch.nn.Module) -> None:
@@ -115,7 +112,7 @@ class DeepSpeedEngine:
             model=backbone, optimizer=backbone_opt, config=ds_config(cfg),
             dist_init_required=False)
         self.backbone = self.model.module
-        self.in_dtype: Optional[torch.dtype] = _DTYPES.get(cfg.train.precision)
+        self.in_dtype: Optional[torch.dtype] = PRECISION_DTYPES.get(cfg.train.precision)
 
     @property
     def optimizers(self) -> List[Any]:
@@ -146,27 +143,26 @@ class DeepSpeedEngine:
             self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
 
-    # ---- checkpoint parts -------------------------------------------------------------
-    def replicated_state(self) -> Dict[str, Any]:
-        """ZeRO stage 1/2 keeps the weights replicated: rank 0 saves them."""
-        return {"backbone": self.backbone.state_dict(), "engine": "deepspeed",
-                "zero_stage": self.cfg.train.zero_stage}
+    # ---- checkpoint state ----------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Dict[str, Any]]:
+        """Replicated: the backbone weights (ZeRO stage 1/2 keeps them whole). Per rank: the
+        classifier shard's optimizer and this rank's ZeRO partition."""
+        return {"replicated": {"backbone": self.backbone.state_dict(), "engine": "deepspeed",
+                               "zero_stage": self.cfg.train.zero_stage},
+                "shard": {**head_optimizer_state(self.head_opt, self.head),
+                          "zero_optim": self.zero_opt.state_dict()}}
 
-    def shard_state(self) -> Dict[str, Any]:
-        return {"head_optim": self.head_opt.state_dict(), "zero_optim": self.zero_opt.state_dict()}
-
-    def load_replicated(self, state: Dict[str, Any]) -> None:
-        if state.get("engine") != "deepspeed":
+    def load_state_dict(self, states: Sequence[Dict[str, Dict[str, Any]]],
+                        world_size: int) -> None:
+        """See `Engine.load_state_dict`. Reads every saved rank's entry: ZeRO re-partitions
+        from all of them (also for another number of ranks)."""
+        rep = states[self.ctx.rank if len(states) == world_size else 0]["replicated"]
+        if rep.get("engine") != "deepspeed":
             raise ConfigError("this checkpoint was written by the ddp engine; resume it with "
                               "train.engine=ddp (optimizer states of the two engines differ)")
-        self.backbone.load_state_dict(state["backbone"])
-
-    def load_shard(self, state: Dict[str, Any], all_shards: Optional[Sequence[Dict]] = None
-                   ) -> None:
-        self.head_opt.load_state_dict(state["head_optim"])
-        if not all_shards:
-            raise ValueError("DeepSpeedEngine.load_shard needs every rank's saved file "
-                             "(all_shards): ZeRO partitions are restored from all of them")
+        self.backbone.load_state_dict(rep["backbone"])
+        shards = Entries(states, "shard")
+        load_head_optimizer_state(self.head_opt, self.head, shards, self.ctx.rank, world_size)
         # Weights were loaded into the module above; the fp32 partitions are refreshed from it.
-        self.zero_opt.load_state_dict([s["zero_optim"] for s in all_shards],
+        self.zero_opt.load_state_dict([shards[r]["zero_optim"] for r in range(len(shards))],
                                       load_optimizer_states=True, load_from_fp32_weights=False)

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from facetrain.data.images import decode_bgr
+from facetrain.export import check_exported
+
 ImageLike = Union[np.ndarray, bytes, bytearray, memoryview]
-BACKBONE_FORMAT = "facetrain-backbone"
 
 
 class ImageDecodeError(ValueError):
@@ -61,17 +63,7 @@ def load_backbone_with_info(path: str | Path, device: torch.device | str = "cpu"
         return model.eval(), {"image_size": None}
     if isinstance(obj, torch.jit.ScriptModule):
         return obj.eval(), {"image_size": None}
-    if not isinstance(obj, dict) or obj.get("format") != BACKBONE_FORMAT:
-        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: expected a dict with format={BACKBONE_FORMAT!r} (written by "
-                         f"facetrain.checkpoint's backbone export); got {keys}. A training "
-                         "checkpoint must be exported first")
-    if obj.get("version") != 1:
-        raise ValueError(f"{path}: backbone export version {obj.get('version')} is not supported "
-                         "(this facetrain reads version 1)")
-    for key in ("backbone", "kwargs", "state_dict"):
-        if key not in obj:
-            raise ValueError(f"{path}: backbone export lacks key {key!r}")
+    check_exported(obj, path)
     from facetrain.models.registry import build_backbone  # heavy import only when needed
     model = build_backbone(obj["backbone"], **obj["kwargs"])
     model.load_state_dict(obj["state_dict"])
@@ -88,17 +80,18 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in n for n in zf.namelist())
 
 
-def decode_image(img: ImageLike, where: str = "image") -> np.ndarray:
-    """bytes or BGR uint8 array -> HxWx3 uint8 BGR array; `where` names the source in errors."""
+def as_bgr_image(img: ImageLike, where: str = "image") -> np.ndarray:
+    """Encoded bytes (decoded) or a BGR uint8 array (as is, grey made BGR) -> HxWx3 uint8 BGR
+    array; raises ImageDecodeError naming `where`."""
     import cv2
     if isinstance(img, np.ndarray):
         arr = img
     else:
-        buf = np.frombuffer(bytes(img), dtype=np.uint8)
-        arr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        data = bytes(img)
+        arr, _ = decode_bgr(data)
         if arr is None:
-            raise ImageDecodeError(f"{where}: OpenCV cannot decode these {buf.size} bytes (corrupt "
-                                   "or not an image); remove or replace it")
+            raise ImageDecodeError(f"{where}: OpenCV cannot decode these {len(data)} bytes "
+                                   "(corrupt or not an image); remove or replace it")
     if arr.ndim == 2:
         arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
     if arr.ndim != 3 or arr.shape[2] != 3:
@@ -153,7 +146,7 @@ def extract_features(model: nn.Module, images: Iterable[ImageLike], batch_size: 
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         for start, batch in _batches(images, batch_size):
-            decoded = list(pool.map(lambda a: decode_image(a[1], f"image {a[0]}"),
+            decoded = list(pool.map(lambda a: as_bgr_image(a[1], f"image {a[0]}"),
                                     enumerate(batch, start)))
             x = preprocess(decoded, size).to(device)
             emb = _forward(model, x)

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from facetrain.eval.embed import decode_image, l2_normalize
+from facetrain.eval.embed import as_bgr_image, l2_normalize
 from facetrain.eval.metrics import TopScores, tpr_at_fpr_split
 
 FEATURE_HEADER = struct.Struct("4i")
@@ -259,7 +259,7 @@ class ListImages:
         where = f"{path} (line {i + 1} of {self.list_path})"
         if not path.is_file():
             raise FileNotFoundError(f"{where} does not exist")
-        return decode_image(path.read_bytes(), where)
+        return as_bgr_image(path.read_bytes(), where)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

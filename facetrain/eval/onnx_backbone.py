@@ -45,7 +45,7 @@ class OnnxBackbone(nn.Module):
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as err:   # onnxruntime raises its own classes for a bad graph
             raise ValueError(f"{path}: onnxruntime cannot load this ONNX model ({err}); "
-                             "re-export it with facetrain.checkpoint.export_onnx") from err
+                             "re-export it with facetrain.export.export_onnx") from err
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise ValueError(f"{path}: expected one input images[N, 3, H, W]; got "

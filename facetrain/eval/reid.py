@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from facetrain.eval.embed import decode_image, l2_normalize
+from facetrain.eval.embed import as_bgr_image, l2_normalize
 from facetrain.eval.metrics import cmc_map_from_ranks
 
 NAME_RE = re.compile(r"^(-?\d+)_c(\d+)")
@@ -98,7 +98,7 @@ class FolderImages:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return decode_image(self.paths[i].read_bytes(), str(self.paths[i]))
+        return as_bgr_image(self.paths[i].read_bytes(), str(self.paths[i]))
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

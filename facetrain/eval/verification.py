@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from facetrain.eval.embed import decode_image, l2_normalize
+from facetrain.eval.embed import as_bgr_image, l2_normalize
 from facetrain.eval.metrics import roc_curve, tpr_at_fpr_from_roc, verification_kfold
 
 
@@ -72,7 +72,7 @@ class PackImages:
         return len(self.bins)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return decode_image(self.bins[i], f"{self.path}: image {i} (pair {i // 2})")
+        return as_bgr_image(self.bins[i], f"{self.path}: image {i} (pair {i // 2})")
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

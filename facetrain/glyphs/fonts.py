@@ -28,7 +28,8 @@ FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
 CJK_FIRST, CJK_LAST = 0x4E00, 0x9FFF
 # A face covering fewer ideographs than this is not a CJK font (DejaVu covers none).
 MIN_FACE_COVERAGE = 1000
-# Debian packages measured useful (issue 6); `scripts/setup.sh --fonts` installs the missing ones.
+# Debian packages measured useful for the glyph study; `scripts/setup.sh --fonts` installs the
+# missing ones.
 FONT_PACKAGES: Tuple[str, ...] = (
     "fonts-ipafont-gothic", "fonts-ipafont-mincho", "fonts-vlgothic", "fonts-seto",
     "fonts-aoyagi-kouzan-t", "fonts-aoyagi-soseki", "fonts-kouzan-mouhitsu", "fonts-umeplus",

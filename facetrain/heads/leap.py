@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from facetrain.config import LeapConfig
 from facetrain.heads import leap_controls
+from facetrain.heads.partition import route_to_shard
 
 
 def memory_sizes(counts: torch.Tensor, memory_factor: float) -> torch.Tensor:
@@ -157,9 +158,7 @@ class LeapState(torch.nn.Module):
     def _segments(self, labels: torch.Tensor):
         """Sort the batch by local class (others to the scratch row): (cls, order, seg, seg_cnt,
         is_local) with one segment per class, fixed shapes (segment ids bounded by N)."""
-        c = self.num_local
-        local = (labels >= self.start) & (labels < self.start + c)
-        cls = torch.where(local, labels - self.start, torch.full_like(labels, c))
+        cls, local = route_to_shard(labels, self.start, self.num_local, self.num_local)
         cls, order = torch.sort(cls, stable=True)         # stable: batch order inside a class
         new = torch.ones_like(cls, dtype=torch.bool)
         new[1:] = cls[1:] != cls[:-1]
@@ -226,9 +225,7 @@ class LeapState(torch.nn.Module):
     def batch_std(self, labels: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         """std of every sample's feature cloud, [N] replicated: the owner fills its rows, zeros
         elsewhere, and one all-reduce (sum) of this global-batch vector completes it."""
-        c = self.num_local
-        local = (labels >= self.start) & (labels < self.start + c)
-        cls = torch.where(local, labels - self.start, torch.full_like(labels, c))
+        cls, local = route_to_shard(labels, self.start, self.num_local, self.num_local)
         std = self.class_std[cls] * local
         if group is not None:
             dist.all_reduce(std, op=dist.ReduceOp.SUM, group=group)

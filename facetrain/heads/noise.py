@@ -20,6 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from facetrain.heads.fused import call_fused
+
 # murmur3 fmix32 constants as signed int32 (int32 products wrap, which is the point).
 _C1 = 0x85EBCA6B - (1 << 32)
 _C2 = 0xC2B2AE35 - (1 << 32)
@@ -66,5 +68,4 @@ def noise_keys(seed: int, counter: torch.Tensor, num_rows: int,
     global ids of the block's columns (per-logit angles) or None (one angle per sample).
     On CUDA the ~60 tiny integer ops run as one compiled kernel (launch overhead otherwise).
     """
-    from facetrain.heads.margins import call_fused   # late: margins imports this module
     return call_fused("noise_keys", _keys, counter, class_ids, seed, num_rows)

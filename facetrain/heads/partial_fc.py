@@ -18,7 +18,7 @@ and `facetrain.optim.SampledRowSGD` updates only them.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,10 +28,12 @@ from facetrain.config import HeadConfig, LeapConfig
 from facetrain.dist import DistContext, all_gather_no_grad, all_gather_with_grad
 from facetrain.heads.class_weights import class_weight_table
 from facetrain.heads.dist_softmax import dist_softmax_cross_entropy
+from facetrain.heads.feature_cloud import Cloud
 from facetrain.heads.leap import GLOBALS, LeapState
-from facetrain.heads.margins import Cloud, cloud_target_alpha, margin_logits
+from facetrain.heads.margins import margin_logits
 from facetrain.heads.noise import noise_keys
-from facetrain.heads.partition import check_contiguous, class_range, partition_bounds, reshard_tree
+from facetrain.heads.partition import (check_contiguous, class_range, partition_bounds,
+                                        reshard_tree, route_to_shard)
 
 FORMAT = "facetrain.partial_fc/1"
 _INIT_CHUNK = 1 << 16
@@ -172,8 +174,7 @@ class PartialFC(torch.nn.Module):
     def shard_logits(self, emb: torch.Tensor, lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scaled logits of this rank's block for the gathered batch: ([N, C_s] fp32, target
         column [N], is_local [N]). C_s = C_local, or k sampled rows in training with sampling."""
-        local = (lab >= self.start) & (lab < self.end)
-        col = torch.where(local, lab - self.start, torch.zeros_like(lab))
+        col, local = route_to_shard(lab, self.start, self.num_local, 0)
         weight = self.weight
         sampled = self.training and self.head_cfg.sample_rate < 1.0
         index = None
@@ -199,7 +200,7 @@ class PartialFC(torch.nn.Module):
             applied = self.leap_cfg.control != "null"
             if applied:
                 cloud = Cloud(std.unsqueeze(1), *keys)
-            alpha_t = cloud_target_alpha(cloud, col, cos.shape[1]) if applied else std
+            alpha_t = cloud.target_alpha(col, cos.shape[1]) if applied else std
             self.leap.observe(std, alpha_t, local, applied)
         return margin_logits(cos, col, local, self.head_cfg.margin, cloud), col, local
 
@@ -223,8 +224,13 @@ class PartialFC(torch.nn.Module):
         return self.leap.stats()
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def shard_state(self) -> Dict:
-        """CPU copy of this shard: weights, LEAP state, class range, counters."""
+    # The head's checkpoint state is more than its tensors (class block, LEAP ring buffers,
+    # counters, its sampling stream), so these two replace nn.Module's: a PartialFC is never a
+    # submodule of another module, whose state_dict would call them with other arguments.
+    def state_dict(self) -> Dict:  # type: ignore[override]
+        """CPU copy of this shard: weights, LEAP state, class range, counters and the class
+        sampling stream (the only random generator the head keeps; LEAP's angles are keyed by
+        `noise_counter`)."""
         state = {"format": FORMAT, "num_classes": self.num_classes, "class_start": self.start,
                  "class_end": self.end, "embedding_size": self.embedding_size,
                  "weight": self.weight.detach().cpu().clone(), "calls": self.calls, "epoch": self.epoch,
@@ -240,11 +246,26 @@ class PartialFC(torch.nn.Module):
             state["leap_globals"] = self.leap.globals.cpu().clone()
         return state
 
+    def load_state_dict(self, states: Sequence[Dict], world_size: int  # type: ignore[override]
+                        ) -> None:
+        """Restore this rank's shard from `states[r]`, saved rank r's `state_dict()`, for
+        `world_size` ranks now (this head's). With as many saved ranks as now only
+        `states[rank]` is read (`states` may be a lazy sequence); otherwise every saved state is
+        re-split by class (`reshard`) and this rank keeps its block."""
+        if world_size != self.ctx.world_size:
+            raise ValueError(f"PartialFC.load_state_dict: world_size={world_size} but this head "
+                             f"is one of {self.ctx.world_size} shards")
+        if len(states) == world_size:
+            self._load_own_state(states[self.ctx.rank])
+        else:
+            self._load_own_state(PartialFC.reshard(list(states), world_size)[self.ctx.rank])
+
     @staticmethod
     def reshard(states: List[Dict], world_size: int) -> List[Dict]:
         """Any N shard states (in rank order) -> world_size shard states with the same content."""
         if not states:
-            raise ValueError("PartialFC.reshard: no shard states given; pass every rank's shard_state()")
+            raise ValueError("PartialFC.reshard: no shard states given; pass every rank's "
+                             "state_dict()")
         num_classes = states[0]["num_classes"]
         for i, s in enumerate(states):
             if s.get("format") != FORMAT or s["num_classes"] != num_classes:
@@ -263,8 +284,8 @@ class PartialFC(torch.nn.Module):
                  "world_size": world_size, "rng": states[r].get("rng") if same else None}
                 for r in range(world_size)]
 
-    def load_shard_state(self, state: Dict) -> None:
-        """Load a state made for this rank's class range (see `reshard` for another world size)."""
+    def _load_own_state(self, state: Dict) -> None:
+        """Load a state made for this rank's class range."""
         where = f"shard state for classes [{state.get('class_start')}, {state.get('class_end')})"
         if state.get("format") != FORMAT:
             raise ValueError(f"{where}: format {state.get('format')!r} is not {FORMAT!r}")
@@ -274,8 +295,8 @@ class PartialFC(torch.nn.Module):
                              f"{self.embedding_size}; resume with the same data and model.embedding_size")
         if (state["class_start"], state["class_end"]) != (self.start, self.end):
             raise ValueError(f"{where}: this rank owns [{self.start}, {self.end}); the checkpoint "
-                             "was written for another world size: use PartialFC.reshard(states, "
-                             f"{self.ctx.world_size}) first")
+                             "was written for another world size: pass every saved rank's state to "
+                             "load_state_dict")
         with torch.no_grad():
             self.weight.copy_(state["weight"])
         if self.leap is not None and state["leap"] is not None:

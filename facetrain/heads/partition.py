@@ -29,6 +29,16 @@ def class_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]
     return b[rank], b[rank + 1]
 
 
+def route_to_shard(labels: torch.Tensor, start: int, num_local: int, other: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row [N], is_local [N]) of global class ids `labels` [N] in the block [start, start +
+    num_local): the row of each local class, `other` for classes owned elsewhere (column 0 of a
+    logit block, or a buffer's scratch row num_local). Fixed shapes, no host sync: samples of
+    other shards are routed, not filtered out."""
+    local = (labels >= start) & (labels < start + num_local)
+    return torch.where(local, labels - start, torch.full_like(labels, other)), local
+
+
 def concat_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Join per-shard tensors whose dim 0 is the class (in shard order)."""
     return torch.cat([p.detach().cpu() for p in parts], dim=0)
@@ -58,11 +68,11 @@ def check_contiguous(ranges: Sequence[Tuple[int, int]], num_classes: int) -> Non
     for i, (lo, hi) in enumerate(ranges):
         if lo != expect or hi < lo:
             raise ValueError(f"shard state {i} covers classes [{lo}, {hi}) but [{expect}, ...) was "
-                             "expected: pass every rank's shard_state() in rank order")
+                             "expected: pass every rank's state_dict() in rank order")
         expect = hi
     if expect != num_classes:
         raise ValueError(f"shard states cover classes [0, {expect}) but num_classes is "
-                         f"{num_classes}: a shard is missing; pass every rank's shard_state()")
+                         f"{num_classes}: a shard is missing; pass every rank's state_dict()")
 
 
 def reshard_tree(states: Sequence[Dict], bounds: Sequence[int], keys_rows: Sequence[str],

@@ -63,7 +63,7 @@ def _check_saved_shards_loaded(trainer: Trainer, src: Path) -> None:
     full_w = torch.cat([s["head"]["weight"] for s in shards])
     torch.testing.assert_close(trainer.head.weight.detach(), full_w[a:b])
     full_c = torch.cat([s["head"]["leap"]["centers"] for s in shards])
-    torch.testing.assert_close(trainer.head.shard_state()["leap"]["centers"], full_c[a:b])
+    torch.testing.assert_close(trainer.head.state_dict()["leap"]["centers"], full_c[a:b])
     full_m = torch.cat([s["head_optim"]["state"][0]["momentum_buffer"] for s in shards])
     mom = trainer.engine.head_opt.state_dict()["state"][0]["momentum_buffer"]
     torch.testing.assert_close(mom, full_m[a:b])

@@ -1,5 +1,5 @@
 """End-to-end builds of a tiny glyph benchmark from real installed fonts (the Debian packages
-of issue 6; scripts/setup.sh --fonts installs them): formats, disjointness, determinism."""
+of the glyph study; scripts/setup.sh --fonts installs them): formats, disjointness, determinism."""
 from __future__ import annotations
 
 import json

@@ -166,7 +166,7 @@ def test_megaface_and_reid_model_path_with_a_bad_image(tmp_path, capsys):
 def test_trainer_export_is_loaded_at_its_own_input_size(tmp_path, capsys):
     """The trainer's real export (registry backbone + export_backbone): no --image-size needed,
     the export's kwargs give the input side (a 16-px tiny net fails at the default 112)."""
-    from facetrain.checkpoint import export_backbone
+    from facetrain.export import export_backbone
     from facetrain.eval.verification import evaluate_pack_features, load_pack, PackImages
     from facetrain.eval.embed import extract_features
     from facetrain.models.registry import build_backbone
@@ -188,7 +188,7 @@ def test_trainer_export_is_loaded_at_its_own_input_size(tmp_path, capsys):
 def test_onnx_model_gives_the_pytorch_features(tmp_path, capsys):
     """--model backbone.onnx runs in onnxruntime at the graph's input size (no --image-size) and
     gives the features of --model backbone.pt."""
-    from facetrain.checkpoint import export_backbone
+    from facetrain.export import export_backbone
     from facetrain.models.registry import build_backbone
     kwargs = {"embedding_size": 8, "dropout": 0.0, "image_size": 16}
     torch.manual_seed(0)
@@ -277,7 +277,7 @@ def _protocols(tmp_path):
 
 def test_bad_features_and_outputs_fail_up_front(tmp_path, capsys):
     """NaN, [N, 0], empty and unreadable .npy features and a --json that is a directory: exit
-    2 with one message naming the file, no traceback, no report (issue 12)."""
+    2 with one message naming the file, no traceback, no report."""
     protocols = _protocols(tmp_path)
     (tmp_path / "empty.npy").write_bytes(b"")
     (tmp_path / "junk.npy").write_bytes(b"not an array")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from facetrain import checkpoint as ckpt
+from facetrain import export
 from facetrain.models.registry import available, build_backbone
 
 # Small inputs each family accepts (four stride-2 stages; re-ID needs >= 32), for fast exports.
@@ -35,7 +35,7 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
     model = build_backbone(name, **kwargs)
     _randomize_bn(model, torch.Generator().manual_seed(1))
     model.eval()
-    paths = ckpt.export_backbone(model, name, kwargs, tmp_path, image_size=size)
+    paths = export.export_backbone(model, name, kwargs, tmp_path, image_size=size)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(paths["onnx"]), opts, providers=["CPUExecutionProvider"])

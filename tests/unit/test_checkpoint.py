@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from facetrain import checkpoint as ckpt
+from facetrain import export
 from facetrain.dist import single_process
+from facetrain.engines import reshard_optimizer_state
 
 
 def _save(root, step, keep=2):
@@ -116,7 +118,7 @@ def test_optimizer_rows_move_with_their_classes(name):
     keys = ["momentum_buffer"] if name == "sgd" else ["exp_avg", "exp_avg_sq"]
     full = {k: torch.cat([s["head_optim"]["state"][0][k] for s in shards]) for k in keys}
     for new_range in [(0, 3), (3, 5), (5, 7), (0, 7)]:        # 2 -> 3 ranks, and 2 -> 1
-        out = ckpt.reshard_optimizer_state(shards[::-1], new_range)   # any order in
+        out = reshard_optimizer_state(shards[::-1], new_range)   # any order in
         for k in keys:
             torch.testing.assert_close(out["state"][0][k], full[k][slice(*new_range)])
         if name == "adam":                          # the step counter is not a row block
@@ -144,8 +146,8 @@ def test_export_backbone_torch_and_onnx(tmp_path):
     kwargs = {"embedding_size": 16, "dropout": 0.0, "image_size": 16}
     torch.manual_seed(0)
     model = build_backbone("tiny", **kwargs).eval()
-    paths = ckpt.export_backbone(model, "tiny", kwargs, tmp_path / "export", image_size=16)
-    payload = ckpt.load_exported(paths["torch"])
+    paths = export.export_backbone(model, "tiny", kwargs, tmp_path / "export", image_size=16)
+    payload = export.load_exported(paths["torch"])
     assert payload["format"] == "facetrain-backbone" and payload["version"] == 1
     assert payload["backbone"] == "tiny" and payload["kwargs"] == kwargs
     x = torch.rand(3, 3, 16, 16) * 2 - 1
@@ -156,5 +158,5 @@ def test_export_backbone_torch_and_onnx(tmp_path):
     assert [i.name for i in graph.graph.input] == ["images"]
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(ckpt.CheckpointError, match="not a facetrain-backbone file"):
-        ckpt.load_exported(tmp_path / "other.pt")
+    with pytest.raises(export.ExportFormatError, match="not a facetrain-backbone file"):
+        export.load_exported(tmp_path / "other.pt")

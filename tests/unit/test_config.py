@@ -58,7 +58,7 @@ def test_missing_file():
 
 
 def test_every_main_job_method_loads_with_the_default_config():
-    from facetrain.experiment import METHODS, REPO
+    from experiments.jobs import METHODS, REPO
     for name, overrides in METHODS.items():
         cfg = load_config(REPO / "configs" / "default.yaml", list(overrides))
         assert cfg.leap.mode in ("off", "full", "vanilla"), name

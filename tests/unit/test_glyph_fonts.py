@@ -78,7 +78,7 @@ def test_missing_packages_uses_dpkg():
         ["facetrain-no-such-package"]
 
 
-# Known pairs among the Debian packages of issue 6 (scripts/setup.sh --fonts installs them).
+# Known pairs among the glyph study's Debian packages (scripts/setup.sh --fonts installs them).
 REAL = "/usr/share/fonts"
 TWINS = [("ipag.ttf", "ipagp.ttf"), ("kiloji.ttf", "kiloji_b.ttf"), ("kiloji.ttf", "kiloji_d.ttf"),
          ("MTLc3m.ttf", "MTLmr3m.ttf"), ("uming.ttc", "bsmi00lp.ttf"),
@@ -89,7 +89,8 @@ DISTINCT = [("ipag.ttf", "ipam.ttf"), ("ipag.ttf", "MTLc3m.ttf"), ("uming.ttc", 
 
 def _real(name: str):
     found = [f for f in fonts.find_font_files([REAL]) if os.path.basename(f) == name]
-    assert found, f"{name} missing: run scripts/setup.sh --fonts (installs issue 6's packages)"
+    assert found, (f"{name} missing: run scripts/setup.sh --fonts (installs the glyph study's "
+                   "packages)")
     return read_faces(found[0])[0]
 
 

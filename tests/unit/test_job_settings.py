@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from facetrain.experiment import JobSettings
+from experiments.jobs import JobSettings
 
 
 def test_default_split_shares_make_longtail_default_name():
@@ -25,7 +25,7 @@ def test_unknown_method_and_missing_baseline_are_errors():
 
 
 def test_tail_without_designs_names_its_split_and_writes_the_exclusion(tmp_path):
-    from facetrain.experiment import write_design_exclusion
+    from experiments.jobs import write_design_exclusion
     s = JobSettings(glyphs=Path("data/glyphs"), tail_without_designs=("Kouzan", "kiloji"))
     assert s.longtail == Path("data/longtail_H100_Tall_S3_tailwithout_Kouzan-kiloji")
     designs = tmp_path / "train_designs.csv"

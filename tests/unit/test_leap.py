@@ -302,9 +302,9 @@ def test_resume_and_reshard_continue_the_state_with_grad_accum_and_shuffled():
         full(emb, lab)
     for emb, lab in batches[:12]:          # 4 optimizer steps
         half(emb, lab)
-    state = PartialFC.reshard(PartialFC.reshard([half.shard_state()], 3), 1)[0]
+    states = PartialFC.reshard([half.state_dict()], 3)
     resumed = PartialFC(6, counts, HeadConfig(), cfg, single_process(), seed=2, grad_accum=3).train()
-    resumed.load_shard_state(state)
+    resumed.load_state_dict(states, 1)           # 3 saved shards -> 1
     assert resumed.leap_steps == 4 and resumed.leap.refreshes == 2
     for emb, lab in batches[12:]:
         resumed(emb, lab)

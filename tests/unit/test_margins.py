@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from facetrain.config import MarginConfig
-from facetrain.heads.margins import Cloud, _CloudCos, margin_logits, target_cos
+from facetrain.heads.feature_cloud import Cloud, _CloudCos
+from facetrain.heads.margins import margin_logits, target_cos
 from facetrain.heads.noise import gauss, noise_keys
 
 

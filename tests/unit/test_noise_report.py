@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from facetrain.experiment_eval import format_noise_markdown, noise_strengths
+from experiments.evaluation import format_noise_markdown, noise_strengths
 
 
 def _run(path, rows):

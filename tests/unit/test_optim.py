@@ -45,15 +45,12 @@ def test_step_decay_and_constant():
     assert _sched(["schedule.name=constant"]).lr_at(77) == 0.1
 
 
-def test_apply_sets_every_group_and_state_roundtrip():
+def test_apply_sets_every_group():
     w = torch.nn.Parameter(torch.zeros(2))
     opt = build_optimizer(load_config(None, []).optim, [w])
     s = _sched(["schedule.name=step", "schedule.milestones=[1]"])
     assert s.apply([opt], 15) == pytest.approx(0.01)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
-    s2 = _sched(["schedule.name=step", "schedule.milestones=[1]"])
-    s2.load_state_dict(s.state_dict())
-    assert s2.step_count == 15
 
 
 def test_no_steps_per_epoch_is_an_error():

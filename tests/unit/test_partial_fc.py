@@ -102,19 +102,20 @@ def test_bf16_autocast_matmul_stays_close_to_fp32():
     assert abs(low.item() - ref.item()) < 0.05 * abs(ref.item())
 
 
-def test_shard_state_roundtrip_and_reshard_1_to_3():
+def test_state_dict_roundtrip_and_reshard_1_to_3():
     cfg = LeapConfig(mode="vanilla", update_interval=1, head_threshold=10)
     one = PartialFC(4, COUNTS, HeadConfig(), cfg, single_process(), seed=3).train()
     for s in range(5):
         g = torch.Generator().manual_seed(s)
         one(torch.randn(20, 4, generator=g), torch.randint(0, 23, (20,), generator=g))
-    state = one.shard_state()
+    state = one.state_dict()
     parts = PartialFC.reshard([state], 3)
     assert [(p["class_start"], p["class_end"]) for p in parts] == [(0, 8), (8, 16), (16, 23)]
     mean, var, valid = one.class_stats()
     for r, p in enumerate(parts):
         h = PartialFC(4, COUNTS, HeadConfig(), cfg, _ctx(r, 3), seed=99)
-        h.load_shard_state(p)
+        h.load_state_dict([state], 3)          # resharded inside
+        assert torch.equal(h.weight.detach(), p["weight"])
         for a, b in zip(h.class_stats(), (mean, var, valid)):
             torch.testing.assert_close(a, b[h.start:h.end])
         assert h.leap_summary()["pooled_var"] == one.leap_summary()["pooled_var"]
@@ -129,9 +130,9 @@ def test_resume_on_same_world_size_continues_the_random_streams():
     head = PartialFC(4, COUNTS, HeadConfig(0.5), cfg, single_process(), seed=3).train()
     emb, labels = torch.randn(20, 4), torch.randint(0, 23, (20,))
     head(emb, labels)
-    state = head.shard_state()
+    state = head.state_dict()
     other = PartialFC(4, COUNTS, HeadConfig(0.5), cfg, single_process(), seed=8).train()
-    other.load_shard_state(state)
+    other.load_state_dict([state], 1)
     torch.testing.assert_close(other(emb, labels), head(emb, labels))
     assert torch.equal(other.last_sample_index, head.last_sample_index)
 
@@ -140,9 +141,11 @@ def test_errors_name_the_problem_and_the_fix():
     head = PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="off"), single_process())
     with pytest.raises(ValueError, match=r"embeddings must be \[B, 4\]"):
         head(torch.randn(3, 5), torch.zeros(3, dtype=torch.int64))
-    parts = PartialFC.reshard([head.shard_state()], 2)
-    with pytest.raises(ValueError, match="PartialFC.reshard"):
-        head.load_shard_state(parts[1])
+    parts = PartialFC.reshard([head.state_dict()], 2)
+    with pytest.raises(ValueError, match="another world size"):
+        head._load_own_state(parts[1])
+    with pytest.raises(ValueError, match="world_size=2 but this head is one of 1"):
+        head.load_state_dict(parts, 2)
     with pytest.raises(ValueError, match="shard is missing"):
         PartialFC.reshard(parts[:1], 3)
     with pytest.raises(ValueError, match="no process group"):
@@ -150,8 +153,8 @@ def test_errors_name_the_problem_and_the_fix():
             torch.randn(2, 4), torch.zeros(2, dtype=torch.int64))
     other = PartialFC(4, np.arange(1, 24) * 3, HeadConfig(), LeapConfig(mode="full"), single_process())
     with pytest.raises(ValueError, match="memory sizes differ"):
-        other.load_shard_state(PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="full"),
-                                         single_process()).shard_state())
+        other.load_state_dict([PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="full"),
+                                         single_process()).state_dict()], 1)
 
 
 @pytest.mark.gpu

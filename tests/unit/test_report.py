@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from facetrain import report
+from experiments import report
 
 BASE = {0: {"verification_acc": 0.90, "ijbc_tpr@1e-3": 0.50, "ijbc_tpr@1e-4": 0.30,
             "megaface_rank1": 0.70},

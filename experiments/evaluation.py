@@ -13,14 +13,15 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 import torch
 
-from facetrain import report
+from experiments import report
 from facetrain.eval import ijbc, megaface, verification
 from facetrain.eval.plots import plot_roc
 from facetrain.eval.embed import extract_features, load_backbone_with_info
 
 
-class _RecordImages:
-    """Dataset view of a RecordIO's encoded images (labels kept aside)."""
+class _EncodedImages:
+    """The encoded image bytes of a RecordIO dataset in record order (labels kept aside), as
+    extract_features takes them."""
 
     def __init__(self, dataset) -> None:
         self.ds = dataset
@@ -85,7 +86,7 @@ def evaluate_run(run: Path, eval_root: Path, rec: Path, tail_samples: int,
     mf.pop("cmc", None)
 
     ds = RecordDataset.open(str(rec))
-    train_feats = feats(_RecordImages(ds), "train classes")
+    train_feats = feats(_EncodedImages(ds), "train classes")
     labels, counts = np.asarray(ds.labels), np.asarray(ds.class_counts)
     ds.close()
     rng = np.random.default_rng(0)
@@ -156,7 +157,7 @@ def write_job_report(out: Path, runs: Mapping[str, Mapping[int, Path]],
     neg = min(float(c[0][c[0] > 0].min()) for c in curves.values() if (c[0] > 0).any())
     plot_roc(curves, roc_png, "IJB-C-style 1:1 verification ROC", xmin=neg)
     var_summary = report.plot_angular_variance(states, var_png)
-    # LEAP against its untargeted control (issue 6): is the class targeting what helps?
+    # LEAP against its untargeted control: is the class targeting what helps?
     leap = [m for m in results if m.startswith("leap")]
     vs_control = None
     if CONTROL in results and leap:
