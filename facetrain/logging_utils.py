@@ -145,8 +145,9 @@ class RunLogger:
         self._log.flush()
 
     def close(self) -> None:
+        """Idempotent: closes the files and removes this logger's `logging` handler."""
         logging.getLogger("facetrain").removeHandler(self._handler)
-        if not self.enabled:
+        if not self.enabled or self._log.closed:
             return
         if self._bar is not None:
             self._bar.close()

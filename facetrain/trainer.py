@@ -144,10 +144,22 @@ class Trainer:
         for problem in damaged:
             self.log.warning(f"skipping a damaged checkpoint: {problem}")
         if resume is not None:
-            self._load(resume)
+            try:
+                self._load(resume)
+            except BaseException:
+                self.log.close()     # its logging handler must not outlive a failed start
+                raise
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
+        """Train to the end; returns {"step", "epoch", "loss", "export"}. The run log is closed
+        however fit ends (its handler on the `facetrain` logger goes with it)."""
+        try:
+            return self._fit(stop_after)
+        finally:
+            self.log.close()
+
+    def _fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
         """Train to the end; returns {"step", "epoch", "loss", "export"}.
 
         stop_after: leave after this optimizer step with a checkpoint, as a preempted job would
