@@ -77,6 +77,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Backbone: a registered name (facetrain/models/registry.py) and its embedding."""
+
     backbone: str = "iresnet18"                # a name in facetrain.models.registry
     embedding_size: int = 512
     dropout: float = 0.0
@@ -108,6 +110,8 @@ class MarginConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
+    """The model-parallel classifier: class sampling, margin, update rule, class weights."""
+
     sample_rate: float = 1.0                   # partial-FC class sampling; 1.0 = full softmax
     margin: MarginConfig = field(default_factory=MarginConfig)
     # Which classifier rows an optimizer step touches when sampling: `all` (torch SGD over the
@@ -159,6 +163,8 @@ class LeapConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """Optimizer of the backbone and the classifier shard (sgd, adam, adamw), clipping, accumulation."""
+
     name: str = "sgd"                          # sgd | adamw | adam
     lr: float = 0.1
     momentum: float = 0.9
@@ -178,6 +184,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
+    """Learning-rate schedule per optimizer step (poly, cyclic triangular, step, constant)."""
+
     name: str = "poly"                         # poly | cyclic | step | constant
     warmup_epochs: float = 0.0
     power: float = 2.0                         # poly
@@ -195,6 +203,8 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Run length, precision, engine (DDP or DeepSpeed ZeRO), device, seed and outputs."""
+
     epochs: int = 20
     max_steps: int = 0                         # stop after this many optimizer steps; 0 = no cap
     precision: str = "fp32"                    # fp32 | bf16 | fp16
@@ -219,6 +229,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """How often to checkpoint, how many to keep, and what to resume from."""
+
     every_steps: int = 500                     # 0 = only at epoch ends
     keep_last: int = 3
     resume: str = "auto"                       # auto (latest in output_dir) | none | a path
@@ -230,6 +242,8 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """Verification packs (.bin) checked during training."""
+
     verification: Tuple[str, ...] = ()         # .bin packs checked during training
     every_steps: int = 0                       # 0 = only at the end
     batch_size: int = 256

@@ -19,8 +19,51 @@ DATA_HINT = ("build the embedded glyph data first (the README's main command doe
              "or point data.rec at your own RecordIO prefix (data.rec=/path/to/train)")
 
 
+def config_sections_help() -> str:
+    """The config sections and their fields with defaults, read from the Config dataclasses
+    themselves so the help can never drift from the code."""
+    import dataclasses
+    import textwrap
+    import typing
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from facetrain.config import Config
+
+    out = ["config sections (override any field as section.key=value; nested: "
+           "head.margin.kind=arcface):"]
+    for section, cls in typing.get_type_hints(Config).items():
+        if not dataclasses.is_dataclass(cls):
+            continue
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        fields = []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not
+                                        dataclasses.MISSING else None):
+                fields.append(f"{f.name}.*")
+            elif f.default is not dataclasses.MISSING:
+                fields.append(f"{f.name}={f.default!r}")
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+                fields.append(f"{f.name}.*" if dataclasses.is_dataclass(value)
+                              else f"{f.name}={value!r}")
+            else:
+                fields.append(f.name)
+        out.append(f"  {section}: {doc}")
+        out.extend(textwrap.wrap(", ".join(fields), width=96, initial_indent="      ",
+                                 subsequent_indent="      "))
+    out.append("")
+    out.extend(textwrap.wrap(
+        "Where every field is documented: facetrain/config.py (each field with its rule, "
+        "range and meaning; a misspelled key or a bad value is an error naming it), the "
+        "README (Training, Data tools, LEAP configuration), docs/leap.md (the leap: section "
+        "against the paper) and docs/long_tail_remedies.md (head.class_balance_beta, "
+        "data.repeat_factor_threshold).", width=100))
+    return "\n".join(out)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__, epilog=config_sections_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="YAML experiment config (default: configs/default.yaml, the CPU demo)")

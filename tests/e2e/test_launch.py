@@ -139,3 +139,16 @@ def test_misspelled_key_in_a_config_file(tmp_path):
     bad.write_text("base: " + str(REPO / "configs" / "default.yaml") + "\nleap:\n  strat_epoch: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'leap.strat_epoch'"):
         load_config(bad)
+
+
+def test_help_lists_every_config_section_and_where_fields_are_documented():
+    proc = subprocess.run([sys.executable, LAUNCH, "--help"], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import dataclasses
+
+    from facetrain.config import Config
+    for f in dataclasses.fields(Config):
+        assert f"  {f.name}: " in proc.stdout, f.name
+    assert "leap: LEAP feature cloud" in proc.stdout and "width_scale=1.0" in proc.stdout
+    assert "facetrain/config.py" in proc.stdout and "docs/leap.md" in proc.stdout
