@@ -45,6 +45,20 @@ def run_spawn(fn: Callable, world_size: int, *args) -> None:
     mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
 
 
+def gather_head_classes_and_weight(head, sampled: bool):
+    """(global class ids the sharded head used in its last forward, sorted; the full [C, D]
+    classifier weight in float64), gathered from every rank. All classes when not sampling."""
+    ws = head.ctx.world_size
+    cls = torch.arange(head.num_classes)
+    if sampled:
+        parts = [None] * ws
+        dist.all_gather_object(parts, (head.last_sample_index + head.start).tolist())
+        cls = torch.tensor(sorted(sum(parts, [])))
+    rows = [None] * ws
+    dist.all_gather_object(rows, head.weight.detach().numpy())
+    return cls, torch.cat([torch.as_tensor(r) for r in rows]).double()
+
+
 def reference_loss(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                    margin: MarginConfig, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Single-process full-softmax loss written straight from the formulas (float64 advised).

@@ -10,10 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from _helpers import run_spawn
+from _helpers import gather_head_classes_and_weight, run_spawn
 from facetrain.config import HeadConfig, LeapConfig, MarginConfig
 from facetrain.heads.partial_fc import PartialFC
 
@@ -65,14 +64,7 @@ def _check(ctx) -> None:
             local = emb[sl].clone().requires_grad_()
             loss = head(local, labels[sl])
             loss.backward()
-            cls = torch.arange(C)
-            if rate < 1.0:
-                parts = [None] * ctx.world_size
-                dist.all_gather_object(parts, (head.last_sample_index + head.start).tolist())
-                cls = torch.tensor(sorted(sum(parts, [])))
-            parts = [None] * ctx.world_size
-            dist.all_gather_object(parts, head.weight.detach().numpy())
-            full_w = torch.cat([torch.as_tensor(p) for p in parts]).double()
+            cls, full_w = gather_head_classes_and_weight(head, sampled=rate < 1.0)
             w = full_w[cls].clone().requires_grad_()
             e = emb.double().requires_grad_()
             ref = reference_weighted_loss(e, w, torch.searchsorted(cls, labels), margin, cw[cls])

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _helpers import reference_loss, run_spawn
+from _helpers import gather_head_classes_and_weight, reference_loss, run_spawn
 from facetrain.config import HeadConfig, LeapConfig, MarginConfig
 from facetrain.dist import single_process
 from facetrain.heads.partial_fc import PartialFC
@@ -43,14 +43,10 @@ def _check_margins_and_sampling(ctx) -> None:
             local = emb[sl].clone().requires_grad_()
             loss = head(local, labels[sl])
             loss.backward()
-            cls = torch.arange(C)
+            cls, full_w = gather_head_classes_and_weight(head, sampled=rate < 1.0)
             if rate < 1.0:
-                parts = [None] * ctx.world_size
-                dist.all_gather_object(parts, (head.last_sample_index + head.start).tolist())
-                cls = torch.tensor(sorted(sum(parts, [])))
                 assert len(cls) < C and torch.isin(labels, cls).all()
-            full_w = torch.cat([torch.as_tensor(np.asarray(p)) for p in _gather_rows(head)])
-            w = full_w.double()[cls].requires_grad_()
+            w = full_w[cls].requires_grad_()
             e = emb.double().requires_grad_()
             remap = torch.searchsorted(cls, labels)
             ref = reference_loss(e, w, remap, margin)
@@ -63,12 +59,6 @@ def _check_margins_and_sampling(ctx) -> None:
             scale = gw.abs().max()
             torch.testing.assert_close(head.weight.grad.double() / scale, gw[head.start:head.end] / scale,
                                        rtol=1e-4, atol=1e-6, msg=tag)
-
-
-def _gather_rows(head):
-    parts = [None] * head.ctx.world_size
-    dist.all_gather_object(parts, head.weight.detach().numpy())
-    return parts
 
 
 def _leap_pair(ctx, cfg):
