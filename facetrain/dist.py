@@ -99,12 +99,13 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
 def finish(ctx: DistContext) -> None:
     """End a run that succeeded on every rank: wait for all ranks, then tear the group down.
 
-    The barrier keeps rank 1 from leaving while rank 0 still exports. The collection runs before
-    the teardown so that no process group outlives `destroy_process_group` inside a reference
-    cycle (DDP's reducer and hooks form cycles with the module): such a group would be freed
-    during interpreter finalization, where gloo's C++ threads and their tensors are torn down
-    without the GIL and the process aborts ("terminate called without an active exception",
-    SIGABRT after "done"; torchrun then killed the other rank mid-export)."""
+    The barrier keeps rank 1 from leaving while rank 0 still exports: a rank that ended early
+    and then aborted at exit ("terminate called without an active exception", SIGABRT after
+    "done") made torchrun kill rank 0 mid-export. The collection runs before the teardown so
+    that nothing still holding the group (a reference cycle) is left to be freed during
+    interpreter finalization, where communication threads are torn down in no fixed order. The
+    abort was not reproduced on our CPU machines; launch/train_face.py also skips finalization
+    after success.
     if not (ctx.distributed and dist.is_initialized()):
         return
     dist.barrier(group=ctx.group)
