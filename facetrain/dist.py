@@ -105,7 +105,7 @@ def finish(ctx: DistContext) -> None:
     that nothing still holding the group (a reference cycle) is left to be freed during
     interpreter finalization, where communication threads are torn down in no fixed order. The
     abort was not reproduced on our CPU machines; launch/train_face.py also skips finalization
-    after success.
+    after success."""
     if not (ctx.distributed and dist.is_initialized()):
         return
     dist.barrier(group=ctx.group)
