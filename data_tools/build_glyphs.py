@@ -13,6 +13,7 @@ Same seed and fonts -> byte-identical output. Needs the Debian font packages lis
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    from facetrain.glyphs.build import BuildSettings, GlyphBuildError, build
+    from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises, stopped_message
+    from facetrain.glyphs.build import EVAL_DIR, BuildSettings, GlyphBuildError, build
     from facetrain.glyphs.fonts import FONT_ROOTS
     from facetrain.glyphs.large import held_out_chars
     from facetrain.logging_utils import setup_tool_logging
@@ -96,10 +98,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         train_only=args.train_only, exclude_chars=exclude)
     start = time.time()
     try:
-        m = build(settings, progress=not args.quiet)
+        with sigterm_raises():
+            m = build(settings, progress=not args.quiet)
     except GlyphBuildError as err:
         print(f"build_glyphs: {err}", file=sys.stderr)
         return 2
+    except (Terminated, KeyboardInterrupt) as exc:
+        # The .rec writer removes its own temporary file; the evaluation sets' scratch folder
+        # is ours. No manifest is left, so the main job rebuilds the set next time.
+        shutil.rmtree(Path(args.out) / (EVAL_DIR + ".partial"), ignore_errors=True)
+        print(stopped_message("build_glyphs", exc, args.out), file=sys.stderr)
+        return exit_code(exc)
     used = sum(1 for d in m["designs"] if d["in_training"])
     head = (f"built {args.out} in {time.time() - start:.1f}s: {len(m['designs'])} designs "
             f"({used} in training, {len(m['dropped_fonts'])} font faces dropped); "

@@ -112,7 +112,12 @@ def _run(cmd: List[str], env: Optional[Mapping[str, str]] = None) -> None:
 
 def ensure_data(s: JobSettings) -> Path:
     """Build the glyph benchmark and its long-tailed split if they are not there yet."""
-    if not (REPO / s.glyphs / "train.rec").is_file():
+    from facetrain.glyphs.build import MANIFEST
+    from facetrain.glyphs.large import is_built
+    # The manifest is written last: a build stopped halfway has none and is built again.
+    if not is_built(REPO / s.glyphs):
+        if (REPO / s.glyphs).is_dir() and any((REPO / s.glyphs).iterdir()):
+            _say(f"{s.glyphs} holds no finished build (no {MANIFEST}): building it again")
         _run([sys.executable, "data_tools/build_glyphs.py", "--out", str(s.glyphs),
               *s.build_args])
     if not (REPO / s.longtail / "train.rec").is_file():

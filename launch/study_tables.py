@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from experiments import report  # noqa: E402
+from experiments import evaluation, report  # noqa: E402
 
 METRICS = report.DEFAULT_METRICS + (report.Metric("ijbc_tpr@1e-5", "IJB-C TPR@1e-5"),)
 RUN = re.compile(r"(.+)_seed(\d+)$")
@@ -86,23 +86,58 @@ def _diff(summary: dict, method: str, key: str) -> str:
     return f"{d['mean']:+.2f}{std} ({d['positive']}/{d['n']} > 0)"
 
 
+HEADLINE_METRICS = (("megaface_rank1", "MegaFace-style rank-1 (%)"),
+                    ("ijbc_tpr@1e-3", "IJB-C-style TPR@FPR=1e-3 (%)"),
+                    ("verification_acc", "Verification accuracy (%)"))
+HEADLINE_COLUMNS = ("LEAP full − base", "LEAP vanilla − base", "uniform − base",
+                    "shuffled − base", "LEAP full − uniform", "LEAP full − shuffled")
+
+
 def headline_row(folder: Path, key: str = "megaface_rank1", baseline: str = "cosface") -> str:
-    """One row: baseline mean, LEAP full/vanilla and uniform minus the baseline, LEAP full minus
-    the uniform control; paired by seed, in points, with how many seeds were positive."""
+    """One row: baseline mean, LEAP full/vanilla and the two matched controls minus the
+    baseline, then LEAP full minus each control; paired by seed, in points, with how many
+    seeds were positive."""
     res = load_setting(folder)
     if baseline not in res:
         return f"| {folder.name} | no {baseline} run |"
     vs_base = report.summarize(res, baseline, METRICS)
     base = vs_base["methods"][baseline][key]
     cells = [f"{base['mean']:.2f} (n={base['n']})"]
-    cells += [_diff(vs_base, m, key) for m in ("leap_full", "leap_vanilla", "uniform_control")]
-    if "uniform_control" in res and "leap_full" in res:
-        vs_ctl = report.summarize({"uniform_control": res["uniform_control"],
-                                   "leap_full": res["leap_full"]}, "uniform_control", METRICS)
-        cells.append(_diff(vs_ctl, "leap_full", key))
-    else:
-        cells.append("not run")
+    cells += [_diff(vs_base, m, key)
+              for m in ("leap_full", "leap_vanilla", "uniform_control", "shuffled_control")]
+    for control in ("uniform_control", "shuffled_control"):
+        if control in res and "leap_full" in res:
+            vs_ctl = report.summarize({control: res[control], "leap_full": res["leap_full"]},
+                                      control, METRICS)
+            cells.append(_diff(vs_ctl, "leap_full", key))
+        else:
+            cells.append("not run")
     return f"| {folder.name} | " + " | ".join(cells) + " |"
+
+
+def headline_markdown(folders: List[Path], baseline: str = "cosface") -> str:
+    """The headline table once per headline metric."""
+    parts = []
+    for key, label in HEADLINE_METRICS:
+        parts.append(f"## Headline: {label}, paired differences in points\n\n"
+                     f"| setting | {baseline} | " + " | ".join(HEADLINE_COLUMNS) + " |\n"
+                     + "|---" * (len(HEADLINE_COLUMNS) + 2) + "|\n"
+                     + "\n".join(headline_row(f, key, baseline) for f in folders) + "\n")
+    return "\n".join(parts)
+
+
+def noise_rows(folder: Path) -> List[str]:
+    """Per method with an active cloud: the realised noise strengths, mean over seeds (from each
+    run's metrics.jsonl), so a reader sees LEAP and its controls were matched."""
+    per: Dict[str, Dict[int, Path]] = {}
+    for p in sorted(folder.glob("*_seed*/metrics.jsonl")):
+        m = RUN.match(p.parent.name)
+        if m:
+            per.setdefault(m.group(1), {})[int(m.group(2))] = p.parent
+    strengths = evaluation.noise_strengths(per)
+    return [f"| {folder.name} | {method} | {len(per[method])} | "
+            + " | ".join(f"{v[k]:.5f}" for k in evaluation.NOISE_COLUMNS) + " |"
+            for method, v in strengths.items()]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -111,16 +146,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--baseline", default="cosface")
     p.add_argument("--md", type=Path, default=None, help="also write the tables here")
     args = p.parse_args(argv)
-    parts = ["## Headline: MegaFace-style rank-1 (%), paired differences in points\n\n"
-             "| setting | baseline | LEAP full − base | LEAP vanilla − base | uniform − base | "
-             "LEAP full − uniform |\n|---|---|---|---|---|---|\n"
-             + "\n".join(headline_row(f, baseline=args.baseline) for f in args.folders) + "\n"]
+    parts = [headline_markdown(args.folders, args.baseline)]
     parts += [setting_markdown(f, args.baseline) for f in args.folders]
     var = [r for f in args.folders for r in variance_rows(f)]
     if var:
         parts.append("## Angular variance of the training classes (means over seeds)\n\n"
                      "| setting | method | seeds | head | head at tail count | tail | "
                      "tail / head-at-count |\n|---|---|---|---|---|---|---|\n" + "\n".join(var) + "\n")
+    noise = [r for f in args.folders for r in noise_rows(f)]
+    if noise:
+        parts.append("## Noise strength per training sample while the cloud is on (means over "
+                     "seeds)\n\n| setting | method | seeds | "
+                     + " | ".join(evaluation.NOISE_COLUMNS.values()) + " |\n"
+                     + "|---" * (len(evaluation.NOISE_COLUMNS) + 3) + "|\n" + "\n".join(noise) + "\n")
     text = "\n".join(parts)
     print(text)
     if args.md:

@@ -293,6 +293,9 @@ def build(settings: BuildSettings, progress: bool = True) -> Dict[str, object]:
              len(classes.eval), len(classes.distractors), time.perf_counter() - clock)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest is written last and marks a finished build: an earlier one goes first, so a
+    # rebuild stopped halfway (half new files, half old) is never taken for a finished one.
+    (out / MANIFEST).unlink(missing_ok=True)
     n_train = write_train(out / TRAIN_PREFIX, classes.train, settings.size, progress)
     write_train_designs(out / TRAIN_DESIGNS, classes.train, designs)
     log.info("step 3/4: wrote %s.rec, %d images (%.1fs)", out / TRAIN_PREFIX, n_train,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -173,3 +175,43 @@ def test_unknown_holdout_design_is_an_error(font_root, tmp_path, capsys):
                             "--holdout-designs", "Helvetica", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "'Helvetica' matches no kept design" in err and "IPAGothic" in err
+
+
+STOPPED_CHILD = """
+import sys, time
+sys.path.insert(0, "data_tools")
+import build_glyphs
+from facetrain.glyphs import eval_sets
+
+def stalled(*args, **kwargs):
+    print("WRITING", flush=True)      # train.rec is written, eval.partial is half written
+    time.sleep(60)
+eval_sets.write_megaface = stalled
+sys.exit(build_glyphs.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_leaves_no_partial_set_and_no_manifest(font_root, built, tmp_path):
+    """A rebuild stopped by SIGTERM: exit 143 with one line, its scratch folder gone, and no
+    manifest, so the set is not taken for finished (the main job rebuilds it); the next run
+    writes the same bytes as an uninterrupted build."""
+    from facetrain.glyphs.large import is_built
+    out = tmp_path / "g"
+    args = ["--out", str(out), "--font-roots", str(font_root), *ARGS, "--jobs", "1"]
+    assert build_glyphs.main(args) == 0 and is_built(out)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", STOPPED_CHILD, *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.strip() == "WRITING":
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"build_glyphs: stopped by SIGTERM while writing {out}" in err
+    assert "Traceback" not in err
+    assert not (out / (build.EVAL_DIR + ".partial")).exists()
+    assert not (out / build.MANIFEST).exists() and not is_built(out)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert build_glyphs.main(args) == 0 and is_built(out)
+    assert _files(out) == _files(built["a"])

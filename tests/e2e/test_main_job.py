@@ -82,3 +82,12 @@ def test_reduced_main_job_end_to_end(tmp_path):
     assert "Paired difference to cosface" in tables.stdout
     assert re.search(r"\| runs \| leap_full \| 1 \| 0\.\d{4} \| 0\.\d{4} \| 0\.\d{4} \| "
                      r"\d+\.\d\d \|", tables.stdout), tables.stdout[-2000:]
+    # one headline per reported metric, LEAP against both matched controls, and the realised
+    # noise strengths of LEAP and its control side by side
+    for label in ("MegaFace-style rank-1", "IJB-C-style TPR@FPR=1e-3", "Verification accuracy"):
+        assert f"## Headline: {label} (%), paired differences in points" in tables.stdout
+    assert "| LEAP full − uniform | LEAP full − shuffled |" in tables.stdout
+    noise = dict(re.findall(r"\| runs \| (leap_full|uniform_control) \| 1 \| ([0-9.]+) \|",
+                            tables.stdout))
+    assert set(noise) == {"leap_full", "uniform_control"}, tables.stdout[-2000:]
+    assert float(noise["leap_full"]) > 0
