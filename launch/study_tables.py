@@ -140,11 +140,66 @@ def noise_rows(folder: Path) -> List[str]:
             for method, v in strengths.items()]
 
 
+PLOT_ORDER = ("leap_full", "leap_vanilla", "uniform_control", "shuffled_control",
+              "class_balanced", "repeat_factor")
+
+
+def _dots(ax, per_method: Dict[str, Dict[int, float]]) -> None:
+    """Per method one dot per seed and a red bar at the mean."""
+    for x, ys in enumerate(per_method.values()):
+        ys = list(ys.values())
+        ax.scatter([x] * len(ys), ys, s=14, color="C0", zorder=3)
+        if ys:
+            ax.hlines(float(np.mean(ys)), x - 0.3, x + 0.3, color="C3", zorder=4)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlim(-0.6, max(len(per_method), 2) - 0.4)
+    ax.set_xticks(range(len(per_method)))
+    ax.set_xticklabels([m.replace("_control", "").replace("_", " ") for m in per_method],
+                       rotation=45, ha="right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_paired(folders: List[Path], path: Path, key: str = "megaface_rank1",
+                baseline: str = "cosface") -> None:
+    """One column per setting. Top: each method's paired difference to the baseline; bottom:
+    LEAP full minus each matched control. One dot per seed and a bar at the mean, so spread and
+    sign are seen at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(folders), figsize=(3.0 * len(folders) + 0.6, 6.4),
+                             sharey="row", squeeze=False)
+    for col, folder in enumerate(folders):
+        res = load_setting(folder)
+        top: Dict[str, Dict[int, float]] = {}
+        bottom: Dict[str, Dict[int, float]] = {}
+        if baseline in res:
+            summary = report.summarize(res, baseline, METRICS)["methods"]
+            top = {m: summary[m][key]["diff"]["per_seed"] for m in PLOT_ORDER if m in res}
+        for control in ("uniform_control", "shuffled_control"):
+            if control in res and "leap_full" in res:
+                vs = report.summarize({control: res[control], "leap_full": res["leap_full"]},
+                                      control, METRICS)["methods"]["leap_full"][key]
+                bottom["LEAP full − " + control] = vs["diff"]["per_seed"]
+        _dots(axes[0][col], top)
+        _dots(axes[1][col], bottom)
+        axes[0][col].set_title(folder.name, fontsize=9)
+    axes[0][0].set_ylabel(f"rank-1: method − {baseline} (points)", fontsize=9)
+    axes[1][0].set_ylabel("rank-1: LEAP full − control (points)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="main-job run folders (--out)")
     p.add_argument("--baseline", default="cosface")
     p.add_argument("--md", type=Path, default=None, help="also write the tables here")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also draw the paired rank-1 differences, one panel per setting (PNG)")
     args = p.parse_args(argv)
     parts = [headline_markdown(args.folders, args.baseline)]
     parts += [setting_markdown(f, args.baseline) for f in args.folders]
@@ -163,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(text)
     if args.md:
         args.md.write_text(text)
+    if args.plot:
+        plot_paired(args.folders, args.plot, baseline=args.baseline)
     return 0
 
 
