@@ -193,6 +193,50 @@ def plot_paired(folders: List[Path], path: Path, key: str = "megaface_rank1",
     plt.close(fig)
 
 
+def plot_strength(folders: List[Path], path: Path, key: str = "megaface_rank1",
+                  baseline: str = "cosface") -> None:
+    """Gain over the baseline against the realised noise variance, one point per method and
+    setting (mean ± std over seeds), points of one method joined in folder order: shows
+    whether a gain follows the amount of noise or where it goes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: Dict[str, List[tuple]] = {}
+    for folder in folders:
+        res = load_setting(folder)
+        if baseline not in res:
+            continue
+        summary = report.summarize(res, baseline, METRICS)["methods"]
+        per: Dict[str, Dict[int, Path]] = {}
+        for p in sorted(folder.glob("*_seed*/metrics.jsonl")):
+            m = RUN.match(p.parent.name)
+            if m:
+                per.setdefault(m.group(1), {})[int(m.group(2))] = p.parent
+        for method, v in evaluation.noise_strengths(per).items():
+            if method in summary:
+                d = summary[method][key]["diff"]
+                points.setdefault(method, []).append(
+                    (v["leap_batch_noise_var"], d["mean"], d["std"] or 0.0, folder.name))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, (method, pts) in enumerate(points.items()):
+        x, y, e, names = zip(*pts)
+        ax.errorbar(x, y, yerr=e, fmt="o-", color=f"C{i}", capsize=3, label=method)
+        for xi, yi, name in zip(x, y, names):
+            ax.annotate(name.replace("study_", ""), (xi, yi), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points", color=f"C{i}")
+    ax.set_xscale("log")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("realised noise variance per training sample (rad², log scale)")
+    ax.set_ylabel(f"rank-1: method − {baseline} (points)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="main-job run folders (--out)")
@@ -200,6 +244,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--md", type=Path, default=None, help="also write the tables here")
     p.add_argument("--plot", type=Path, default=None,
                    help="also draw the paired rank-1 differences, one panel per setting (PNG)")
+    p.add_argument("--plot-strength", type=Path, default=None,
+                   help="also draw each method's rank-1 gain against its realised noise (PNG)")
     args = p.parse_args(argv)
     parts = [headline_markdown(args.folders, args.baseline)]
     parts += [setting_markdown(f, args.baseline) for f in args.folders]
@@ -220,6 +266,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.md.write_text(text)
     if args.plot:
         plot_paired(args.folders, args.plot, baseline=args.baseline)
+    if args.plot_strength:
+        plot_strength(args.folders, args.plot_strength, baseline=args.baseline)
     return 0
 
 

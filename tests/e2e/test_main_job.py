@@ -77,8 +77,9 @@ def test_reduced_main_job_end_to_end(tmp_path):
 
     # the study tables tool reads the same folder: paired differences and the variance table
     plot = tmp_path / "paired.png"
+    strength = tmp_path / "strength.png"
     tables = subprocess.run([sys.executable, "launch/study_tables.py", str(out), "--plot",
-                             str(plot)], cwd=REPO,
+                             str(plot), "--plot-strength", str(strength)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0, tables.stderr[-2000:]
     assert "Paired difference to cosface" in tables.stdout
@@ -93,4 +94,5 @@ def test_reduced_main_job_end_to_end(tmp_path):
                             tables.stdout))
     assert set(noise) == {"leap_full", "uniform_control"}, tables.stdout[-2000:]
     assert float(noise["leap_full"]) > 0
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in (plot, strength):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
