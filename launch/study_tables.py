@@ -106,12 +106,8 @@ def headline_row(folder: Path, key: str = "megaface_rank1", baseline: str = "cos
     cells += [_diff(vs_base, m, key)
               for m in ("leap_full", "leap_vanilla", "uniform_control", "shuffled_control")]
     for control in ("uniform_control", "shuffled_control"):
-        if control in res and "leap_full" in res:
-            vs_ctl = report.summarize({control: res[control], "leap_full": res["leap_full"]},
-                                      control, METRICS)
-            cells.append(_diff(vs_ctl, "leap_full", key))
-        else:
-            cells.append("not run")
+        vs_ctl = leap_vs_control(res, control)
+        cells.append(_diff(vs_ctl, "leap_full", key) if vs_ctl else "not run")
     return f"| {folder.name} | " + " | ".join(cells) + " |"
 
 
@@ -126,14 +122,28 @@ def headline_markdown(folders: List[Path], baseline: str = "cosface") -> str:
     return "\n".join(parts)
 
 
-def noise_rows(folder: Path) -> List[str]:
-    """Per method with an active cloud: the realised noise strengths, mean over seeds (from each
-    run's metrics.jsonl), so a reader sees LEAP and its controls were matched."""
+def run_folders(folder: Path) -> Dict[str, Dict[int, Path]]:
+    """method -> seed -> run folder, for every run in a main-job folder that logged metrics."""
     per: Dict[str, Dict[int, Path]] = {}
     for p in sorted(folder.glob("*_seed*/metrics.jsonl")):
         m = RUN.match(p.parent.name)
         if m:
             per.setdefault(m.group(1), {})[int(m.group(2))] = p.parent
+    return per
+
+
+def leap_vs_control(res: Dict[str, Dict[int, dict]], control: str) -> Optional[dict]:
+    """LEAP full paired against one control (None when either did not run)."""
+    if control not in res or "leap_full" not in res:
+        return None
+    return report.summarize({control: res[control], "leap_full": res["leap_full"]}, control,
+                            METRICS)
+
+
+def noise_rows(folder: Path) -> List[str]:
+    """Per method with an active cloud: the realised noise strengths, mean over seeds (from each
+    run's metrics.jsonl), so a reader sees LEAP and its controls were matched."""
+    per = run_folders(folder)
     strengths = evaluation.noise_strengths(per)
     return [f"| {folder.name} | {method} | {len(per[method])} | "
             + " | ".join(f"{v[k]:.5f}" for k in evaluation.NOISE_COLUMNS) + " |"
@@ -178,10 +188,10 @@ def plot_paired(folders: List[Path], path: Path, key: str = "megaface_rank1",
             summary = report.summarize(res, baseline, METRICS)["methods"]
             top = {m: summary[m][key]["diff"]["per_seed"] for m in PLOT_ORDER if m in res}
         for control in ("uniform_control", "shuffled_control"):
-            if control in res and "leap_full" in res:
-                vs = report.summarize({control: res[control], "leap_full": res["leap_full"]},
-                                      control, METRICS)["methods"]["leap_full"][key]
-                bottom["LEAP full − " + control] = vs["diff"]["per_seed"]
+            vs = leap_vs_control(res, control)
+            if vs:
+                bottom["LEAP full − " + control] = \
+                    vs["methods"]["leap_full"][key]["diff"]["per_seed"]
         _dots(axes[0][col], top)
         _dots(axes[1][col], bottom)
         axes[0][col].set_title(folder.name, fontsize=9)
@@ -208,12 +218,7 @@ def plot_strength(folders: List[Path], path: Path, key: str = "megaface_rank1",
         if baseline not in res:
             continue
         summary = report.summarize(res, baseline, METRICS)["methods"]
-        per: Dict[str, Dict[int, Path]] = {}
-        for p in sorted(folder.glob("*_seed*/metrics.jsonl")):
-            m = RUN.match(p.parent.name)
-            if m:
-                per.setdefault(m.group(1), {})[int(m.group(2))] = p.parent
-        for method, v in evaluation.noise_strengths(per).items():
+        for method, v in evaluation.noise_strengths(run_folders(folder)).items():
             if method in summary:
                 d = summary[method][key]["diff"]
                 points.setdefault(method, []).append(
