@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "data_tools"))
+sys.path.insert(0, str(REPO / "tests" / "unit"))
 import build_glyphs  # noqa: E402
 import glyph_fonts  # noqa: E402
 
@@ -24,6 +24,7 @@ from facetrain.eval.megaface import read_list  # noqa: E402
 from facetrain.eval.verification import load_pack  # noqa: E402
 from facetrain.glyphs import build  # noqa: E402
 from facetrain.glyphs.fonts import FONT_PACKAGES, find_font_files  # noqa: E402
+from test_data_tools_faults import run_and_terminate  # noqa: E402
 
 # 11 designs plus twins: ipagp (proportional) and the extra faces of the .ttc collections.
 FILES = ["ipag.ttf", "ipagp.ttf", "ipam.ttf", "wqy-zenhei.ttc", "wqy-microhei.ttc", "uming.ttc",
@@ -199,15 +200,9 @@ def test_sigterm_leaves_no_partial_set_and_no_manifest(font_root, built, tmp_pat
     out = tmp_path / "g"
     args = ["--out", str(out), "--font-roots", str(font_root), *ARGS, "--jobs", "1"]
     assert build_glyphs.main(args) == 0 and is_built(out)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", STOPPED_CHILD, *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.strip() == "WRITING":
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    res = run_and_terminate(args, STOPPED_CHILD)
+    err = res.stderr
+    assert res.returncode == 128 + signal.SIGTERM, err
     assert f"build_glyphs: stopped by SIGTERM while writing {out}" in err
     assert "Traceback" not in err
     assert not (out / (build.EVAL_DIR + ".partial")).exists()

@@ -271,9 +271,10 @@ SLOW_CHILD = textwrap.dedent("""
 """)
 
 
-def run_and_terminate(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
+def run_and_terminate(args: list, child: str = SLOW_CHILD) -> subprocess.CompletedProcess:
+    """Run `child` (Python source) with `args`, SIGTERM it once it prints WRITING."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", child, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.strip() == "WRITING":
@@ -299,7 +300,7 @@ def test_sigterm_mid_write_removes_temporary_files(tmp_path, name):
         args = [src, "--no-progress"]
         watched = tmp_path / "src"
     before = snapshot(tmp_path / "src")
-    res = run_and_terminate([name, *args], tmp_path)
+    res = run_and_terminate([name, *args])
     assert res.returncode == 128 + signal.SIGTERM, res.stderr
     msg = _one_message(res.stderr, name)
     assert "stopped by SIGTERM while writing" in msg and "temporary files were removed" in msg
