@@ -148,16 +148,23 @@ class Trainer:
                 self._load(resume)
             except BaseException:
                 self.log.close()     # its logging handler must not outlive a failed start
+                self.engine.close(False)
                 raise
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
-        """Train to the end; returns {"step", "epoch", "loss", "export"}. The run log is closed
-        however fit ends (its handler on the `facetrain` logger goes with it)."""
+        """Train to the end; returns {"step", "epoch", "loss", "export"}. However fit ends, the
+        run log is closed (its handler on the `facetrain` logger goes with it) and the engine
+        releases what it created (DeepSpeed's own process groups), so that a process that
+        trained exits cleanly from any entry point."""
+        finished = False
         try:
-            return self._fit(stop_after)
+            result = self._fit(stop_after)
+            finished = True
+            return result
         finally:
             self.log.close()
+            self.engine.close(finished)
 
     def _fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
         """Train to the end; returns {"step", "epoch", "loss", "export"}.

@@ -38,6 +38,11 @@ class Engine(Protocol):
         `world_size` ranks now. `states` may be lazy: an engine reads only the entries it needs
         (its own rank's when len(states) == world_size, unless it needs every partition)."""
 
+    def close(self, finished: bool) -> None:
+        """Release what the engine created beyond its own objects (process groups, hooks),
+        while the interpreter is fully alive. finished=True when every rank ended the run
+        normally (a collective release is then safe); False after an error on this rank."""
+
 
 class Entries(Sequence):
     """`states[r][key]` for every r of a (possibly lazy) sequence, each read on access."""

@@ -116,6 +116,10 @@ class DDPEngine:
         self.backbone_opt.zero_grad(set_to_none=True)
         self.head_opt.zero_grad(set_to_none=True)
 
+    def close(self, finished: bool) -> None:
+        """Nothing to release: DDP communicates over the caller's group, which the caller
+        owns (and destroys, e.g. with `facetrain.dist.finish`)."""
+
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Dict[str, Any]]:
         """Replicated: backbone weights, its optimizer, the grad scaler. Per rank: the

@@ -13,6 +13,7 @@ Checkpoints: each rank saves its ZeRO partition (`optimizer.state_dict()` with
 """
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -81,6 +82,22 @@ def check_precision(cfg: Config, ctx: DistContext) -> None:
             "train.engine=ddp, which runs every precision through torch autocast")
 
 
+def _deepspeed_groups(exclude: Optional[dist.ProcessGroup]) -> List[dist.ProcessGroup]:
+    """The process groups DeepSpeed created and caches (deepspeed.utils.groups), without the
+    caller's own group, each once."""
+    from deepspeed.utils import groups as ds_groups
+
+    found: List[dist.ProcessGroup] = []
+    for name, value in vars(ds_groups).items():
+        if not (name.startswith("_") and name.endswith("GROUP")):
+            continue
+        for group in (value.values() if isinstance(value, dict) else [value]):
+            if (isinstance(group, dist.ProcessGroup) and group is not exclude
+                    and all(group is not g for g in found)):
+                found.append(group)
+    return found
+
+
 class DeepSpeedEngine:
     """The `Engine` surface over a DeepSpeed engine."""
 
@@ -142,6 +159,41 @@ class DeepSpeedEngine:
         if self.cfg.train.precision != "fp16" or self.model.was_step_applied():
             self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
+
+    def close(self, finished: bool) -> None:
+        """Tear down what `deepspeed.initialize` created: the engine's hooks and the gloo/NCCL
+        process groups DeepSpeed made for itself and caches in module globals, which nothing
+        else would release before interpreter finalization. A gloo group still alive then has
+        worker threads that may need the GIL to drop their last tensors; Python ends such a
+        thread with pthread_exit, which unwinds through C++ noexcept frames and aborts the
+        process ("terminate called without an active exception", SIGABRT at exit). Destroying
+        the groups here joins those threads while the interpreter is still whole.
+
+        On success every rank first meets at a barrier on the caller's group, so no rank closes
+        a group a peer still communicates over. After an error on this rank there is no
+        barrier (the peers may be elsewhere): the groups are dropped without it."""
+        if self.model is None:
+            return
+        from deepspeed import comm as ds_comm
+
+        if finished and self.ctx.distributed and dist.is_initialized():
+            dist.barrier(group=self.ctx.group)
+        self.model.destroy()
+        # The engine hooks itself onto the backbone we keep (for export and evaluation); those
+        # hooks would keep it, its optimizer and their groups alive for as long as the module.
+        for handle in ("module_forward_pre_hook", "module_forward_post_hook"):
+            hook = getattr(self.model, handle, None)
+            if hook is not None:
+                hook.remove()
+        for param in self.backbone.parameters():     # DeepSpeed tags each with its group
+            for key, value in list(vars(param).items()):
+                if isinstance(value, dist.ProcessGroup):
+                    delattr(param, key)
+        for group in _deepspeed_groups(exclude=self.ctx.group):
+            if dist.is_initialized():
+                ds_comm.destroy_process_group(group)
+        self.model = self.zero_opt = None
+        gc.collect()        # the engine's reference cycles hold the groups too
 
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Dict[str, Any]]:

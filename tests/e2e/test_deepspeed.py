@@ -60,8 +60,34 @@ def _unsupported_precision_is_a_config_error(ctx, rec, out) -> None:
         deepspeed_engine.supported_precisions = real
 
 
+def _comm_loops() -> int:
+    """gloo's network threads in this process: one per live gloo process group that has
+    connected to a peer."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except OSError:          # the thread ended meanwhile
+            pass
+    return names.count("gloo_tcp_loop")
+
+
+def _nothing_of_deepspeed_left(ctx, loops_before: int) -> None:
+    """After the runs, only the caller's group lives: every group DeepSpeed made was destroyed
+    and its threads joined while the interpreter is whole (a group left to interpreter
+    finalization aborted the process now and then: "terminate called without an active
+    exception")."""
+    import torch.distributed.distributed_c10d as c10d
+
+    assert deepspeed_engine._deepspeed_groups(exclude=ctx.group) == []
+    assert list(c10d._world.pg_map) == [ctx.group]
+    # The caller's group may start its network thread lazily (1 rank): at most that one.
+    assert _comm_loops() <= max(loops_before, 1)
+
+
 def _two_ranks(ctx, root: str, rec: str) -> None:
     root = Path(root)
+    loops_before = _comm_loops()
     _unsupported_precision_is_a_config_error(ctx, rec, root / "unsupported")
     _train(ctx, rec, root / "ddp", [])
     z1 = ["train.engine=deepspeed", "train.zero_stage=1"]
@@ -78,11 +104,14 @@ def _two_ranks(ctx, root: str, rec: str) -> None:
     _train(ctx, rec, root / "rows", ["train.engine=deepspeed", "train.zero_stage=2",
                                      f"train.precision={MIXED[-1]}", "head.sample_rate=0.5",
                                      "head.update_rows=sampled", "train.max_steps=4"])
+    _nothing_of_deepspeed_left(ctx, loops_before)
 
 
 def _one_rank(ctx, root: str, rec: str) -> None:
+    loops_before = _comm_loops()
     _train(ctx, rec, Path(root) / "z2", ["train.engine=deepspeed", "train.zero_stage=2",
                                          "data.batch_size=8", "train.max_steps=6"])
+    _nothing_of_deepspeed_left(ctx, loops_before)
 
 
 def test_deepspeed_zero1_matches_ddp_and_resumes_zero2_reshards(tmp_path):
