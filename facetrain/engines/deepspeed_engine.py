@@ -111,7 +111,7 @@ def plain_zero_state(sd: Dict[str, Any]) -> Dict[str, Any]:
 def restore_loss_scaler(scaler: Any, saved: Optional[Dict[str, Any]]) -> None:
     """Set the saved attributes on this run's loss scaler (the same class; a scaler of another
     class, after a precision change, keeps its fresh state)."""
-    if saved is None or saved.get("type") != type(scaler).__name__:
+    if scaler is None or saved is None or saved.get("type") != type(scaler).__name__:
         return
     for name, value in saved["attrs"].items():
         if hasattr(scaler, name):
@@ -206,5 +206,5 @@ class DeepSpeedEngine:
         self.zero_opt.load_state_dict(parts, load_optimizer_states=True,
                                       load_from_fp32_weights=False)
         # DeepSpeed takes the global state (the loss scale) from its own rank's partition.
-        restore_loss_scaler(self.zero_opt.loss_scaler,
+        restore_loss_scaler(getattr(self.zero_opt, "loss_scaler", None),
                             scalers[self.ctx.rank if self.ctx.rank < len(scalers) else 0])
