@@ -117,8 +117,8 @@ def _write_message(err: OSError, path: Path, root: Path) -> str:
 
 def _write_own_files(tmp: Path, replicated: Optional[Dict[str, Any]], shard: Dict[str, Any],
                      ctx: DistContext, root: Path) -> Dict[str, Dict[str, int]]:
-    """This rank's file (and rank 0's replicated.pt) with their digests. On an OSError (a full
-    disk) the files this rank started are removed and _WriteFailed says what failed."""
+    """This rank's file (and rank 0's replicated.pt) with their digests; _WriteFailed says
+    which write failed (a full disk). The partial files go with the temporary folder."""
     mine: Dict[str, Dict[str, int]] = {}
     names = [(f"rank{ctx.rank:05d}.pt", shard)]
     if ctx.is_main:
@@ -130,9 +130,6 @@ def _write_own_files(tmp: Path, replicated: Optional[Dict[str, Any]], shard: Dic
             _atomic_torch_save(obj, tmp / name)
             mine[name] = file_digest(tmp / name)
         except OSError as err:
-            for n, _ in names:
-                for f in (tmp / n, tmp / (n + ".tmp")):
-                    f.unlink(missing_ok=True)
             raise _WriteFailed(_write_message(err, tmp / name, root)) from err
     return mine
 
@@ -194,7 +191,7 @@ def save_checkpoint(root: Path, step: int, replicated: Optional[Dict[str, Any]],
         dist.broadcast_object_list(box, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
         failure = box[0]
     if failure is not None:
-        if ctx.is_main:
+        if ctx.is_main:        # every rank is past its writes: remove all partial files
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(failure)
     return final
