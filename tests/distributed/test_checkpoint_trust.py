@@ -1,4 +1,4 @@
-"""Checkpoints a user is handed run no code, and a full disk on one rank of two abandons the
+"""Checkpoints a user is handed run no code (those of the previous format still resume), and a full disk on one rank of two abandons the
 checkpoint on every rank: a resume from a crafted checkpoint with valid CRCs is refused naming
 the file (its payload never runs); a rank whose write fails with ENOSPC removes its partial
 files, every rank raises the same "no space left writing <path>", and the previous checkpoint
@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,18 +31,34 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+def _reseal(path: Path) -> None:
+    meta = ckpt.read_meta(path)
+    meta["digests"] = {n: ckpt.file_digest(path / n) for n in meta["files"]}
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
 def test_resume_from_a_crafted_checkpoint_runs_nothing(tmp_path):
     rec = make_tiny_rec(tmp_path / "data")
     out = tmp_path / "run"
     Trainer(tiny_config(rec, out), single_process()).fit(stop_after=5)
     path = ckpt.find_latest(out / "checkpoints")
+    # A checkpoint of the previous format (numpy's RNG state as a pickled tuple with a uint32
+    # array, the only non-plain value it held) still resumes, with the same numpy stream.
+    shard = ckpt.load_shard(path, 0)
+    new = shard["rng"]["numpy"]
+    shard["rng"]["numpy"] = ("MT19937", new["key"].numpy().astype(np.uint32), new["pos"],
+                             new["has_gauss"], new["gauss"])
+    torch.save(shard, path / "rank00000.pt")
+    _reseal(path)
+    t = Trainer(tiny_config(rec, out), single_process())
+    assert t.step == 5
+    assert np.random.get_state()[1].tolist() == new["key"].tolist()
+    t.log.close()
     # Keep every real entry (the file still looks right) and add the payload.
     state = ckpt.load_replicated(path)
     marker = tmp_path / "payload_ran"
     torch.save({**state, "note": _Payload(marker)}, path / "replicated.pt")
-    meta = ckpt.read_meta(path)
-    meta["digests"] = {n: ckpt.file_digest(path / n) for n in meta["files"]}
-    (path / "meta.json").write_text(json.dumps(meta))
+    _reseal(path)
     assert ckpt.verify_checkpoint(path) is None                   # sizes and CRCs match
     for resume in ("auto", str(path)):
         with pytest.raises(ckpt.CheckpointError) as info:

@@ -149,3 +149,9 @@ def test_zero_state_is_stored_pickle_free(tmp_path):
     fresh = scaler()
     deepspeed_engine.restore_loss_scaler(fresh, back[deepspeed_engine.SCALER_STATE])
     assert vars(fresh) == vars(saved)
+    # A shard written before (DeepSpeed's objects pickled as they are) is refused by name.
+    torch.save({"zero_optim": sd}, tmp_path / "rank00000.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"rank00000\.pt: refused, .*\(global deepspeed"
+                                                   r"\..*\).*resume them with the facetrain "
+                                                   r"that wrote them, or start fresh"):
+        ckpt.load_file(tmp_path / "rank00000.pt")
