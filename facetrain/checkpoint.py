@@ -179,9 +179,10 @@ def save_checkpoint(root: Path, step: int, replicated: Optional[Dict[str, Any]],
             try:
                 _atomic_write_text(root / LATEST, final.name + "\n")
             except OSError as err:
-                # The checkpoint is complete (meta.json); only the pointer is stale, and a
-                # resume takes the newest complete checkpoint either way.
+                # `latest` still names the previous checkpoint: withdraw this one too, so the
+                # outcome is the same as for any other failed write.
                 (root / (LATEST + ".tmp")).unlink(missing_ok=True)
+                shutil.rmtree(final, ignore_errors=True)
                 failure = _write_message(err, root / LATEST, root)
             else:
                 prune_checkpoints(root, keep_last)

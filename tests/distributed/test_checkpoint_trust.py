@@ -1,8 +1,8 @@
-"""Checkpoints a user is handed run no code (those of the previous format still resume), and a full disk on one rank of two abandons the
-checkpoint on every rank: a resume from a crafted checkpoint with valid CRCs is refused naming
-the file (its payload never runs); a rank whose write fails with ENOSPC removes its partial
-files, every rank raises the same "no space left writing <path>", and the previous checkpoint
-stays the one a resume takes."""
+"""Checkpoints a user is handed run no code (those of the previous format still resume), and a
+full disk on one rank of two abandons the checkpoint on every rank: a resume from a crafted
+checkpoint with valid CRCs is refused naming the file (its payload never runs); a rank whose
+write fails with ENOSPC makes every rank raise the same "no space left writing <path>", the
+partial checkpoint is removed, and the previous one stays the one a resume takes."""
 from __future__ import annotations
 
 import errno

@@ -276,17 +276,19 @@ def test_disk_full_writing_meta_or_latest(tmp_path, monkeypatch):
     prev = _save(root, 5)
     real = ckpt._atomic_write_text
 
-    def write(path, text):
-        if path.name == "meta.json":
-            path.with_name("meta.json.tmp").write_text("{")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, text)
+    for name in ("meta.json", "latest"):
+        def write(path, text, name=name):
+            if path.name == name:
+                path.with_name(name + ".tmp").write_text("{")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, text)
 
-    monkeypatch.setattr(ckpt, "_atomic_write_text", write)
-    with pytest.raises(ckpt.CheckpointError, match="^no space left writing .*meta.json"):
-        _save(root, 10)
-    assert sorted(p.name for p in root.iterdir()) == ["ckpt_step5", "latest"]
-    assert ckpt.resolve_resume("auto", root) == prev
+        monkeypatch.setattr(ckpt, "_atomic_write_text", write)
+        where = root / (".tmp_ckpt_step10/meta.json" if name == "meta.json" else "latest")
+        with pytest.raises(ckpt.CheckpointError, match=f"^no space left writing {where};"):
+            _save(root, 10)
+        assert sorted(p.name for p in root.iterdir()) == ["ckpt_step5", "latest"]
+        assert ckpt.resolve_resume("auto", root) == prev
     # Other write errors name the file and the reason the same way.
     monkeypatch.undo()
     _fail_on(monkeypatch, "rank00000", errno.EACCES)
