@@ -42,6 +42,8 @@ def _text(v: Any) -> Any:
 class _DType:
     """What `numpy.dtype('u1' | 'b1', ...)` becomes while unpickling."""
 
+    type: Any = None            # stays None when a crafted pickle skips __init__ (NEWOBJ)
+
     def __init__(self, spec: Any, align: Any = False, copy: Any = True) -> None:
         name = _text(spec)
         if name not in _NAMES:
@@ -58,7 +60,7 @@ class _DType:
 
 
 def _array(raw: Any, dtype: Any, shape: Any) -> np.ndarray:
-    if not isinstance(dtype, _DType):
+    if not isinstance(dtype, _DType) or dtype.type is None:
         raise _Refuse(f"an array of dtype {type(dtype).__name__}")
     if not (isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], int)):
         raise _Refuse(f"an array of shape {shape!r} (pack arrays are 1-D)")
@@ -97,8 +99,8 @@ def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
 
 
 def _scalar(dtype: Any, data: Any = b"") -> Any:
-    if not isinstance(dtype, _DType) or not isinstance(data, (bytes, bytearray)) \
-            or len(data) != 1:
+    if not isinstance(dtype, _DType) or dtype.type is None \
+            or not isinstance(data, (bytes, bytearray)) or len(data) != 1:
         raise _Refuse("numpy.core.multiarray.scalar of a type a pack does not hold")
     return bool(data[0]) if dtype.type is np.bool_ else int(data[0])
 
