@@ -43,6 +43,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _common.parse_args(build_parser(), argv)
     root = _common.require(Path(args.root), "MegaFace folder", "--root DIR")
     probes, ids, dis, keep_p, keep_d = megaface.load_layout(root, not args.no_noise)
+    if args.devkit_out:                  # every devkit file name checked before extraction
+        out = Path(args.devkit_out)
+        megaface.devkit_paths(out / "facescrub", probes, args.algo, root / "facescrub_lst")
+        megaface.devkit_paths(out / "megaface", dis, args.algo, root / "megaface_lst")
 
     def images():
         fs = megaface.ListImages(root / "facescrub_images", probes, root / "facescrub_lst")
@@ -56,8 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pf, df = feats[:len(probes)], feats[len(probes):]
     if args.devkit_out:
         out = Path(args.devkit_out)
-        n = megaface.write_devkit_features(out / "facescrub", probes, pf, args.algo)
-        n += megaface.write_devkit_features(out / "megaface", dis, df, args.algo)
+        n = megaface.write_devkit_features(out / "facescrub", probes, pf, args.algo,
+                                           root / "facescrub_lst")
+        n += megaface.write_devkit_features(out / "megaface", dis, df, args.algo,
+                                            root / "megaface_lst")
         print(f"devkit features: {n} files under {out}")
     df = df[keep_d]
     n_dis = df.shape[0] if args.distractors is None else args.distractors

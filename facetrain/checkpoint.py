@@ -11,6 +11,11 @@ ckpt_step{N}/meta.json         world size, step, files with their sizes and CRC-
                                marks a complete checkpoint
 latest                         text file naming the newest complete checkpoint
 ```
+Every file is read with `torch.load(weights_only=True)`: a checkpoint someone hands you runs no
+code. So the saved state holds only tensors and plain Python values (dict, list, tuple, str, int,
+float, bool, None); `check_pickle_free` enforces that before writing, and the one non-plain value
+older checkpoints hold (numpy's RNG key, a uint32 array) is admitted on reading, nothing else.
+
 A checkpoint is written under a temporary name and renamed when every rank's file is in it, so a
 crash mid-write never leaves a half checkpoint behind `latest`. Files can still be damaged later
 (a full disk, a truncated copy, bit rot): a resume verifies sizes and checksums first and falls
@@ -25,13 +30,17 @@ read and test than expressing the blocks as DTensor placements.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import zlib
 from pathlib import Path
 from collections.abc import Sequence
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -61,15 +70,78 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    check_pickle_free(obj, path.name)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
+# Exact types a checkpoint may hold: what `torch.load(weights_only=True)` rebuilds without
+# running code. Exact (not isinstance): an IntEnum or a numpy scalar would pickle as a global.
+_PLAIN = (str, bytes, int, float, bool, type(None), torch.dtype)
+
+
+def check_pickle_free(obj: Any, where: str = "state") -> None:
+    """CheckpointError naming the entry (e.g. `rank00000.pt["zero_optim"]["loss_scaler"]`) when
+    `obj` holds anything but tensors and plain values: it could not be read back with
+    weights_only=True, and a resume must never unpickle code."""
+    if torch.is_tensor(obj):
+        return
+    kind = type(obj)
+    if kind in (dict, OrderedDict):
+        for k, v in obj.items():
+            check_pickle_free(k, f"{where} key {k!r}")
+            check_pickle_free(v, f"{where}[{k!r}]")
+    elif kind in (list, tuple, torch.Size):
+        for i, v in enumerate(obj):
+            check_pickle_free(v, f"{where}[{i}]")
+    elif kind not in _PLAIN:
+        raise CheckpointError(
+            f"{where} is a {kind.__module__}.{kind.__qualname__}; a checkpoint holds only "
+            "tensors and plain values (dict, list, tuple, str, int, float, bool, None) so that "
+            "it loads with torch.load(weights_only=True); convert it before saving")
+
+
+class _WriteFailed(Exception):
+    """A write of `path` failed (carried to every rank as a message)."""
+
+
+def _write_message(err: OSError, path: Path, root: Path) -> str:
+    if err.errno == errno.ENOSPC:
+        return (f"no space left writing {path}; the checkpoint was abandoned and its partial "
+                f"files removed, the previous checkpoint under {root} is kept. Free space there "
+                "(or lower checkpoint.keep_last, or move train.output_dir) and resume")
+    return (f"could not write {path} ({err.strerror or err}); the checkpoint was abandoned and "
+            f"its partial files removed, the previous checkpoint under {root} is kept")
+
+
+def _write_own_files(tmp: Path, replicated: Optional[Dict[str, Any]], shard: Dict[str, Any],
+                     ctx: DistContext, root: Path) -> Dict[str, Dict[str, int]]:
+    """This rank's file (and rank 0's replicated.pt) with their digests; _WriteFailed says
+    which write failed (a full disk). The partial files go with the temporary folder."""
+    mine: Dict[str, Dict[str, int]] = {}
+    names = [(f"rank{ctx.rank:05d}.pt", shard)]
+    if ctx.is_main:
+        if replicated is None:
+            raise CheckpointError("rank 0 must pass the replicated checkpoint part")
+        names.append(("replicated.pt", replicated))
+    for name, obj in names:
+        try:
+            _atomic_torch_save(obj, tmp / name)
+            mine[name] = file_digest(tmp / name)
+        except OSError as err:
+            raise _WriteFailed(_write_message(err, tmp / name, root)) from err
+    return mine
+
+
 def save_checkpoint(root: Path, step: int, replicated: Optional[Dict[str, Any]],
                     shard: Dict[str, Any], ctx: DistContext, keep_last: int) -> Path:
     """Write one checkpoint collectively (every rank calls this with its own `shard`; rank 0 also
-    passes `replicated`). Returns the final directory."""
+    passes `replicated`). Returns the final directory.
+
+    A write that fails on any rank (a full disk: "no space left writing <path>") raises the same
+    CheckpointError on every rank after the partial checkpoint is removed; the previous
+    checkpoints and `latest` are untouched."""
     root = Path(root)
     final = root / f"{CKPT_PREFIX}{step}"
     tmp = root / f".tmp_{CKPT_PREFIX}{step}"
@@ -78,33 +150,51 @@ def save_checkpoint(root: Path, step: int, replicated: Optional[Dict[str, Any]],
         shutil.rmtree(tmp, ignore_errors=True)   # left over from a crash during a write
         tmp.mkdir()
     _barrier(ctx)
-    mine = {}
-    name = f"rank{ctx.rank:05d}.pt"
-    _atomic_torch_save(shard, tmp / name)
-    mine[name] = file_digest(tmp / name)
-    if ctx.is_main:
-        if replicated is None:
-            raise CheckpointError("rank 0 must pass the replicated checkpoint part")
-        _atomic_torch_save(replicated, tmp / "replicated.pt")
-        mine["replicated.pt"] = file_digest(tmp / "replicated.pt")
-    digests = [mine]
+    mine: Dict[str, Dict[str, int]] = {}
+    failure: Optional[str] = None
+    try:
+        mine = _write_own_files(tmp, replicated, shard, ctx, root)
+    except _WriteFailed as err:
+        failure = str(err)
+    digests = [(mine, failure)]
     if ctx.distributed:
         # Every rank hashes its own file (in parallel); rank 0 records them all. This also
-        # waits until every rank's file is on disk.
+        # waits until every rank's file is on disk, and tells every rank whether one failed.
         digests = [None] * ctx.world_size
-        dist.all_gather_object(digests, mine, group=ctx.group)
-    if ctx.is_main:
-        files = {k: v for d in digests for k, v in d.items()}
+        dist.all_gather_object(digests, (mine, failure), group=ctx.group)
+    failure = next((f for _, f in digests if f), None)
+    if failure is None and ctx.is_main:
+        files = {k: v for d, _ in digests for k, v in d.items()}
         meta = {"step": step, "world_size": ctx.world_size,
                 "files": ["replicated.pt"] + [f"rank{r:05d}.pt" for r in range(ctx.world_size)],
                 "digests": files}
-        _atomic_write_text(tmp / "meta.json", json.dumps(meta))
-        if final.exists():                      # the same step saved again after a restart
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write_text(root / LATEST, final.name + "\n")
-        prune_checkpoints(root, keep_last)
-    _barrier(ctx)
+        try:
+            _atomic_write_text(tmp / "meta.json", json.dumps(meta))
+        except OSError as err:
+            failure = _write_message(err, tmp / "meta.json", root)
+        if failure is None:
+            if final.exists():                      # the same step saved again after a restart
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            try:
+                _atomic_write_text(root / LATEST, final.name + "\n")
+            except OSError as err:
+                # `latest` still names the previous checkpoint: withdraw this one too, so the
+                # outcome is the same as for any other failed write.
+                (root / (LATEST + ".tmp")).unlink(missing_ok=True)
+                shutil.rmtree(final, ignore_errors=True)
+                failure = _write_message(err, root / LATEST, root)
+            else:
+                prune_checkpoints(root, keep_last)
+    if ctx.distributed:
+        box = [failure]
+        # Rank 0's outcome (meta.json, `latest`) reaches every rank; this also waits for it.
+        dist.broadcast_object_list(box, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
+        failure = box[0]
+    if failure is not None:
+        if ctx.is_main:        # every rank is past its writes: remove all partial files
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(failure)
     return final
 
 
@@ -234,8 +324,50 @@ def read_meta(path: Path) -> Dict[str, Any]:
         return json.load(fh)
 
 
+def _legacy_numpy_globals() -> List[Any]:
+    """What rebuilds a numpy uint32 array (numpy's MT19937 key in checkpoints written before RNG
+    states were stored as tensors) and nothing else: the only dtype class admitted is uint32's,
+    so an object or float array is still refused."""
+    core = getattr(np, "_core", None) or np.core
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is None:                        # numpy < 1.25: no per-dtype class to admit
+        return []
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, dtypes.UInt32DType]
+
+
+def _forbidden(err: BaseException) -> str:
+    """The global or type torch's weights-only unpickler refused, from its message."""
+    text = str(err)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"global {m.group(1)}"
+    m = re.search(r"but got <class '([^']+)'>", text)
+    if m:
+        return f"an object of type {m.group(1)}"
+    m = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return m.group(1).strip() if m else (text.splitlines() or [type(err).__name__])[0]
+
+
+def load_file(f: Path, map_location: Any = "cpu") -> Any:
+    """One checkpoint file read with `torch.load(weights_only=True)`: no code in it runs. A file
+    holding any other pickled object (a crafted payload, an object an older writer put there)
+    is refused with a CheckpointError naming the file and the object."""
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{f}: refused, it holds a pickled object that is not a tensor or plain value "
+            f"({_forbidden(err)}); checkpoints are read without running code "
+            "(torch.load weights_only=True). A file from elsewhere may be crafted: do not "
+            "resume from it. (Checkpoints of train.engine=deepspeed written before facetrain "
+            "stored DeepSpeed's state as plain values are refused the same way; resume them "
+            "with the facetrain that wrote them, or start fresh with checkpoint.resume=none.)"
+        ) from None
+
+
 def load_replicated(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
-    return torch.load(Path(path) / "replicated.pt", map_location=map_location, weights_only=False)
+    return load_file(Path(path) / "replicated.pt", map_location)
 
 
 def load_shard(path: Path, rank: int, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -243,7 +375,7 @@ def load_shard(path: Path, rank: int, map_location: Any = "cpu") -> Dict[str, An
     if not f.is_file():
         raise CheckpointError(f"checkpoint {path} lacks {f.name}; it is incomplete or corrupt: "
                               "delete it (the previous one is used) or set checkpoint.resume")
-    return torch.load(f, map_location=map_location, weights_only=False)
+    return load_file(f, map_location)
 
 
 def load_all_shards(path: Path, map_location: Any = "cpu") -> List[Dict[str, Any]]:
@@ -283,8 +415,12 @@ class SavedStates(Sequence):
 
 
 def rng_state(device: torch.device) -> Dict[str, Any]:
-    """Every random stream this process draws from (restored on resume for equal losses)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every random stream this process draws from (restored on resume for equal losses), as
+    tensors and plain values: numpy's uint32 key goes into an int64 tensor (no numpy pickle)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
              "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -292,8 +428,13 @@ def rng_state(device: torch.device) -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    """Restore `rng_state`'s streams; also the numpy tuple of checkpoints written before."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+               npy["gauss"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -25,6 +25,32 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def path_inside(folder: Path, entry: str, source: object, lineno: int) -> Path:
+    """`folder / entry` for a name read from line `lineno` of file `source` that a tool writes
+    output under; OutputError (naming file and line) when it would land outside `folder`.
+
+    Why: list and metadata files come from elsewhere; an entry such as `../../x` or `/etc/x`
+    would otherwise make the tool write wherever its author chose. Refused: an absolute path, a
+    `..` component, and a path that leaves `folder` once symlinks already on disk are resolved
+    (both sides resolved, so a symlinked output folder itself is fine)."""
+    folder = Path(folder)
+    rel = Path(entry)
+    why = None
+    if rel.is_absolute() or rel.anchor:
+        why = "is an absolute path"
+    elif ".." in rel.parts:
+        why = "has a '..' component"
+    else:
+        target = (folder / rel).resolve()
+        if not _inside(target, folder.resolve()):
+            why = f"resolves to {target}, outside it (through a symbolic link)"
+    if why is not None:
+        raise OutputError(f"{source}:{lineno}: entry {entry!r} {why}; output written under this "
+                          f"name must stay inside {folder}. Use a path relative to it without "
+                          "'..'")
+    return folder / rel
+
+
 @dataclass
 class OutputPlan:
     """What writing into an output folder will do: `replaced` files are overwritten (or removed,

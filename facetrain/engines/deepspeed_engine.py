@@ -9,10 +9,13 @@ DeepSpeed's boundary counter matches the trainer's.
 
 Checkpoints: each rank saves its ZeRO partition (`optimizer.state_dict()` with
 `elastic_checkpoint` on) in its own file; a resume hands every rank's partition to
-`load_state_dict`, which re-partitions for a different number of ranks.
+`load_state_dict`, which re-partitions for a different number of ranks. DeepSpeed's partition
+state holds Python objects (its loss scaler, an enum, dataclasses) that would need unpickling;
+`plain_zero_state` stores them as plain values so checkpoints load with weights_only=True.
 """
 from __future__ import annotations
 
+import enum
 import gc
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -96,6 +99,40 @@ def _deepspeed_groups(exclude: Optional[dist.ProcessGroup]) -> List[dist.Process
                     and all(group is not g for g in found)):
                 found.append(group)
     return found
+
+
+# Keys of DeepSpeed's ZeRO-1/2 `optimizer.state_dict()` that hold Python objects
+# (deepspeed.checkpoint.constants: LOSS_SCALER, ZERO_STAGE, PARAM_SLICE_MAPPINGS).
+_LOSS_SCALER, _ZERO_STAGE, _SLICES = "loss_scaler", "zero_stage", "param_slice_mappings"
+# Where the loss scaler's attributes go instead (a key DeepSpeed does not read).
+SCALER_STATE = "facetrain_loss_scaler_state"
+
+
+def plain_zero_state(sd: Dict[str, Any]) -> Dict[str, Any]:
+    """DeepSpeed's ZeRO partition state with its objects replaced by plain values: the loss
+    scaler by {"type", "attrs"} (its attributes: scale, counters, window), the stage enum by its
+    int, each parameter's fragment address by {"numel", "start"}. DeepSpeed's load reads none of
+    the replaced keys except the scaler, which `DeepSpeedEngine.load_state_dict` restores."""
+    out = dict(sd)
+    scaler = out.pop(_LOSS_SCALER, None)
+    if scaler is not None:
+        out[SCALER_STATE] = {"type": type(scaler).__name__, "attrs": dict(vars(scaler))}
+    if isinstance(out.get(_ZERO_STAGE), enum.Enum):
+        out[_ZERO_STAGE] = int(out[_ZERO_STAGE].value)
+    if _SLICES in out:
+        out[_SLICES] = [{name: {"numel": int(a.numel), "start": int(a.start)}
+                         for name, a in group.items()} for group in out[_SLICES]]
+    return out
+
+
+def restore_loss_scaler(scaler: Any, saved: Optional[Dict[str, Any]]) -> None:
+    """Set the saved attributes on this run's loss scaler (the same class; a scaler of another
+    class, after a precision change, keeps its fresh state)."""
+    if scaler is None or saved is None or saved.get("type") != type(scaler).__name__:
+        return
+    for name, value in saved["attrs"].items():
+        if hasattr(scaler, name):
+            setattr(scaler, name, value)
 
 
 class DeepSpeedEngine:
@@ -202,7 +239,7 @@ class DeepSpeedEngine:
         return {"replicated": {"backbone": self.backbone.state_dict(), "engine": "deepspeed",
                                "zero_stage": self.cfg.train.zero_stage},
                 "shard": {**head_optimizer_state(self.head_opt, self.head),
-                          "zero_optim": self.zero_opt.state_dict()}}
+                          "zero_optim": plain_zero_state(self.zero_opt.state_dict())}}
 
     def load_state_dict(self, states: Sequence[Dict[str, Dict[str, Any]]],
                         world_size: int) -> None:
@@ -216,5 +253,10 @@ class DeepSpeedEngine:
         shards = Entries(states, "shard")
         load_head_optimizer_state(self.head_opt, self.head, shards, self.ctx.rank, world_size)
         # Weights were loaded into the module above; the fp32 partitions are refreshed from it.
-        self.zero_opt.load_state_dict([shards[r]["zero_optim"] for r in range(len(shards))],
-                                      load_optimizer_states=True, load_from_fp32_weights=False)
+        parts = [dict(shards[r]["zero_optim"]) for r in range(len(shards))]
+        scalers = [p.pop(SCALER_STATE, None) for p in parts]
+        self.zero_opt.load_state_dict(parts, load_optimizer_states=True,
+                                      load_from_fp32_weights=False)
+        # DeepSpeed takes the global state (the loss scale) from its own rank's partition.
+        restore_loss_scaler(getattr(self.zero_opt, "loss_scaler", None),
+                            scalers[self.ctx.rank if self.ctx.rank < len(scalers) else 0])

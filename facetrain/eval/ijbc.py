@@ -79,12 +79,28 @@ def _column(rows: List[List], col: int, dtype, path: Path, name: str) -> np.ndar
         raise
 
 
+def _refuse_repeated_images(rows: List[List], path: Path) -> None:
+    """Each line of face_tid_mid is one face crop: an image listed twice would enter its
+    template's mean twice (or two templates), silently changing the scores. Error naming both
+    lines."""
+    first: Dict[str, int] = {}
+    for r in rows:
+        name, lineno = r[0], r[-1]
+        if name in first:
+            raise ValueError(f"{path}:{lineno}: image {name!r} is listed again (first on line "
+                             f"{first[name]}); each face crop must be listed once, or it is "
+                             "counted twice. Remove the repeated line (and its line in "
+                             "name_5pts_score.txt)")
+        first[name] = lineno
+
+
 def read_meta(root: str | Path, prefix: str = "ijbc", need_landmarks: bool = True) -> IJBMeta:
     """Parse the three meta files and check they agree (same images, same order)."""
     root = Path(root)
     tm_path = meta_path(root, prefix, "face_tid_mid")
     tm = _read_table(tm_path, 3, "image: image_name template_id media_id")
     names = [r[0] for r in tm]
+    _refuse_repeated_images(tm, tm_path)
     tids = _column(tm, 1, np.int64, tm_path, "template_id")
     mids = _column(tm, 2, np.int64, tm_path, "media_id")
     pr_path = meta_path(root, prefix, "template_pair_label")

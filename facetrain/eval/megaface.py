@@ -38,16 +38,24 @@ FEATURE_HEADER = struct.Struct("4i")
 
 
 def read_list(path: Path) -> List[str]:
-    """Relative image paths, one per line (blank lines are an error naming the line)."""
+    """Relative image paths, one per line (entry i is on line i + 1). A blank line or an entry
+    listed twice is an error naming the line: a repeated probe would be scored twice (twice
+    the weight in rank-1 and in the genuine pairs), a repeated distractor would count twice."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: it should list one relative image path per "
                                 "line")
-    out = []
+    out: List[str] = []
+    first: Dict[str, int] = {}
     with open(path, "r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             entry = line.strip()
             if not entry:
                 raise ValueError(f"{path}:{lineno}: empty line; every line must be an image path")
+            if entry in first:
+                raise ValueError(f"{path}:{lineno}: {entry!r} is listed again (first on line "
+                                 f"{first[entry]}); each image must be listed once, or it is "
+                                 "counted twice. Remove the repeated line")
+            first[entry] = lineno
             out.append(entry)
     if not out:
         raise ValueError(f"{path} is empty")
@@ -100,13 +108,27 @@ def read_feature_file(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4", offset=FEATURE_HEADER.size).copy()
 
 
+def devkit_paths(out_dir: str | Path, entries: Sequence[str], algo: str,
+                 list_path: str | Path) -> List[Path]:
+    """`<out_dir>/<entry>_<algo>.bin` per entry of `list_path` (entry i on line i + 1), each
+    checked to stay inside out_dir (facetrain.data.output.path_inside): check them all before a
+    long extraction, so a bad entry stops the run before anything is written."""
+    from facetrain.data.output import path_inside
+    if "/" in algo or "\\" in algo or algo in ("", ".", ".."):
+        raise ValueError(f"--algo {algo!r}: the algorithm name goes into file names; use "
+                         "letters, digits, '-' or '_'")
+    return [path_inside(Path(out_dir), f"{e}_{algo}.bin", list_path, i + 1)
+            for i, e in enumerate(entries)]
+
+
 def write_devkit_features(out_dir: str | Path, entries: Sequence[str], features: np.ndarray,
-                          algo: str) -> int:
-    """Write `<out_dir>/<entry>_<algo>.bin` for each list entry; returns the count."""
+                          algo: str, list_path: str | Path) -> int:
+    """Write `<out_dir>/<entry>_<algo>.bin` for each entry of `list_path`; returns the count.
+    Entries that would write outside out_dir are refused first (nothing is written then)."""
     if len(entries) != features.shape[0]:
         raise ValueError(f"{len(entries)} list entries but {features.shape[0]} feature rows")
-    for e, f in zip(entries, features):
-        write_feature_file(Path(out_dir) / f"{e}_{algo}.bin", f)
+    for path, f in zip(devkit_paths(out_dir, entries, algo, list_path), features):
+        write_feature_file(path, f)
     return len(entries)
 
 

@@ -7,7 +7,6 @@ mean/std accuracy plus TPR at FPR 1e-3 over all pairs.
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -15,23 +14,24 @@ import numpy as np
 
 from facetrain.eval.embed import as_bgr_image, l2_normalize
 from facetrain.eval.metrics import roc_curve, tpr_at_fpr_from_roc, verification_kfold
+from facetrain.eval.pack_pickle import PackRefused, load_pack_pickle
 
 
 def load_pack(path: str | Path) -> Tuple[List[bytes], np.ndarray]:
-    """Read a pack -> (bins[2N] encoded images, issame[N] bool), with its structure checked."""
+    """Read a pack -> (bins[2N] encoded images, issame[N] bool), with its structure checked.
+
+    The pickle is read by `pack_pickle`'s restricted unpickler: a pack from elsewhere runs no
+    code (PackRefused, a ValueError, names the file and what it held)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"verification pack {path} does not exist")
-    with open(path, "rb") as fh:
-        try:
-            obj = pickle.load(fh, encoding="bytes")   # packs written by Python 2 hold bytes
-        except Exception as err:
-            raise ValueError(f"{path}: not a readable pickle of (bins, issame_list): "
-                             f"{err}") from err
-    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair; got "
-                         f"{type(obj).__name__}")
-    bins, issame = obj
+    try:
+        bins, issame = load_pack_pickle(path)   # packs written by Python 2 hold bytes
+    except PackRefused:
+        raise
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable pickle of (bins, issame_list): "
+                         f"{err}") from err
     bins = [bytes(b) if not isinstance(b, np.ndarray) else b.tobytes() for b in bins]
     issame = np.asarray(issame, dtype=bool)
     if len(bins) != 2 * issame.size:

@@ -127,7 +127,8 @@ def _leap_run_continue(ctx, head, out_dir, name):
 
 def _load_states(ctx, out_dir) -> None:
     """World size 3: reshard the 2 saved shards, load, compare state and the next update."""
-    states = [torch.load(os.path.join(out_dir, f"shard{r}.pt"), weights_only=False) for r in range(2)]
+    states = [torch.load(os.path.join(out_dir, f"shard{r}.pt"), weights_only=True)
+              for r in range(2)]
     new = PartialFC.reshard(states, 3)
     cfg = LeapConfig(mode="full", update_interval=2, memory_factor=0.5)
     head = PartialFC(D, COUNTS, HeadConfig(1.0, MARGINS[1]), cfg, ctx, seed=123).train()

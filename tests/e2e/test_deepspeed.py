@@ -141,3 +141,46 @@ def test_deepspeed_zero1_matches_ddp_and_resumes_zero2_reshards(tmp_path):
     z2 = _losses(tmp_path / "z2")
     assert len(z2) == 6 and np.isfinite(z2).all()
     np.testing.assert_allclose(z2[:4], ref[:4], rtol=1e-4, atol=1e-4)
+
+
+def test_zero_state_is_stored_pickle_free(tmp_path):
+    """DeepSpeed's ZeRO partition state holds its loss scaler object, a stage enum and
+    fragment-address dataclasses: stored as plain values they load with weights_only=True, and
+    the dynamic loss scale (scale, counters) comes back on this run's scaler."""
+    from collections import OrderedDict
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from facetrain import checkpoint as ckpt
+
+    def scaler():
+        return DynamicLossScaler(init_scale=2.0 ** 16, scale_window=1000, min_scale=1,
+                                 delayed_shift=2, consecutive_hysteresis=False,
+                                 dtype=torch.float16)
+
+    saved = scaler()
+    saved.cur_scale, saved.cur_iter, saved.last_overflow_iter, saved.cur_hysteresis = \
+        1024.0, 37, 30, 1
+    sd = {"loss_scaler": saved, "dynamic_loss_scale": True, "overflow": False,
+          "zero_stage": ZeroStageEnum.gradients, "ds_version": "0.19.8",
+          "base_optimizer_state": [{"momentum_buffer": torch.ones(4)}],
+          "single_partition_of_fp32_groups": [torch.arange(4.0)],
+          "param_slice_mappings": [OrderedDict(w=fragment_address(numel=4, start=0))]}
+    with pytest.raises(ckpt.CheckpointError, match=r"\['loss_scaler'\] is a deepspeed"):
+        ckpt.check_pickle_free(sd, "rank00000.pt")
+    torch.save(deepspeed_engine.plain_zero_state(sd), tmp_path / "z.pt")
+    back = ckpt.load_file(tmp_path / "z.pt")
+    assert back["zero_stage"] == 2 and type(back["zero_stage"]) is int
+    assert back["param_slice_mappings"] == [{"w": {"numel": 4, "start": 0}}]
+    assert "loss_scaler" not in back                 # DeepSpeed keeps this run's scaler object
+    fresh = scaler()
+    deepspeed_engine.restore_loss_scaler(fresh, back[deepspeed_engine.SCALER_STATE])
+    assert vars(fresh) == vars(saved)
+    # A shard written before (DeepSpeed's objects pickled as they are) is refused by name.
+    torch.save({"zero_optim": sd}, tmp_path / "rank00000.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"rank00000\.pt: refused, .*\(global deepspeed"
+                                                   r"\..*\).*resume them with the facetrain "
+                                                   r"that wrote them, or start fresh"):
+        ckpt.load_file(tmp_path / "rank00000.pt")

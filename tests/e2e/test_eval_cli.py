@@ -138,6 +138,18 @@ def test_megaface_features_and_devkit_files(tmp_path, capsys):
     rc, _, err = inproc("megaface", "--root", str(tmp_path / "mf"), "--features",
                         str(tmp_path / "f.npy"), "--distractors", "31", capsys=capsys)
     assert rc == 2 and "--distractors 31" in err
+    # A distractor list entry that climbs out of --devkit-out: refused with file and line
+    # before extraction; nothing is written.
+    lst = tmp_path / "mf" / "megaface_lst"
+    lines = lst.read_text().splitlines()
+    lines[4] = "../../../escaped/x.png"
+    lst.write_text("\n".join(lines) + "\n")
+    rc, _, err = inproc("megaface", "--root", str(tmp_path / "mf"), "--features",
+                        str(tmp_path / "f.npy"), "--devkit-out", str(tmp_path / "dk2"),
+                        "--algo", "ft", capsys=capsys)
+    assert rc == 2 and f"error: {lst}:5: entry '../../../escaped/x.png_ft.bin' has a '..' " \
+        "component" in err, err
+    assert not (tmp_path / "dk2").exists() and not (tmp_path / "escaped").exists()
 
 
 def test_megaface_and_reid_model_path_with_a_bad_image(tmp_path, capsys):

@@ -2,9 +2,13 @@
 resharding, RNG states and the backbone export (torch + ONNX)."""
 from __future__ import annotations
 
+import enum
+import errno
 import json
+import os
 import random
 import zlib
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -129,12 +133,15 @@ def test_optimizer_rows_move_with_their_classes(name):
         opt.load_state_dict(out)                    # loadable as is
 
 
-def test_rng_state_roundtrip():
+def test_rng_state_roundtrip(tmp_path):
+    """Through a file read with weights_only=True; numpy's gaussian cache survives too."""
     dev = torch.device("cpu")
-    state = ckpt.rng_state(dev)
-    a = (random.random(), np.random.rand(), torch.rand(1).item())
-    ckpt.set_rng_state(state, dev)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    np.random.randn()                                   # has_gauss=1: a cached gaussian
+    ckpt.check_pickle_free(ckpt.rng_state(dev))
+    torch.save(ckpt.rng_state(dev), tmp_path / "rng.pt")
+    a = (random.random(), np.random.randn(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(ckpt.load_file(tmp_path / "rng.pt"), dev)
+    assert (random.random(), np.random.randn(), np.random.rand(), torch.rand(1).item()) == a
 
 
 def test_export_backbone_torch_and_onnx(tmp_path):
@@ -160,3 +167,132 @@ def test_export_backbone_torch_and_onnx(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(export.ExportFormatError, match="not a facetrain-backbone file"):
         export.load_exported(tmp_path / "other.pt")
+
+
+class _Payload:
+    """What a crafted file carries: unpickling it creates `marker` (any code could run)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _reseal(path):
+    """Record the current sizes and CRC-32s in meta.json, as a crafted checkpoint would."""
+    meta = ckpt.read_meta(path)
+    meta["digests"] = {n: ckpt.file_digest(path / n) for n in meta["files"]}
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("target", ["replicated.pt", "rank00000.pt"])
+def test_crafted_checkpoint_runs_nothing_and_is_refused(tmp_path, target):
+    root = tmp_path / "checkpoints"
+    path = _save(root, 5)
+    marker = tmp_path / "payload_ran"
+    torch.save({"step": 5, "x": torch.tensor([5]), "extra": _Payload(marker)}, path / target)
+    _reseal(path)
+    assert ckpt.resolve_resume("auto", root) == path       # sizes and CRCs are valid
+    loader = ckpt.load_replicated if target == "replicated.pt" else \
+        (lambda p: ckpt.load_shard(p, 0))
+    with pytest.raises(ckpt.CheckpointError) as info:
+        loader(path)
+    assert not marker.exists()
+    msg = str(info.value)
+    assert msg.startswith(f"{path / target}: refused, it holds a pickled object")
+    assert "(global io.open)" in msg and "weights_only=True" in msg
+
+
+def test_saving_refuses_objects_that_need_unpickling(tmp_path):
+    class Stage(enum.IntEnum):
+        TWO = 2
+
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"rank00000\.pt\['zero'\]\['stage'\] is a .*Stage; a checkpoint "
+                             r"holds only tensors and plain values"):
+        ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, {"zero": {"stage": Stage.TWO}},
+                             single_process(), 2)
+    with pytest.raises(ckpt.CheckpointError, match=r"\['rng'\]\[1\] is a numpy.ndarray"):
+        ckpt.check_pickle_free({"rng": ("MT19937", np.zeros(3, np.uint32))}, "rank00000.pt")
+    ckpt.check_pickle_free({"a": [1, 2.0, "s", None, True, (torch.zeros(2), torch.Size([2]))],
+                            "b": OrderedDict(w=torch.ones(1)), "dtype": torch.float16})
+
+
+def test_old_checkpoints_with_a_numpy_rng_key_still_load(tmp_path):
+    """Checkpoints written before RNG states were tensors hold numpy's (kind, uint32 key, ...)
+    tuple: that array, and only a uint32 one, is admitted; the streams resume exactly."""
+    dev = torch.device("cpu")
+    old = {"python": random.getstate(), "numpy": np.random.get_state(),
+           "torch": torch.get_rng_state()}
+    torch.save({"rng": old}, tmp_path / "old.pt")
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(ckpt.load_file(tmp_path / "old.pt")["rng"], dev)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    for bad in (np.zeros(3), np.array([1, "a"], dtype=object)):   # float, object: refused
+        torch.save({"rng": bad}, tmp_path / "bad.pt")
+        with pytest.raises(ckpt.CheckpointError, match=r"bad\.pt: refused, .*\(an object of "
+                                                       r"type numpy\.dtypes\.\w+DType\)"):
+            ckpt.load_file(tmp_path / "bad.pt")
+
+
+def _fail_on(monkeypatch, name_part, err=errno.ENOSPC):
+    """torch.save raises OSError(err) for files whose name contains `name_part`, after
+    writing a few bytes (a disk that fills up mid-file)."""
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if name_part in str(f):
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
+            raise OSError(err, os.strerror(err))
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("part", ["rank00000", "replicated"])
+def test_disk_full_keeps_the_previous_checkpoint_and_removes_the_partial_one(
+        tmp_path, monkeypatch, part):
+    root = tmp_path / "checkpoints"
+    prev = _save(root, 5)
+    before = {p.name: p.read_bytes() for p in prev.iterdir()}
+    _fail_on(monkeypatch, part)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        _save(root, 10)
+    name = "rank00000.pt" if part == "rank00000" else "replicated.pt"
+    assert str(info.value).startswith(
+        f"no space left writing {root / '.tmp_ckpt_step10' / name}; the checkpoint was "
+        f"abandoned and its partial files removed, the previous checkpoint under {root} is kept")
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt_step5", "latest"]
+    assert {p.name: p.read_bytes() for p in prev.iterdir()} == before
+    assert ckpt.resolve_resume("auto", root) == prev
+    monkeypatch.undo()
+    assert _save(root, 10).name == "ckpt_step10"           # space freed: the next save works
+
+
+def test_disk_full_writing_meta_or_latest(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    prev = _save(root, 5)
+    real = ckpt._atomic_write_text
+
+    for name in ("meta.json", "latest"):
+        def write(path, text, name=name):
+            if path.name == name:
+                path.with_name(name + ".tmp").write_text("{")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, text)
+
+        monkeypatch.setattr(ckpt, "_atomic_write_text", write)
+        where = root / (".tmp_ckpt_step10/meta.json" if name == "meta.json" else "latest")
+        with pytest.raises(ckpt.CheckpointError, match=f"^no space left writing {where};"):
+            _save(root, 10)
+        assert sorted(p.name for p in root.iterdir()) == ["ckpt_step5", "latest"]
+        assert ckpt.resolve_resume("auto", root) == prev
+    # Other write errors name the file and the reason the same way.
+    monkeypatch.undo()
+    _fail_on(monkeypatch, "rank00000", errno.EACCES)
+    with pytest.raises(ckpt.CheckpointError, match=r"^could not write .*rank00000\.pt "
+                                                   r"\(Permission denied\)"):
+        _save(root, 10)
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt_step5", "latest"]

@@ -105,6 +105,24 @@ def test_meta_errors_name_file_and_line(tmp_path):
         ijbc.read_meta(tmp_path)
 
 
+def test_an_image_listed_twice_is_refused(tmp_path):
+    """Listed twice (here in another template too), an image would enter the template means
+    twice: refused with both lines, also when the landmark file repeats it the same way."""
+    make_ijbc(tmp_path, np.random.default_rng(3))
+    for kind in ("face_tid_mid", "name_5pts_score"):
+        f = tmp_path / "meta" / f"ijbc_{kind}.txt"
+        lines = f.read_text().splitlines()
+        name = lines[1].split()[0]
+        lines[5] = name + " " + lines[5].split(maxsplit=1)[1]
+        f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as info:
+        ijbc.read_meta(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'meta' / 'ijbc_face_tid_mid.txt'}:6: image {name!r} is listed again "
+        "(first on line 2); each face crop must be listed once, or it is counted twice. Remove "
+        "the repeated line (and its line in name_5pts_score.txt)")
+
+
 def test_align_face_inverts_a_known_similarity():
     rng = np.random.default_rng(4)
     img = np.zeros((112, 112, 3), np.uint8)

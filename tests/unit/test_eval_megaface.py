@@ -24,10 +24,39 @@ def test_feature_file_bytes_exact(tmp_path):
 
 def test_devkit_files_follow_list_paths(tmp_path):
     entries = ["Al/Al_1.png", "Bo/Bo_2.png"]
-    n = megaface.write_devkit_features(tmp_path, entries, np.eye(2, dtype=np.float32), "ft")
+    n = megaface.write_devkit_features(tmp_path, entries, np.eye(2, dtype=np.float32), "ft",
+                                       tmp_path / "facescrub_lst")
     assert n == 2
     np.testing.assert_array_equal(megaface.read_feature_file(tmp_path / "Bo/Bo_2.png_ft.bin"),
                                   [0, 1])
+
+
+@pytest.mark.parametrize("bad", ["../../escape.png", "A/../../escape.png", "/tmp/escape.png",
+                                 "link/escape.png"])
+def test_devkit_entries_never_write_outside_the_output_folder(tmp_path, bad):
+    out, outside = tmp_path / "out", tmp_path / "elsewhere"
+    outside.mkdir()
+    (out / "facescrub").mkdir(parents=True)
+    (out / "facescrub" / "link").symlink_to(outside)     # a symlink already in the folder
+    entries = ["A/a.png", bad, "B/b.png"]
+    with pytest.raises(ValueError) as info:
+        megaface.write_devkit_features(out / "facescrub", entries,
+                                       np.ones((3, 2), np.float32), "ft", "root/facescrub_lst")
+    why = {"../../escape.png": "has a '..' component", "A/../../escape.png": "has a '..' "
+           "component", "/tmp/escape.png": "is an absolute path",
+           "link/escape.png": f"resolves to {outside.resolve() / 'escape.png_ft.bin'}, outside "
+                              "it (through a symbolic link)"}[bad]
+    assert str(info.value) == (
+        f"root/facescrub_lst:2: entry '{bad}_ft.bin' {why}; output written under this name must "
+        f"stay inside {out / 'facescrub'}. Use a path relative to it without '..'")
+    # Checked before writing: not even the good first entry was written.
+    assert [p.name for p in (out / "facescrub").rglob("*.bin")] == []
+    assert not list(outside.iterdir()) and not (tmp_path / "escape.png_ft.bin").exists()
+    # A symlinked output folder itself is fine (both sides are resolved).
+    (tmp_path / "alias").symlink_to(out)
+    megaface.write_devkit_features(tmp_path / "alias" / "facescrub", ["A/a.png"],
+                                   np.ones((1, 2), np.float32), "ft", "root/facescrub_lst")
+    assert (out / "facescrub" / "A" / "a.png_ft.bin").is_file()
 
 
 def test_layout_identities_and_noise(tmp_path):
@@ -50,6 +79,11 @@ def test_list_errors_name_file_and_line(tmp_path):
     (tmp_path / "megaface_lst").write_text("a.png\n\nb.png\n")
     with pytest.raises(ValueError, match=r"megaface_lst:2: empty line"):
         megaface.read_list(tmp_path / "megaface_lst")
+    # An image listed twice would be scored twice: refused, naming both lines.
+    (tmp_path / "facescrub_lst").write_text("A/a.png\nA/b.png\nB/c.png\n A/b.png\n")
+    with pytest.raises(ValueError, match=r"^\S*facescrub_lst:4: 'A/b.png' is listed again "
+                                         r"\(first on line 2\); each image must be listed once"):
+        megaface.load_layout(tmp_path)
     ds = megaface.ListImages(tmp_path / "megaface_images", ["a.png"], tmp_path / "megaface_lst")
     with pytest.raises(FileNotFoundError, match=r"a\.png \(line 1 of .*megaface_lst\)"):
         ds[0]
