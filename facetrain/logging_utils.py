@@ -6,8 +6,9 @@ it. The programs set up the one handler: a training run's RunLogger routes WARNI
 log.txt and the console (every rank; other ranks' lines name the rank); the data tools and
 evaluation CLIs call `setup_tool_logging`.
 
-Only rank 0 writes run files (other ranks only append their warnings to log.txt); other ranks get a RunLogger whose methods do nothing, so call
-sites need no `if rank == 0`. Nothing here touches a process group.
+Only rank 0 writes run files (other ranks only append their warnings to log.txt); other ranks
+get a RunLogger whose methods do nothing, so call sites need no `if rank == 0`. Nothing here
+touches a process group.
 """
 from __future__ import annotations
 

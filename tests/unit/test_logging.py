@@ -1,5 +1,6 @@
 """One handler per program for the library's `facetrain` logger: a run's RunLogger (rank 0 into
-log.txt and the console, other ranks' warnings to stderr and log.txt naming the rank) and the tools' console setup."""
+log.txt and the console, other ranks' warnings to stderr and log.txt naming the rank) and the
+tools' console setup."""
 from __future__ import annotations
 
 import logging
