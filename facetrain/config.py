@@ -302,8 +302,13 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list; got {value!r}")
         args = typing.get_args(tp)
-        item_tp = args[0] if args else str
-        return tuple(_coerce(key, item_tp, v) for v in value)
+        if len(args) == 2 and args[1] is Ellipsis or not args:    # Tuple[X, ...]: any length
+            item_tp = args[0] if args else str
+            return tuple(_coerce(key, item_tp, v) for v in value)
+        if len(value) != len(args):                                # Tuple[X, Y]: exactly so many
+            raise ConfigError(f"{key} must be a list of {len(args)} values; got {len(value)}: "
+                              f"{list(value)!r}")
+        return tuple(_coerce(key, t, v) for t, v in zip(args, value))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -412,15 +417,28 @@ def _load_yaml_tree(path: Path, depth: int = 0) -> Dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     if depth > 8:
         raise ConfigError(f"config file {path}: 'base:' chain is deeper than 8 files")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            tree = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is "
+                          f"0x{raw[exc.start]:02x}); save it as UTF-8") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if tree is None:
+        # An empty file would silently train with every default: almost always a wrong path
+        # or a truncated copy. `{}` says "all defaults" on purpose.
+        raise ConfigError(f"config file {path} is empty (or only comments); write its settings, "
+                          "or `{}` for all defaults")
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = tree.pop("base", None)
     if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"config file {path}: 'base:' must be the path of another YAML "
+                              f"file (relative to this one); got {base!r}")
         tree = _merge(_load_yaml_tree(path.parent / base, depth + 1), tree)
     return tree
 

@@ -3,11 +3,12 @@
 
 The library logs through Python's `logging` under the `facetrain` logger and never configures
 it. The programs set up the one handler: a training run's RunLogger routes WARNING and up into
-log.txt and the console (rank 0; other ranks print theirs to stderr, naming the rank); the
-data tools and evaluation CLIs call `setup_tool_logging`.
+log.txt and the console (every rank; other ranks' lines name the rank); the data tools and
+evaluation CLIs call `setup_tool_logging`.
 
-Only rank 0 writes run files; other ranks get a RunLogger whose methods do nothing, so call
-sites need no `if rank == 0`. Nothing here touches a process group.
+Only rank 0 writes run files (other ranks only append their warnings to log.txt); other ranks
+get a RunLogger whose methods do nothing, so call sites need no `if rank == 0`. Nothing here
+touches a process group.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,12 +60,9 @@ class RunLogger:
         self._step_last: Optional[int] = None
         self._handler: logging.Handler
         if not self.enabled:
-            # Library warnings of the other ranks (e.g. a skipped image in their shard): stderr,
-            # in the same format, naming the rank.
-            self._handler = logging.StreamHandler(sys.stderr)
-            self._handler.setLevel(logging.WARNING)
-            self._handler.setFormatter(logging.Formatter(
-                f"[%(asctime)s] %(levelname)s: rank {rank}: %(message)s", datefmt="%H:%M:%S"))
+            # Library warnings of the other ranks (e.g. a skipped image in their shard): stderr
+            # and log.txt, in the same format, naming the rank.
+            self._handler = _RankWarningHandler(Path(out_dir) / "log.txt", rank)
             logging.getLogger("facetrain").addHandler(self._handler)
             return
         self.out = Path(out_dir)
@@ -189,5 +188,32 @@ class _RunLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.run.warning(record.getMessage())
+        except Exception:          # a logging failure must never end a training
+            self.handleError(record)
+
+
+class _RankWarningHandler(logging.Handler):
+    """WARNING and up of a rank other than 0: to stderr and appended to the run's log.txt.
+
+    Each line is one O_APPEND write, so it lands whole after rank 0's lines (rank 0 flushes one
+    line per write too) instead of being lost, as it was when only rank 0 wrote log.txt. The file
+    is opened per record: warnings are rare, and no descriptor is held for the run."""
+
+    def __init__(self, path: Path, rank: int) -> None:
+        super().__init__(logging.WARNING)
+        self.path, self.rank = path, rank
+        self.setFormatter(logging.Formatter(f"[%(asctime)s] %(levelname)s: rank {rank}: "
+                                            "%(message)s", datefmt="%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            print(line, file=sys.stderr, flush=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode("utf-8"))
+            finally:
+                os.close(fd)
         except Exception:          # a logging failure must never end a training
             self.handleError(record)

@@ -103,6 +103,7 @@ class Trainer:
         from facetrain.models.registry import build_backbone
 
         self.cfg, self.ctx = cfg, ctx
+        self._resume_rep: Optional[Dict[str, Any]] = None
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         _seed_everything(cfg.train.seed, ctx.rank)
@@ -117,9 +118,19 @@ class Trainer:
                 raise ConfigError(f"{cfg.data.rec}: {len(self.loader)} batches per epoch per "
                                   f"rank is fewer than optim.grad_accum={accum}; lower "
                                   "data.batch_size or optim.grad_accum")
+            if self.loader.num_classes < ctx.world_size:
+                raise ConfigError(f"{cfg.data.rec} has {self.loader.num_classes} classes, fewer "
+                                  f"than the {ctx.world_size} ranks of this run: every rank's "
+                                  "classifier shard needs at least one class; run on at most "
+                                  f"{self.loader.num_classes} ranks")
             check_engine(cfg, ctx)
             damaged: list = []
             resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root, damaged)
+            if resume is not None and ctx.is_main:
+                # Read once here (and reused by _load) so that a changed model is one message
+                # from rank 0 before the first step, not a shape error on every rank.
+                self._resume_rep = ckpt.load_replicated(resume, map_location=ctx.device)
+                check_same_model(resume, self._resume_rep, self._model_facts())
         except USER_ERRORS as exc:
             err = exc
         raise_if_any_failed(ctx, err)
@@ -290,6 +301,7 @@ class Trainer:
             replicated = {**engine["replicated"], "step": self.step, "epoch": self.epoch,
                           "batch": self.batch, "world_size": self.ctx.world_size,
                           "config": self.cfg.to_dict(),
+                          "num_classes": self.loader.num_classes,
                           "global_batch": self.cfg.data.batch_size * self.ctx.world_size}
         shard = {**engine["shard"], "head": self.head.state_dict(),
                  "rng": ckpt.rng_state(self.ctx.device), "rank": self.ctx.rank}
@@ -301,7 +313,10 @@ class Trainer:
     def _load(self, path: Path) -> None:
         """Resume from checkpoint `path`, also one saved by another number of ranks: the
         engine and the head re-split their per-class state themselves."""
-        rep = ckpt.load_replicated(path, map_location=self.ctx.device)
+        rep = self._resume_rep
+        if rep is None:
+            rep = ckpt.load_replicated(path, map_location=self.ctx.device)
+        self._resume_rep = None
         files = ckpt.SavedStates(path, lambda f: f)
         world = self.ctx.world_size
         self.engine.load_state_dict(files.view(lambda f: {"replicated": rep, "shard": f}), world)
@@ -320,6 +335,13 @@ class Trainer:
             self.batch = consumed // new_global // accum * accum
         self.log.info(f"resumed from {path} (step {self.step}, epoch {self.epoch}, batch "
                       f"{self.batch}, saved by {old_world} ranks, now {world})")
+
+    def _model_facts(self) -> Dict[str, Any]:
+        """What a checkpoint's tensors are shaped by (see check_same_model)."""
+        return {"model.backbone": self.cfg.model.backbone,
+                "model.embedding_size": self.cfg.model.embedding_size,
+                "data.image_size": "x".join(map(str, self.cfg.data.hw)),
+                "the number of classes (of data.rec)": self.loader.num_classes}
 
     # ---- diagnostics, export, evaluation -------------------------------------------------
     def _gather_class_stats(self) -> Optional[tuple]:
@@ -377,6 +399,37 @@ class Trainer:
             model.train(was_training)
         if self.ctx.distributed:
             dist.barrier(group=self.ctx.group)
+
+
+def saved_model_facts(rep: Dict[str, Any]) -> Dict[str, Any]:
+    """Trainer._model_facts of the run that saved the replicated checkpoint part `rep` (the
+    number of classes only where it was recorded, since this check exists)."""
+    saved = rep.get("config") or {}
+    model, data = saved.get("model", {}), saved.get("data", {})
+    facts: Dict[str, Any] = {}
+    if "backbone" in model:
+        facts["model.backbone"] = model["backbone"]
+    if "embedding_size" in model:
+        facts["model.embedding_size"] = model["embedding_size"]
+    if "image_size" in data:
+        h = data["image_size"]
+        facts["data.image_size"] = f"{h}x{data.get('image_width') or h}"
+    if "num_classes" in rep:
+        facts["the number of classes (of data.rec)"] = rep["num_classes"]
+    return facts
+
+
+def check_same_model(path: Path, rep: Dict[str, Any], now: Dict[str, Any]) -> None:
+    """Raise CheckpointError naming the first model fact (backbone, embedding size, image size,
+    number of classes) in which checkpoint `path` differs from this run: its tensors could not
+    be loaded, and the shape error would come late and once per rank."""
+    saved = saved_model_facts(rep)
+    for field, value in now.items():
+        if field in saved and saved[field] != value:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} does not fit this run: {field} is {saved[field]} there and "
+                f"{value} here; resume with the same model, or start fresh with "
+                "checkpoint.resume=none (or another train.output_dir)")
 
 
 def _image_size(cfg: Config) -> Any:

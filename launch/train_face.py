@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -133,7 +134,9 @@ def main(argv=None) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from facetrain.config import ConfigError, load_config
-    from facetrain.dist import SetupFailedError, finish, init_distributed, reported
+    from facetrain.dist import (SetupFailedError, finish, init_distributed, raise_if_any_failed,
+                                reported)
+    from facetrain.run_lock import RunLock, RunLockedError
     from facetrain.trainer import USER_ERRORS, NonFiniteLossError, Trainer
 
     args = parse_args(argv)
@@ -153,9 +156,28 @@ def main(argv=None) -> int:
         return 2
     _init_group_after_restart(cfg.train.device)
     ctx = init_distributed(cfg.train.device)
+    interrupt = _Interrupt()
+    # One run per output folder: rank 0 takes the lock before any rank reads the folder's
+    # checkpoints, and every rank learns the outcome from the same pre-training agreement.
+    lock = RunLock(Path(cfg.train.output_dir)) if ctx.is_main else None
+    if lock is not None:
+        interrupt.release_lock_on_sigterm(lock)
     try:
+        lock_err: Optional[BaseException] = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except (RunLockedError, OSError) as exc:
+                lock_err = exc
+        raise_if_any_failed(ctx, lock_err)
         trainer = Trainer(cfg, ctx)
+        if lock is not None and lock.taken_over:
+            trainer.log.warning(lock.taken_over)
         trainer.fit()
+        # Only after success: a collective teardown while a peer is stuck elsewhere would
+        # hang, and torchrun ends the other ranks of a failed job anyway.
+        del trainer
+        finish(ctx)
     except SetupFailedError as err:          # bad input found before training, agreed
         if err.report:
             print(f"train_face.py: {_one_line(err.cause)}", file=sys.stderr, flush=True)
@@ -168,11 +190,81 @@ def main(argv=None) -> int:
         if ctx.is_main:          # every rank sees the same global loss
             print(f"train_face.py: {err}", file=sys.stderr, flush=True)
         return 3
-    # Only after success: a collective teardown while a peer is stuck elsewhere would hang, and
-    # torchrun ends the other ranks of a failed job anyway.
-    del trainer
-    finish(ctx)
+    except BaseException as err:
+        if interrupt.fired or isinstance(err, KeyboardInterrupt):
+            # Ctrl-C reaches every rank (and torchrun sends it again): one line per run.
+            if ctx.is_main:
+                print(f"train_face.py: stopped by Ctrl-C (SIGINT); the last checkpoint in "
+                      f"{Path(cfg.train.output_dir) / 'checkpoints'} is kept; run the same "
+                      "command to resume", file=sys.stderr, flush=True)
+            return 130
+        if _peer_lost(err):
+            # A peer rank stopped (it prints its own reason, or torchrun names its signal):
+            # this rank's view of that is a gloo/NCCL "connection closed" traceback that only
+            # hides the peer's message.
+            return 1
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+        interrupt.restore()
     return 0
+
+
+# What a rank sees when a peer process has gone away mid-collective (gloo over TCP, NCCL).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "NCCL communicator was aborted", "remote process exited")
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """True for a communication error caused by a peer rank that already stopped."""
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_LOST)
+
+
+class _Interrupt:
+    """Ctrl-C as one KeyboardInterrupt per process: the terminal sends SIGINT to every rank and
+    torchrun forwards another; a second one while the first unwinds would print a traceback."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.fired = False
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+
+    def release_lock_on_sigterm(self, lock: Any) -> None:
+        """On SIGTERM (torchrun stopping the job, a scheduler's cancel) remove the run lock,
+        then end as SIGTERM always did: at once, by the default action."""
+        import os
+        import signal
+
+        def handler(signum: int, frame: object) -> None:
+            lock.release()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        if self._previous:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, handler)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (a caller of main() keeps its own)."""
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        raise KeyboardInterrupt
+
+
+# Exits that leave without interpreter finalization: success, a lost peer, Ctrl-C.
+QUIET_EXITS = (0, 1, 130)
 
 
 def _exit_now(code: int) -> None:
@@ -182,7 +274,9 @@ def _exit_now(code: int) -> None:
     process group is destroyed: finalization has nothing left to do for us, and it is the phase
     where C++ threads of the communication and loader stacks are torn down in no fixed order
     (the reported "terminate called without an active exception" SIGABRT after "done", which
-    made torchrun kill the other rank mid-export). Failures exit normally, with tracebacks."""
+    made torchrun kill the other rank mid-export). A run stopped by Ctrl-C or by a lost peer
+    leaves the same way, so that teardown adds nothing to its one line. Other failures exit
+    normally, with tracebacks."""
     import logging
     import os
 
@@ -194,6 +288,6 @@ def _exit_now(code: int) -> None:
 
 if __name__ == "__main__":
     rc = main()
-    if rc == 0:
-        _exit_now(0)
+    if rc in QUIET_EXITS:
+        _exit_now(rc)
     sys.exit(rc)

@@ -60,10 +60,11 @@ class RecordDataset:
         indexes = [check_index(s) for s in shards]
         prop = read_property(shards[0].rec.parent)
         header = _find_insightface_header(shards, indexes)
+        stated = prop[0] if prop is not None else None
         if header is not None:
-            parts = _open_insightface(shards, indexes, header)
+            parts = _open_insightface(shards, indexes, header, stated)
         else:
-            parts = _open_im2rec(shards, indexes)
+            parts = _open_im2rec(shards, indexes, stated)
         layout, labels, sids, keys, offs, counts = parts
         if labels.size == 0:
             raise DatasetError(f"{shards[0].rec} holds no image records")
@@ -151,7 +152,7 @@ def _find_insightface_header(shards, indexes) -> Optional[Tuple[int, int, int]]:
     return 0, int(lo), int(hi)
 
 
-def _open_insightface(shards, indexes, header):
+def _open_insightface(shards, indexes, header, stated=None):
     _, lo, hi = header
     all_keys = np.concatenate([k for k, _ in indexes])
     sids_all = np.concatenate([np.full(k.size, i, np.int32) for i, (k, _) in enumerate(indexes)])
@@ -165,7 +166,7 @@ def _open_insightface(shards, indexes, header):
     img_keys, img_sids, img_offs = all_keys[is_img], sids_all[is_img], offs_all[is_img]
     id_keys = np.arange(lo, hi, dtype=np.int64)
     if hi == lo:
-        labels, counts = _scan_labels(shards, img_sids, img_keys, img_offs)
+        labels, counts = _scan_labels(shards, img_sids, img_keys, img_offs, stated)
         return "insightface", labels, img_sids, img_keys, img_offs, counts
     pos = np.searchsorted(uniq, id_keys)
     missing = (pos >= uniq.size) | (uniq[np.minimum(pos, uniq.size - 1)] != id_keys)
@@ -212,11 +213,11 @@ def _identity_ranges(shards, sids: np.ndarray, offs: np.ndarray, lo: int
     return starts, ends
 
 
-def _open_im2rec(shards, indexes):
+def _open_im2rec(shards, indexes, stated=None):
     keys = np.concatenate([k for k, _ in indexes])
     sids = np.concatenate([np.full(k.size, i, np.int32) for i, (k, _) in enumerate(indexes)])
     offs = np.concatenate([o for _, o in indexes])
-    labels, counts = _scan_labels(shards, sids, keys, offs)
+    labels, counts = _scan_labels(shards, sids, keys, offs, stated)
     return "im2rec", labels, sids, keys, offs, counts
 
 
@@ -255,8 +256,12 @@ def label_cache_stamp(shards: Sequence[ShardFiles]) -> list:
              s.idx.stat().st_mtime_ns) for s in shards]
 
 
-def _scan_labels(shards, sids, keys, offs) -> Tuple[np.ndarray, np.ndarray]:
-    """Labels of every image from its IRHeader; one scan, cached beside the data."""
+def _scan_labels(shards, sids, keys, offs, stated: Optional[int] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """Labels of every image from its IRHeader; one scan, cached beside the data.
+
+    `stated`: the class count of a `property` file, if any. Without one, the class count is the
+    largest label + 1, which `check_label_range` keeps from being absurd before it is allocated."""
     cache = cache_path_for(shards[0].rec, "labels.npy")
     stamp = label_cache_stamp(shards)
     labels = load_cached(cache, stamp)
@@ -271,8 +276,45 @@ def _scan_labels(shards, sids, keys, offs) -> Tuple[np.ndarray, np.ndarray]:
             for fd in fds:
                 os.close(fd)
         save_cached(cache, stamp, labels)
+    check_label_range(labels, stated, shards, sids, keys)
     counts = np.bincount(labels, minlength=int(labels.max()) + 1 if labels.size else 0)
     return labels, counts.astype(np.int64)
+
+
+# Without a `property` file the classifier gets one row per label up to the largest: a dataset
+# whose largest label needs more than this many empty rows (and more empty rows than classes
+# with images) is refused as a label error rather than allocated.
+MAX_EMPTY_CLASSES = 1000
+
+
+def check_label_range(labels: np.ndarray, stated: Optional[int], shards: Sequence[ShardFiles],
+                      sids: np.ndarray, keys: np.ndarray) -> None:
+    """Refuse, naming the record, a label that would size the classifier absurdly: one at or past
+    a `property` file's class count, or (with no property file) one far beyond the number of
+    distinct labels, e.g. a single label 300,000,000 asking for a 38 GB classifier. Runs before
+    the per-class counts (and any classifier) are allocated."""
+    if labels.size == 0:
+        return
+    top = int(np.argmax(labels))
+    largest = int(labels[top])
+    where = f"{shards[int(sids[top])].rec}: record key {int(keys[top])}"
+    prop = shards[0].rec.parent / PROPERTY
+    if stated is not None:
+        if largest >= stated:
+            bad = int(np.argmax(labels >= stated))          # the first record past it
+            raise DatasetError(f"{shards[int(sids[bad])].rec}: record key {int(keys[bad])} has "
+                               f"label {int(labels[bad])}, outside [0, {stated}) set by {prop}; "
+                               "fix the label or the property file")
+        return
+    distinct = int(np.unique(labels).size)
+    empty = largest + 1 - distinct
+    if empty > MAX_EMPTY_CLASSES and empty > distinct:
+        raise DatasetError(
+            f"{where} has label {largest}, but the {labels.size} images carry only {distinct} "
+            f"distinct labels: without a property file the class count is the largest label + 1, "
+            f"{largest + 1} classifier rows of which {empty} have no image. Fix the label or "
+            f"number the classes 0..{distinct - 1}; if that many classes are meant, state the "
+            f"class count in {prop} as `{largest + 1},HEIGHT,WIDTH`")
 
 
 from facetrain.data.writer import write_insightface_dataset  # noqa: E402,F401  (public API)

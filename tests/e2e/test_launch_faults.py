@@ -119,3 +119,73 @@ def test_skipped_images_are_in_the_run_log(tmp_path):
                                 ["data.skip_bad_images=true", "train.epochs=1"]), nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WARNING: 1 undecodable images replaced so far" in (out / "log.txt").read_text()
+
+
+# ---- issue 18: the remaining bad inputs, one message each ---------------------------------
+def _items_with_bad_images(bad):
+    import cv2
+    import numpy as np
+
+    items = []
+    rng = np.random.RandomState(0)
+    for label in range(4):
+        for k in range(6):
+            ok, buf = cv2.imencode(".jpg", rng.randint(0, 255, (16, 16, 3)).astype(np.uint8))
+            items.append((label, b"not an image" if bad(label, k) else buf.tobytes()))
+    return items
+
+
+def test_resume_with_a_changed_model_is_one_message_from_rank0(tmp_path):
+    rec = make_tiny_rec(tmp_path / "data")
+    out = tmp_path / "out"
+    first = _run(*tiny_overrides(rec, out, ["train.max_steps=5"]))
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _run(*tiny_overrides(rec, out, ["train.max_steps=10", "model.embedding_size=16"]))
+    _assert_one_clean_message(
+        proc, f"train_face.py: checkpoint {out / 'checkpoints' / 'ckpt_step5'} does not fit this "
+        "run: model.embedding_size is 32 there and 16 here; resume with the same model, or "
+        "start fresh with checkpoint.resume=none")
+    assert "ckpt_step10" not in os.listdir(out / "checkpoints")        # no step was taken
+
+
+def test_fewer_classes_than_ranks_is_one_message(tmp_path):
+    rec = make_tiny_rec(tmp_path / "data", counts=[12])                # one class, two ranks
+    proc = _run(*tiny_overrides(rec, tmp_path / "out"))
+    _assert_one_clean_message(
+        proc, f"train_face.py: {rec} has 1 classes, fewer than the 2 ranks of this run: every "
+        "rank's classifier shard needs at least one class; run on at most 1 ranks")
+
+
+def test_warnings_of_every_rank_reach_the_run_log(tmp_path):
+    from facetrain.data.writer import write_insightface_dataset
+
+    (tmp_path / "data").mkdir()
+    write_insightface_dataset(tmp_path / "data" / "train",
+                              _items_with_bad_images(lambda label, k: k % 3 == 1),
+                              num_classes=4, image_size=16)
+    out = tmp_path / "out"
+    proc = _run(*tiny_overrides(str(tmp_path / "data" / "train"), out,
+                                ["data.skip_bad_images=true", "train.epochs=1"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+    # The ranks share one stderr, where lines may run into each other: find rank 1's by form.
+    rank1 = re.findall(r"WARNING: rank 1: skipping undecodable image \S+: record key \d+ at "
+                       r"byte \d+", proc.stderr)
+    assert rank1, proc.stderr[-3000:]                     # a third of the images are bad
+    log = (out / "log.txt").read_text()
+    for line in rank1:
+        assert line in log, line
+
+
+def test_bad_image_during_training_is_one_message_without_a_peer_traceback(tmp_path):
+    """An undecodable image found mid-training (not skipped) stops the run: the rank that read
+    it names the record; its peer's "Connection closed by peer" is not shown."""
+    from facetrain.data.writer import write_insightface_dataset
+
+    (tmp_path / "data").mkdir()
+    write_insightface_dataset(tmp_path / "data" / "train",
+                              _items_with_bad_images(lambda label, k: (label, k) == (2, 3)),
+                              num_classes=4, image_size=16)
+    proc = _run(*tiny_overrides(str(tmp_path / "data" / "train"), tmp_path / "out"))
+    _assert_one_clean_message(proc, "train.rec: record key", "cannot be decoded")
+    assert "Connection closed" not in proc.stdout + proc.stderr

@@ -82,3 +82,56 @@ def test_leap_width_scale_and_controls():
         assert load_config(None, [f"leap.control={control}"]).leap.control == control
     with pytest.raises(ConfigError, match="leap.control must be one of"):
         load_config(None, ["leap.control=random"])
+
+
+# ---- config files a user gets wrong: one message each, naming the file or field ----------
+def test_config_file_not_utf8_is_named(tmp_path):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("train:\n  output_dir: runs/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert str(info.value) == (f"config file {cfg} is not UTF-8 text (byte 29 is 0xe9); save it "
+                               "as UTF-8")
+
+
+@pytest.mark.parametrize("base", ["5", "[a.yaml]", "''", "{x: 1}"])
+def test_base_that_is_not_a_path_is_named(tmp_path, base):
+    cfg = tmp_path / "child.yaml"
+    cfg.write_text(f"base: {base}\noptim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    import yaml
+    assert str(info.value) == (f"config file {cfg}: 'base:' must be the path of another YAML "
+                               f"file (relative to this one); got {yaml.safe_load(base)!r}")
+
+
+def test_tuple_of_the_wrong_length_is_named(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["optim.betas=[0.9, 0.99, 0.999]"])
+    assert str(info.value) == ("optim.betas must be a list of 2 values; got 3: "
+                               "[0.9, 0.99, 0.999]")
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text("optim:\n  betas: [0.9]\n")
+    with pytest.raises(ConfigError, match=r"^optim.betas must be a list of 2 values; got 1: "):
+        load_config(cfg)
+    assert load_config(None, ["optim.betas=[0.8, 0.9]"]).optim.betas == (0.8, 0.9)
+    # variable-length tuples keep taking any length
+    assert load_config(None, ["schedule.milestones=[1, 2, 3]"]).schedule.milestones == \
+        (1.0, 2.0, 3.0)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_empty_config_file_is_an_error_not_all_defaults(tmp_path, text):
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert str(info.value) == (f"config file {cfg} is empty (or only comments); write its "
+                               "settings, or `{}` for all defaults")
+    # a base: that is empty is named too; `{}` is an explicit choice of all defaults
+    child = tmp_path / "child.yaml"
+    child.write_text("base: empty.yaml\n")
+    with pytest.raises(ConfigError, match=f"^config file {cfg} is empty"):
+        load_config(child)
+    cfg.write_text("{}\n")
+    assert load_config(cfg) == load_config(None)

@@ -164,3 +164,41 @@ def test_label_cache_goes_to_user_cache_when_data_is_read_only(tmp_path, monkeyp
     assert ds.class_counts.tolist() == [1, 2]
     assert not (tmp_path / "ro" / "train.labels.npy").exists()
     assert len(list((tmp_path / "cache").glob("*/train.labels.npy"))) == 1
+
+
+def test_label_far_beyond_the_distinct_labels_is_refused_before_allocation(tmp_path):
+    """Without a property file the class count is the largest label + 1: one stray label
+    300,000,000 would ask for 300M classifier rows (38 GB at 32-d fp32 ... and a 2.4 GB count
+    array first). It is refused naming the record, before anything of that size exists."""
+    import tracemalloc
+
+    make_im2rec(tmp_path / "a" / "train.rec", [0, 1, 2, 300_000_000, 1])
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError) as info:
+            RecordDataset.open(str(tmp_path / "a" / "train"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20
+    prop = tmp_path / "a" / "property"
+    assert str(info.value) == (
+        f"{tmp_path / 'a' / 'train.rec'}: record key 3 has label 300000000, but the 5 images "
+        "carry only 4 distinct labels: without a property file the class count is the largest "
+        "label + 1, 300000001 classifier rows of which 299999997 have no image. Fix the label "
+        "or number the classes 0..3; if that many classes are meant, state the class count in "
+        f"{prop} as `300000001,HEIGHT,WIDTH`")
+    # Following the advice: a property file stating the count is taken as meant.
+    make_im2rec(tmp_path / "b" / "train.rec", [0, 1, 5000])
+    with pytest.raises(DatasetError, match=r"record key 2 has label 5000, but the 3 images"):
+        RecordDataset.open(str(tmp_path / "b" / "train"))
+    (tmp_path / "b" / "property").write_text("5001,16,16\n")
+    ds = RecordDataset.open(str(tmp_path / "b" / "train"))
+    assert ds.num_classes == 5001 and ds.class_counts[[0, 1, 5000]].tolist() == [1, 1, 1]
+    # A property file whose count a stray label exceeds is named before the counts exist too.
+    (tmp_path / "a" / "property").write_text("3,16,16\n")
+    with pytest.raises(DatasetError, match=r"record key 3 has label 300000000, outside \[0, 3\)"):
+        RecordDataset.open(str(tmp_path / "a" / "train"))
+    # Small gaps (up to 1000 empty rows) stay allowed, as before.
+    make_im2rec(tmp_path / "c" / "train.rec", [0, 1, 900])
+    assert RecordDataset.open(str(tmp_path / "c" / "train")).num_classes == 901
