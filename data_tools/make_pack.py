@@ -1,0 +1,57 @@
+"""Build a verification pack (`.bin`, what InsightFace's loader and eval_protocols/lfw.py read)
+from an image folder and a pairs file.
+
+    python data_tools/make_pack.py lfw_aligned/ pairs.txt --output data/packs/lfw.bin
+    python data_tools/make_pack.py mine_aligned/ pairs.csv --output data/packs/mine.bin
+
+Pairs files: LFW's pairs.txt (header `10 300`, then `name n1 n2` for the same person and
+`name1 n1 name2 n2` for different people; images name/name_0001.jpg), or a CSV
+`path1,path2,same` with paths relative to the image folder. The pairs keep the file's order,
+so the evaluator's 10 folds (cut in pair order) are the file's folds; a pair count the folds
+cannot split evenly is refused. Images are copied as they are: align them first
+(data_tools/align_faces.py) if they are not 112x112 aligned faces.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facetrain.data.packs import make_pack  # noqa: E402
+from facetrain.logging_utils import setup_tool_logging  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("image_dir", help="folder the pairs file's image paths are relative to")
+    p.add_argument("pairs", help="pairs file: LFW pairs.txt or CSV path1,path2,same")
+    p.add_argument("--output", required=True, help="the .bin file to write")
+    p.add_argument("--format", choices=("auto", "lfw", "csv"), default="auto",
+                   help="pairs file format (default: csv for a .csv file, else LFW)")
+    p.add_argument("--ext", default="jpg",
+                   help="image extension of LFW-format names (default jpg)")
+    p.add_argument("--folds", type=int, default=10,
+                   help="folds the pair count must split into evenly (default 10)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_tool_logging()
+    try:
+        s = make_pack(args.image_dir, args.pairs, args.output, args.format, args.folds,
+                      args.ext.lstrip("."), args.overwrite, progress=not args.no_progress)
+    except (OSError, ValueError) as exc:
+        print(f"make_pack: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {s.output}: {s.pairs} pairs ({s.same} same, {s.pairs - s.same} different), "
+          f"{s.images} distinct images of {s.image_shape[0]}x{s.image_shape[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
