@@ -1,6 +1,6 @@
 """The one 5-point alignment: the similarity fit against a float64 least-squares reference written
 here, warps that put known dots on the template, the landmarks file, align_faces' report and
-resume, and the dlib detector on a real photograph that
+resume, the IJB-C evaluator using the same warp; and the dlib detector on a real photograph that
 an installed package ships (matplotlib's Grace Hopper portrait), re-detected after warping."""
 import csv
 import os
@@ -11,9 +11,11 @@ import matplotlib
 import numpy as np
 import pytest
 
+from facetrain.data import align
 from facetrain.data.align import ARCFACE_TEMPLATE_112, align_face, similarity_transform
 from facetrain.data.align_folder import REPORT, align_folder
 from facetrain.data.landmarks import read_landmarks_file
+from facetrain.eval import ijbc
 from test_data_tools import tool
 
 T = ARCFACE_TEMPLATE_112.astype(np.float64)
@@ -73,7 +75,7 @@ def _random_pose(rng):
     return m, rng.uniform(40, 80, 2)
 
 
-def test_warp_puts_the_landmarks_on_the_template():
+def test_warp_puts_the_landmarks_on_the_template_and_ijbc_uses_it():
     rng = np.random.default_rng(1)
     for _ in range(5):
         m, t = _random_pose(rng)
@@ -84,6 +86,8 @@ def test_warp_puts_the_landmarks_on_the_template():
             assert out.shape == (size, size, 3)
             want = T * size / 112
             np.testing.assert_allclose(_centroids(out, want), want, atol=0.15)
+        np.testing.assert_array_equal(ijbc.align_face(photo, pts, 112), align_face(photo, pts))
+    assert ijbc.ARCFACE_TEMPLATE_112 is align.ARCFACE_TEMPLATE_112
 
 
 def test_landmarks_file(tmp_path):
