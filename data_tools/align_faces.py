@@ -19,31 +19,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facetrain.data.align_folder import MULTIPLE, align_folder  # noqa: E402
+from facetrain.data.align_folder import (add_align_options, align_folder,  # noqa: E402
+                                         summary_lines)
 from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises  # noqa: E402
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
 
 
-def add_align_options(p: argparse.ArgumentParser) -> None:
-    """The options every aligning tool shares (align_faces, folders_to_rec, make_pack)."""
-    p.add_argument("--landmarks", default=None, metavar="FILE",
-                   help="landmarks file `name x1 y1 ... x5 y5 [score]` (default: detect faces "
-                        "with dlib)")
-    p.add_argument("--multiple", choices=MULTIPLE, default="largest",
-                   help="a photo with several faces: align the largest (default) or skip it")
-    p.add_argument("--align-size", type=int, default=112, metavar="PX",
-                   help="side of the aligned square (the template is scaled; default 112)")
-
-
 def print_summary(tool: str, s) -> None:
-    for path, status, why in s.problems[:20]:
-        print(f"{tool}: {status}: {path}: {why}", file=sys.stderr)
-    if len(s.problems) > 20:
-        print(f"{tool}: ... {len(s.problems) - 20} more in {s.report}", file=sys.stderr)
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(s.counts.items()))
-    extra = f" ({s.several_kept_largest} had several faces: largest kept)" \
-        if s.several_kept_largest else ""
-    print(f"{tool}: aligned images in {s.output}: {counts}{extra}; report {s.report}")
+    err, out = summary_lines(tool, s)
+    for line in err:
+        print(line, file=sys.stderr)
+    print(out)
 
 
 def main(argv=None) -> int:

@@ -8,8 +8,11 @@ Pairs files: LFW's pairs.txt (header `10 300`, then `name n1 n2` for the same pe
 `name1 n1 name2 n2` for different people; images name/name_0001.jpg), or a CSV
 `path1,path2,same` with paths relative to the image folder. The pairs keep the file's order,
 so the evaluator's 10 folds (cut in pair order) are the file's folds; a pair count the folds
-cannot split evenly is refused. Images are copied as they are: align them first
-(data_tools/align_faces.py) if they are not 112x112 aligned faces.
+cannot split evenly is refused. Images are copied as they are, or with --align (or
+--landmarks FILE) aligned to the ArcFace 112x112 template first, as data_tools/align_faces.py
+does; an image that cannot be aligned stops the run with its name and pairs-file line.
+
+    python data_tools/make_pack.py lfw/ pairs.txt --output lfw.bin --align      # raw LFW photos
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from facetrain.data.align_folder import Aligner, add_align_options  # noqa: E402
 from facetrain.data.packs import make_pack  # noqa: E402
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
 
@@ -35,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=10,
                    help="folds the pair count must split into evenly (default 10)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--align", action="store_true",
+                   help="align every image to the ArcFace template first (dlib detector unless "
+                        "--landmarks)")
+    add_align_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -43,9 +51,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_tool_logging()
     try:
+        transform = None
+        if args.align or args.landmarks:
+            from facetrain.data.landmarks import read_landmarks_file
+
+            lmk = read_landmarks_file(args.landmarks) if args.landmarks else None
+            transform = Aligner(lmk, None, args.multiple, args.align_size).encoded
         s = make_pack(args.image_dir, args.pairs, args.output, args.format, args.folds,
-                      args.ext.lstrip("."), args.overwrite, progress=not args.no_progress)
-    except (OSError, ValueError) as exc:
+                      args.ext.lstrip("."), args.overwrite, transform=transform,
+                      progress=not args.no_progress)
+    except (OSError, ValueError, ImportError) as exc:
         print(f"make_pack: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {s.output}: {s.pairs} pairs ({s.same} same, {s.pairs - s.same} different), "

@@ -183,6 +183,29 @@ def align_folder(image_dir: str | Path, out_dir: str | Path, landmarks_file: Opt
     return AlignSummary(dict(counts), several, str(report), str(out), problems)
 
 
+def add_align_options(p) -> None:
+    """The alignment options every aligning tool shares (align_faces, folders_to_rec,
+    make_pack), on an argparse parser."""
+    p.add_argument("--landmarks", default=None, metavar="FILE",
+                   help="landmarks file `name x1 y1 ... x5 y5 [score]`, names relative to the "
+                        "image folder (default: detect faces with dlib)")
+    p.add_argument("--multiple", choices=MULTIPLE, default="largest",
+                   help="a photo with several faces: align the largest (default) or skip it")
+    p.add_argument("--align-size", type=int, default=112, metavar="PX",
+                   help="side of the aligned square (the template is scaled; default 112)")
+
+
+def summary_lines(tool: str, s: AlignSummary, shown: int = 20) -> Tuple[List[str], str]:
+    """(problem lines for stderr, one summary line for stdout)."""
+    err = [f"{tool}: {status}: {path}: {why}" for path, status, why in s.problems[:shown]]
+    if len(s.problems) > shown:
+        err.append(f"{tool}: ... {len(s.problems) - shown} more in {s.report}")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(s.counts.items()))
+    extra = f" ({s.several_kept_largest} had several faces: largest kept)" \
+        if s.several_kept_largest else ""
+    return err, f"{tool}: aligned images in {s.output}: {counts}{extra}; report {s.report}"
+
+
 def _read(path: Path) -> bytes:
     with open(path, "rb") as fh:
         return fh.read()

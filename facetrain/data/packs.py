@@ -170,7 +170,11 @@ def _load_images(pairs: List[Pair], root: Path, source: Path,
     for q in names:
         raw = (root / q).read_bytes()
         if transform is not None:
-            raw = transform(raw, q)
+            try:
+                raw = transform(raw, q)
+            except ValueError as exc:     # e.g. no face found: name the image and its pair
+                raise PairsError(f"{root / q} (pairs file line {first_line[q]}): cannot align "
+                                 f"it: {exc}") from None
         arr, why = decode_bgr(raw)
         if arr is None:
             raise PairsError(f"{root / q} (pairs file line {first_line[q]}): {why}")

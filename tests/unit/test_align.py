@@ -217,3 +217,56 @@ def test_align_faces_with_the_detector(detector, tmp_path):
     assert s.counts == {"aligned": 1, "several_faces_skipped": 1, "no_face": 1, "unreadable": 1}
     assert ("two.png", "several_faces_skipped", "2 faces (--multiple skip)") in s.problems
     assert _report(tmp_path / "skip")["none.png"] == "no_face"
+
+
+def _dot_photos(root: Path, names, rng):
+    """Photos with dots at the template under a random pose, and their landmarks-file lines."""
+    lines = []
+    for name in names:
+        m, t = _random_pose(rng)
+        pts = T @ m.T + t
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name), _dots(pts, (400, 400), radius=3))
+        lines.append(name + "".join(f" {v:.3f}" for v in pts.ravel()))
+    return lines
+
+
+def test_folders_to_rec_and_make_pack_align(tmp_path, capsys):
+    from facetrain.data.dataset import RecordDataset
+    from facetrain.eval.verification import load_pack
+
+    rng = np.random.default_rng(3)
+    names = ["ann/1.png", "ann/2.png", "bo/1.png", "bo/2.png"]
+    lines = _dot_photos(tmp_path / "photos", names, rng)
+    (tmp_path / "lmk.txt").write_text("\n".join(lines[:3]) + "\n")      # bo/2.png: none
+    assert tool("folders_to_rec")([str(tmp_path / "photos"), str(tmp_path / "ds" / "train"),
+                                   "--landmarks", str(tmp_path / "lmk.txt"),
+                                   "--no-progress"]) == 0
+    o, e = capsys.readouterr()
+    assert "no_landmarks: bo/2.png: not listed in the landmarks file" in e
+    assert f"aligned images in {tmp_path / 'ds' / 'aligned'}: aligned 3, no_landmarks 1" in o
+    ds = RecordDataset.open(str(tmp_path / "ds" / "train"))
+    assert ds.class_counts.tolist() == [2, 1] and ds.image_shape == (112, 112)
+    for i in range(3):
+        img = cv2.imdecode(np.frombuffer(ds.read(i)[1], np.uint8), cv2.IMREAD_COLOR)
+        np.testing.assert_allclose(_centroids(img, T), T, atol=0.2)
+    # make_pack --landmarks: every pair image aligned; one without landmarks names its line.
+    (tmp_path / "lmk.txt").write_text("\n".join(lines) + "\n")
+    rows = ["ann/1.png,ann/2.png,1", "ann/1.png,bo/1.png,0"] * 10
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    pack = tmp_path / "mine.bin"
+    assert tool("make_pack")([str(tmp_path / "photos"), str(tmp_path / "pairs.csv"),
+                              "--output", str(pack), "--landmarks", str(tmp_path / "lmk.txt"),
+                              "--no-progress"]) == 0
+    bins, issame = load_pack(pack)
+    assert len(bins) == 40 and issame.tolist() == [True, False] * 10
+    for b in bins[:4]:
+        img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+        np.testing.assert_allclose(_centroids(img, T), T, atol=0.2)
+    (tmp_path / "lmk.txt").write_text("\n".join(lines[:2]) + "\n")
+    assert tool("make_pack")([str(tmp_path / "photos"), str(tmp_path / "pairs.csv"),
+                              "--output", str(tmp_path / "x.bin"), "--landmarks",
+                              str(tmp_path / "lmk.txt"), "--no-progress"]) == 2
+    assert (f"{tmp_path / 'photos' / 'bo/1.png'} (pairs file line 2): cannot align it: "
+            "no_landmarks: not listed in the landmarks file") in capsys.readouterr().err
+    assert not (tmp_path / "x.bin").exists()
