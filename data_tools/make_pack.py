@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facetrain.data.align_folder import Aligner, add_align_options  # noqa: E402
+from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
+                                      stopped_message)
 from facetrain.data.packs import make_pack  # noqa: E402
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
 
@@ -57,12 +59,16 @@ def main(argv=None) -> int:
 
             lmk = read_landmarks_file(args.landmarks) if args.landmarks else None
             transform = Aligner(lmk, None, args.multiple, args.align_size).encoded
-        s = make_pack(args.image_dir, args.pairs, args.output, args.format, args.folds,
-                      args.ext.lstrip("."), args.overwrite, transform=transform,
-                      progress=not args.no_progress)
+        with sigterm_raises():
+            s = make_pack(args.image_dir, args.pairs, args.output, args.format, args.folds,
+                          args.ext.lstrip("."), args.overwrite, transform=transform,
+                          progress=not args.no_progress)
     except (OSError, ValueError, ImportError) as exc:
         print(f"make_pack: {exc}", file=sys.stderr)
         return 2
+    except (Terminated, KeyboardInterrupt) as exc:
+        print(stopped_message("make_pack", exc, args.output), file=sys.stderr)
+        return exit_code(exc)
     print(f"wrote {s.output}: {s.pairs} pairs ({s.same} same, {s.pairs - s.same} different), "
           f"{s.images} distinct images of {s.image_shape[0]}x{s.image_shape[1]}")
     return 0

@@ -3,7 +3,6 @@ here, warps that put known dots on the template, the landmarks file, align_faces
 resume, the IJB-C evaluator using the same warp; and the dlib detector on a real photograph that
 an installed package ships (matplotlib's Grace Hopper portrait), re-detected after warping."""
 import csv
-import os
 from pathlib import Path
 
 import cv2

@@ -58,15 +58,17 @@ def test_lfw_pairs_round_trip(tmp_path, capsys):
     assert "20 pairs (10 same, 10 different), 12 distinct images of 24x24" in \
         capsys.readouterr().out
     # Expected, from the pairs file's lines in order (fold k = lines 2+2k, 3+2k).
+    def lfw_file(name, num):
+        return f"{name}/{name}_{int(num):04d}.jpg"
+
     want_paths, want_same = [], []
     for line in lfw_pairs().splitlines()[1:]:
         f = line.split("\t")
         if len(f) == 3:
-            want_paths += [f"{f[0]}/{f[0]}_{int(f[1]):04d}.jpg", f"{f[0]}/{f[0]}_{int(f[2]):04d}.jpg"]
-            want_same.append(True)
+            want_paths += [lfw_file(f[0], f[1]), lfw_file(f[0], f[2])]
         else:
-            want_paths += [f"{f[0]}/{f[0]}_{int(f[1]):04d}.jpg", f"{f[2]}/{f[2]}_{int(f[3]):04d}.jpg"]
-            want_same.append(False)
+            want_paths += [lfw_file(f[0], f[1]), lfw_file(f[2], f[3])]
+        want_same.append(len(f) == 3)
     want_bins = [(tmp_path / "lfw" / p).read_bytes() for p in want_paths]
     bins, issame = read_pack_from_definition(out)
     assert bins == want_bins and issame == want_same == [True, False] * 10

@@ -140,3 +140,20 @@ def test_training_reads_a_merged_dataset(tmp_path):
     t.fit(stop_after=3)
     assert list(t.loader.class_counts) == [8, 8, 4, 6, 4]
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_sigterm_mid_merge_leaves_nothing(tmp_path):
+    import signal
+
+    from test_data_tools_faults import _one_message, hidden, run_and_terminate, snapshot
+
+    a, _ = make_dataset(tmp_path / "a", [3, 2])
+    b, _ = make_dataset(tmp_path / "b", [2])
+    before = snapshot(tmp_path / "a"), snapshot(tmp_path / "b")
+    res = run_and_terminate(["merge_rec", a, b, "--output", str(tmp_path / "m"),
+                             "--no-progress"])
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr
+    msg = _one_message(res.stderr, "merge_rec")
+    assert "stopped by SIGTERM while writing" in msg and "temporary files were removed" in msg
+    assert not (tmp_path / "m").exists() and not hidden(tmp_path)
+    assert (snapshot(tmp_path / "a"), snapshot(tmp_path / "b")) == before
