@@ -269,3 +269,17 @@ def test_folders_to_rec_and_make_pack_align(tmp_path, capsys):
     assert (f"{tmp_path / 'photos' / 'bo/1.png'} (pairs file line 2): cannot align it: "
             "no_landmarks: not listed in the landmarks file") in capsys.readouterr().err
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_missing_detector_package_says_how_to_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "face_recognition_models"
+                        else real(name, *a))
+    (tmp_path / "p").mkdir()
+    assert tool("align_faces")([str(tmp_path / "p"), str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the face detector needs the face-recognition-models package: pip install " \
+        "'facetrain[align]'" in err and "or give a landmarks file" in err
