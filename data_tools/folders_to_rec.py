@@ -2,6 +2,11 @@
 
     python data_tools/folders_to_rec.py faces/ data/mine/train            # faces/<id>/*.jpg
     python data_tools/folders_to_rec.py Market-1501/bounding_box_train data/market/train
+    python data_tools/folders_to_rec.py photos/ data/mine/train --align   # detect + align first
+
+--align (or --landmarks FILE) first aligns every photo to the ArcFace 112x112 template into
+--aligned-dir (default: an `aligned` folder beside the output), exactly as
+data_tools/align_faces.py does (report, resume), then packs the aligned images.
 """
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from facetrain.data.align_folder import (add_align_options, align_folder,  # noqa: E402
+                                         summary_lines)
 from facetrain.data.folders import folders_to_rec  # noqa: E402
 from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
                                       stopped_message)
@@ -34,15 +41,31 @@ def main(argv=None) -> int:
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out (and list) files that cannot be decoded, e.g. empty .jpg "
                         "files, instead of stopping at the first one; implies the check")
+    p.add_argument("--align", action="store_true",
+                   help="align the faces to the ArcFace template before packing (dlib detector "
+                        "unless --landmarks)")
+    add_align_options(p)
+    p.add_argument("--aligned-dir", default=None,
+                   help="where --align writes the aligned images (default: OUTPUT's folder/"
+                        "aligned); a rerun keeps those already there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     setup_tool_logging()
+    root = args.root
     try:
         with sigterm_raises():
-            s = folders_to_rec(args.root, args.output, args.layout, args.size, args.shard_size,
+            if args.align or args.landmarks:
+                root = args.aligned_dir or str(Path(args.output).parent / "aligned")
+                a = align_folder(args.root, root, args.landmarks, args.multiple,
+                                 args.align_size, progress=not args.no_progress)
+                err, out = summary_lines("folders_to_rec", a)
+                for line in err:
+                    print(line, file=sys.stderr)
+                print(out)
+            s = folders_to_rec(root, args.output, args.layout, args.size, args.shard_size,
                                check=not args.no_check, progress=not args.no_progress,
                                skip_bad=args.skip_bad)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         print(f"folders_to_rec: {exc}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:

@@ -300,7 +300,7 @@ def make_longtail(input_path: str, output_dir: str, head: int, tail: Optional[in
         raise ValueError(f"{input_path}: --head {head} with --tail-samples {tail_samples} selects "
                          "no image; raise --head or lower --tail-samples")
     order = np.argsort(nl, kind="stable")     # group by new label, dataset order inside
-    shape = src.image_shape or _probe_shape(src, int(sids[order[0]]), int(offs[order[0]]))
+    shape = src.image_shape or probe_shape(src, int(sids[order[0]]), int(offs[order[0]]))
     out = Path(output_dir)
     bar = _progress(order.size, progress)
 
@@ -334,7 +334,7 @@ def make_longtail(input_path: str, output_dir: str, head: int, tail: Optional[in
                            int(order.size) - n_head, time.perf_counter() - t0, str(out))
 
 
-def _probe_shape(src: StreamingSource, sid: int, off: int) -> Tuple[int, int]:
+def probe_shape(src: StreamingSource, sid: int, off: int) -> Tuple[int, int]:
     """Image size from one decoded image, for inputs without a property file."""
     import cv2
 

@@ -21,11 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from facetrain.data import align as _align
+from facetrain.data.align import ARCFACE_TEMPLATE_112  # noqa: F401  (re-exported: one template)
 from facetrain.eval.embed import l2_normalize
 from facetrain.eval.metrics import DEFAULT_FPRS, roc_curve, tpr_at_fpr_from_roc
-
-ARCFACE_TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                                 [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -131,16 +130,9 @@ def read_meta(root: str | Path, prefix: str = "ijbc", need_landmarks: bool = Tru
 
 def align_face(img: np.ndarray, landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
     """Warp a BGR image so its 5 points [5, 2] land on the ArcFace template scaled to
-    `image_size`: similarity transform by OpenCV's estimateAffinePartial2D (LMEDS + refinement),
-    warp by cv2.warpAffine."""
-    import cv2
-    dst = ARCFACE_TEMPLATE_112 * (image_size / 112.0)
-    m, _ = cv2.estimateAffinePartial2D(np.asarray(landmarks, np.float32).reshape(5, 2), dst,
-                                       method=cv2.LMEDS)
-    if m is None:
-        raise ValueError(f"no similarity transform fits landmarks {np.round(landmarks, 1).tolist()}"
-                         " (degenerate points?)")
-    return cv2.warpAffine(img, m, (image_size, image_size), borderValue=0.0)
+    `image_size`: the project's one alignment (facetrain.data.align: least-squares similarity,
+    cv2.warpAffine), the same that aligns training and pack images."""
+    return _align.align_face(img, landmarks, image_size)
 
 
 class AlignedImages:

@@ -1,0 +1,59 @@
+"""Align face photos to the ArcFace 112x112 template (5 landmarks, least-squares similarity
+transform), keeping the folder layout.
+
+    python data_tools/align_faces.py photos/ aligned/                         # dlib detector
+    python data_tools/align_faces.py photos/ aligned/ --landmarks lmk.txt     # your landmarks
+    python data_tools/folders_to_rec.py aligned/ data/mine/train              # then pack them
+
+Landmarks come from a landmarks file (`name x1 y1 ... x5 y5 [score]` per line, InsightFace's
+layout, names relative to IMAGE_DIR) or from dlib's face detector with the 68-point model of
+face-recognition-models (`pip install 'facetrain[align]'`; nothing is downloaded at run time).
+Images with no face, several faces (--multiple) or unreadable bytes are counted and listed in
+OUT_DIR/align_report.csv. A rerun keeps the images already aligned and does the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facetrain.data.align_folder import (add_align_options, align_folder,  # noqa: E402
+                                         summary_lines)
+from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises  # noqa: E402
+from facetrain.logging_utils import setup_tool_logging  # noqa: E402
+
+
+def print_summary(tool: str, s) -> None:
+    err, out = summary_lines(tool, s)
+    for line in err:
+        print(line, file=sys.stderr)
+    print(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("image_dir", help="folder of photos (sub-folders kept)")
+    p.add_argument("out_dir", help="folder for the aligned images (outside IMAGE_DIR)")
+    add_align_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    setup_tool_logging()
+    try:
+        with sigterm_raises():
+            s = align_folder(args.image_dir, args.out_dir, args.landmarks, args.multiple,
+                             args.align_size, progress=not args.no_progress)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"align_faces: {exc}", file=sys.stderr)
+        return 2
+    except (Terminated, KeyboardInterrupt) as exc:
+        print(f"align_faces: stopped; the images aligned so far are kept whole in "
+              f"{args.out_dir}; run the command again to do the rest", file=sys.stderr)
+        return exit_code(exc)
+    print_summary("align_faces", s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
