@@ -17,7 +17,7 @@ import torch
 from _helpers import run_spawn
 from test_train_data import make_tiny_rec, tiny_config
 from facetrain import checkpoint as ckpt
-from facetrain.dist import single_process
+from facetrain.dist import SetupFailedError, single_process
 from facetrain.trainer import Trainer
 
 
@@ -61,9 +61,11 @@ def test_resume_from_a_crafted_checkpoint_runs_nothing(tmp_path):
     _reseal(path)
     assert ckpt.verify_checkpoint(path) is None                   # sizes and CRCs match
     for resume in ("auto", str(path)):
-        with pytest.raises(ckpt.CheckpointError) as info:
+        # Read in the checks before training: one report naming the file, no traceback.
+        with pytest.raises(SetupFailedError) as info:
             Trainer(tiny_config(rec, out, [f"checkpoint.resume={resume}"]), single_process())
-        assert str(info.value).startswith(f"{path / 'replicated.pt'}: refused, it holds a "
+        assert isinstance(info.value.cause, ckpt.CheckpointError) and info.value.report
+        assert str(info.value.cause).startswith(f"{path / 'replicated.pt'}: refused, it holds a "
                                           "pickled object that is not a tensor or plain value "
                                           "(global io.open)")
         assert not marker.exists()
