@@ -90,22 +90,45 @@ class ModelConfig:
         _check_range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
 
+# Margin kinds by name (facetrain/heads/kinds/, one file each; docs/heads.md). Which fields each
+# reads: cosface m_cos; arcface m_arc; combined both; elasticface_arc m_arc + sigma;
+# elasticface_cos m_cos + sigma; curricularface m_arc + stat_momentum; adaface m_arc (its m),
+# h + stat_momentum.
+MARGIN_KINDS = ("cosface", "arcface", "combined", "elasticface_arc", "elasticface_cos",
+                "curricularface", "adaface")
+ELASTIC_KINDS = ("elasticface_arc", "elasticface_cos")
+
+
 @dataclass(frozen=True)
 class MarginConfig:
     """Target logit s*(cos(theta + m_arc) - m_cos); non-target s*cos(theta).
 
-    cosface: m_arc=0, arcface: m_cos=0, combined: both (InsightFace's m2/m3)."""
+    cosface: m_arc=0, arcface: m_cos=0, combined: both (InsightFace's m2/m3). The other kinds
+    and the fields they read are listed at MARGIN_KINDS and in docs/heads.md."""
 
-    kind: str = "cosface"                      # cosface | arcface | combined
+    kind: str = "cosface"                      # one of MARGIN_KINDS
     scale: float = 64.0
     m_cos: float = 0.35
     m_arc: float = 0.5
+    # ElasticFace (Boutros et al. 2022): each sample's margin ~ N(m, sigma) per step; 0 = fixed.
+    sigma: float = 0.0
+    # AdaFace (Kim et al. 2022): the concentration h of the norm-adaptive margin.
+    h: float = 0.333
+    # CurricularFace's t and AdaFace's norm mean/std: EMA weight of the new batch's value.
+    stat_momentum: float = 0.01
 
     def __post_init__(self) -> None:
-        _check_choice("head.margin.kind", self.kind, ("cosface", "arcface", "combined"))
+        _check_choice("head.margin.kind", self.kind, MARGIN_KINDS)
         _check_range("head.margin.scale", self.scale, 0.0, lo_open=True)
         _check_range("head.margin.m_cos", self.m_cos, 0.0, 1.0)
         _check_range("head.margin.m_arc", self.m_arc, 0.0, 3.1416)
+        _check_range("head.margin.sigma", self.sigma, 0.0)
+        _check_range("head.margin.h", self.h, 0.0, lo_open=True)
+        _check_range("head.margin.stat_momentum", self.stat_momentum, 0.0, 1.0, lo_open=True)
+        if self.sigma > 0 and self.kind not in ELASTIC_KINDS:
+            raise ConfigError(f"head.margin.sigma={self.sigma} draws a per-sample margin, which "
+                              f"only head.margin.kind={' or '.join(ELASTIC_KINDS)} does; "
+                              f"head.margin.kind is {self.kind!r}: set sigma to 0 or change kind")
 
 
 @dataclass(frozen=True)
@@ -266,6 +289,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.head.margin.kind == "adaface" and self.data.batch_size < 2:
+            # The norm statistics need a standard deviation; a 1-sample batch on one rank has none.
+            raise ConfigError("head.margin.kind=adaface standardises the feature norms by the "
+                              f"batch's std, which needs data.batch_size >= 2; got "
+                              f"data.batch_size={self.data.batch_size}")
         if self.head.update_rows == "sampled" and self.optim.name != "sgd":
             raise ConfigError(f"head.update_rows=sampled updates classifier rows with momentum "
                               f"SGD; optim.name is {self.optim.name!r}: use optim.name=sgd or "

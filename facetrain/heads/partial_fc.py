@@ -29,8 +29,9 @@ from facetrain.dist import DistContext, all_gather_no_grad, all_gather_with_grad
 from facetrain.heads.class_weights import class_weight_table
 from facetrain.heads.dist_softmax import dist_softmax_cross_entropy
 from facetrain.heads.feature_cloud import Cloud
+from facetrain.heads.kinds import build_margin
 from facetrain.heads.leap import GLOBALS, LeapState
-from facetrain.heads.margins import margin_logits
+from facetrain.heads.margins import StepInputs, margin_logits
 from facetrain.heads.noise import noise_keys
 from facetrain.heads.partition import (check_contiguous, class_range, partition_bounds,
                                         reshard_tree, route_to_shard)
@@ -104,6 +105,8 @@ class PartialFC(torch.nn.Module):
         # Class-balanced loss (head.class_balance_beta > 0): a weight per global class, [C].
         self.class_weight = class_weight_table(counts.numpy(), head_cfg.class_balance_beta,
                                                ctx.device)
+        # The margin kind (head.margin.kind, facetrain/heads/kinds/) and its running statistics.
+        self.margin = build_margin(head_cfg.margin, ctx.device)
         # Class sampling: a stream per rank. LEAP angles: keyed on (draw, sample, global class),
         # the same on every rank and for every world size (facetrain/heads/noise.py).
         self._sample_gen = _generator(ctx.device, seed * 7919 + ctx.rank + 1)
@@ -189,6 +192,13 @@ class PartialFC(torch.nn.Module):
             col = torch.where(local, col, torch.zeros_like(col))
         cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()
         cloud = None
+        # One draw of the counter-based stream per training forward that uses it (LEAP's angles,
+        # a kind's per-sample values): all of them read the counter before it is bumped.
+        counter = self.noise_counter
+        if self.training and self.margin.uses_noise:
+            counter = self.noise_counter.clone()
+            if not self.perturbing:
+                self.noise_counter += 1
         if self.perturbing:
             std = self.leap.batch_std(lab, self._group())
             ids = None
@@ -202,7 +212,10 @@ class PartialFC(torch.nn.Module):
                 cloud = Cloud(std.unsqueeze(1), *keys)
             alpha_t = cloud.target_alpha(col, cos.shape[1]) if applied else std
             self.leap.observe(std, alpha_t, local, applied)
-        return margin_logits(cos, col, local, self.head_cfg.margin, cloud), col, local
+        # The backbone's embeddings arrive un-normalised: their norms, where a kind reads them.
+        norms = emb.detach().float().norm(dim=1) if self.margin.uses_norms else None
+        inputs = StepInputs(lab, norms, counter, self._noise_seed, self._group(), self.training)
+        return margin_logits(cos, col, local, self.margin, cloud, inputs), col, local
 
     def leap_summary(self) -> Dict[str, float]:
         """Global LEAP numbers (replicated): statistics, the expected per-sample noise variance
@@ -240,7 +253,9 @@ class PartialFC(torch.nn.Module):
                  # it); the LEAP noise counter is world-size independent.
                  "world_size": self.ctx.world_size, "noise_counter": int(self.noise_counter),
                  "noise_seed": self._noise_seed,
-                 "rng": self._sample_gen.get_state()}
+                 "rng": self._sample_gen.get_state(),
+                 # The margin kind's running statistics: replicated, copied as is by reshard.
+                 "margin_kind": self.head_cfg.margin.kind, "margin": self.margin.state_dict()}
         if self.leap is not None:
             state["leap"] = self.leap.export()
             state["leap_globals"] = self.leap.globals.cpu().clone()
@@ -306,6 +321,10 @@ class PartialFC(torch.nn.Module):
         self.leap_steps = int(state.get("leap_steps", self.calls // self.grad_accum))
         self._pending, self._micro = [], 0
         self.noise_counter.fill_(int(state["noise_counter"]))
+        if "margin" in state and state.get("margin_kind") == self.head_cfg.margin.kind:
+            self.margin.load_state_dict(state["margin"], where)
+        # else: an older checkpoint, or one that trained another margin kind: this kind starts
+        # its statistics afresh.
         self._noise_seed = int(state["noise_seed"])
         if state.get("rng") is not None and state.get("world_size") == self.ctx.world_size:
             self._sample_gen.set_state(state["rng"])

@@ -1,0 +1,77 @@
+"""Margin kinds: the registry, config errors, the per-sample margin stream, checkpoint state.
+
+Values and gradients of every kind against the papers' equations, sharded, are in
+tests/distributed/test_margin_kinds_dist.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from facetrain.config import MARGIN_KINDS, ConfigError, MarginConfig, load_config
+from facetrain.dist import single_process
+from facetrain.config import HeadConfig, LeapConfig
+from facetrain.heads import noise
+from facetrain.heads.kinds import build_margin, margin_kinds
+from facetrain.heads.kinds.elasticface import SALT
+from facetrain.heads.partial_fc import PartialFC
+
+
+def test_registry_and_config_list_the_same_kinds():
+    assert margin_kinds() == sorted(MARGIN_KINDS)
+    for kind in MARGIN_KINDS:
+        assert build_margin(MarginConfig(kind)).scale == 64.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("head.margin.m_arc=-0.1", r"head.margin.m_arc must be in \[0.0, 3.1416\]; got -0.1"),
+    ("head.margin.m_cos=-0.2", r"head.margin.m_cos must be in \[0.0, 1.0\]; got -0.2"),
+    ("head.margin.sigma=-0.05", r"head.margin.sigma must be in \[0.0, inf\]; got -0.05"),
+    ("head.margin.h=0", r"head.margin.h must be in \(0.0, inf\]; got 0.0"),
+    ("head.margin.stat_momentum=0", r"head.margin.stat_momentum must be in \(0.0, 1.0\]; got 0.0"),
+    ("head.margin.kind=sphereface", "head.margin.kind must be one of cosface, arcface, combined, "
+                                    "elasticface_arc, elasticface_cos, curricularface, adaface"),
+])
+def test_bad_margin_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_meaningless_combinations_name_both_fields():
+    with pytest.raises(ConfigError, match=r"head.margin.sigma=0.05 .*head.margin.kind is 'arcface'"):
+        load_config(None, ["head.margin.kind=arcface", "head.margin.sigma=0.05"])
+    with pytest.raises(ConfigError, match=r"head.margin.kind=adaface .*data.batch_size=1"):
+        load_config(None, ["head.margin.kind=adaface", "data.batch_size=1"])
+    load_config(None, ["head.margin.kind=elasticface_cos", "head.margin.sigma=0.05"])
+
+
+def test_elastic_margin_stream_is_normal_and_independent_of_leap():
+    counter = torch.tensor(4)
+    z = noise.sample_gauss(7, counter, 20000, SALT)
+    assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.03
+    rk, ck = noise.noise_keys(7, counter, 20000, None)           # LEAP's per-sample angles
+    leap = noise.gauss(rk, ck).view(-1)
+    assert abs(torch.corrcoef(torch.stack([z, leap]))[0, 1]) < 0.03
+    # Keyed on the position in the global batch: a longer batch extends, never reshuffles.
+    assert torch.equal(noise.sample_gauss(7, counter, 100, SALT), z[:100])
+    assert not torch.equal(noise.sample_gauss(7, torch.tensor(5), 100, SALT), z[:100])
+
+
+def test_margin_state_in_checkpoints_and_kind_mismatch():
+    counts = np.full(10, 3)
+    cfg = HeadConfig(1.0, MarginConfig("curricularface"))
+    head = PartialFC(4, counts, cfg, LeapConfig(mode="off"), single_process()).train()
+    head(torch.randn(6, 4), torch.arange(6))
+    state = head.state_dict()
+    assert state["margin_kind"] == "curricularface" and float(state["margin"]["t"]) != 0.0
+    other = PartialFC(4, counts, cfg, LeapConfig(mode="off"), single_process())
+    other.load_state_dict([state], 1)
+    assert float(other.margin.t) == float(head.margin.t)
+    # A checkpoint of another kind (or an older one without margin state) starts afresh.
+    ada = PartialFC(4, counts, HeadConfig(1.0, MarginConfig("adaface")), LeapConfig(mode="off"),
+                    single_process())
+    ada.load_state_dict([state], 1)
+    assert float(ada.margin.norm_mean) == 20.0
+    with pytest.raises(ValueError, match="curricularface expects margin state"):
+        other.margin.load_state_dict({"norm_mean": torch.tensor(1.0)}, "ckpt")
