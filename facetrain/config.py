@@ -93,9 +93,9 @@ class ModelConfig:
 # Margin kinds by name (facetrain/heads/kinds/, one file each; docs/heads.md). Which fields each
 # reads: cosface m_cos; arcface m_arc; combined both; elasticface_arc m_arc + sigma;
 # elasticface_cos m_cos + sigma; curricularface m_arc + stat_momentum; adaface m_arc (its m),
-# h + stat_momentum.
+# h + stat_momentum; subcenter m_arc + subcenters.
 MARGIN_KINDS = ("cosface", "arcface", "combined", "elasticface_arc", "elasticface_cos",
-                "curricularface", "adaface")
+                "curricularface", "adaface", "subcenter")
 ELASTIC_KINDS = ("elasticface_arc", "elasticface_cos")
 
 
@@ -116,6 +116,8 @@ class MarginConfig:
     h: float = 0.333
     # CurricularFace's t and AdaFace's norm mean/std: EMA weight of the new batch's value.
     stat_momentum: float = 0.01
+    # Sub-center ArcFace (Deng et al. 2020): K weight vectors per class, the logit is the best.
+    subcenters: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("head.margin.kind", self.kind, MARGIN_KINDS)
@@ -125,6 +127,12 @@ class MarginConfig:
         _check_range("head.margin.sigma", self.sigma, 0.0)
         _check_range("head.margin.h", self.h, 0.0, lo_open=True)
         _check_range("head.margin.stat_momentum", self.stat_momentum, 0.0, 1.0, lo_open=True)
+        _check_range("head.margin.subcenters", self.subcenters, 1)
+        if self.subcenters > 1 and self.kind != "subcenter":
+            raise ConfigError(f"head.margin.subcenters={self.subcenters} gives each class several "
+                              "weight vectors, which only head.margin.kind=subcenter uses; "
+                              f"head.margin.kind is {self.kind!r}: set subcenters to 1 or "
+                              "change kind")
         if self.sigma > 0 and self.kind not in ELASTIC_KINDS:
             raise ConfigError(f"head.margin.sigma={self.sigma} draws a per-sample margin, which "
                               f"only head.margin.kind={' or '.join(ELASTIC_KINDS)} does; "

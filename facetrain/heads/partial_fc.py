@@ -98,7 +98,12 @@ class PartialFC(torch.nn.Module):
         self.head_cfg, self.leap_cfg, self.ctx = head_cfg, leap_cfg, ctx
         self.start, self.end = class_range(self.num_classes, ctx.world_size, ctx.rank)
         self.num_local = self.end - self.start
-        self.weight = torch.nn.Parameter(init_rows(self.start, self.end, embedding_size, seed).to(ctx.device))
+        # K sub-centres per class (head.margin.subcenters, kind subcenter): weight [C_local, K, D],
+        # the class stays dim 0 so sampling, checkpoints and optimizer state split by class.
+        k = head_cfg.margin.subcenters
+        rows = init_rows(self.start * k, self.end * k, embedding_size, seed)
+        self.weight = torch.nn.Parameter(
+            (rows if k == 1 else rows.view(self.num_local, k, embedding_size)).to(ctx.device))
         self.leap = None if leap_cfg.mode == "off" else LeapState(
             counts[self.start:self.end], self.start, embedding_size, leap_cfg, ctx.device,
             global_counts=counts, seed=seed)
@@ -190,7 +195,12 @@ class PartialFC(torch.nn.Module):
                 weight = weight[index]
             col = torch.searchsorted(index, col).clamp(max=index.shape[0] - 1)
             col = torch.where(local, col, torch.zeros_like(col))
-        cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()
+        if weight.dim() == 3:                 # sub-centres: best of each class's K
+            cos = F.linear(F.normalize(emb, dim=1),
+                           F.normalize(weight.reshape(-1, self.embedding_size), dim=1)).float()
+            cos = self.margin.class_cosines(cos)
+        else:
+            cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()
         cloud = None
         # One draw of the counter-based stream per training forward that uses it (LEAP's angles,
         # a kind's per-sample values): all of them read the counter before it is bumped.
@@ -312,6 +322,10 @@ class PartialFC(torch.nn.Module):
             raise ValueError(f"{where}: this rank owns [{self.start}, {self.end}); the checkpoint "
                              "was written for another world size: pass every saved rank's state to "
                              "load_state_dict")
+        if tuple(state["weight"].shape) != tuple(self.weight.shape):
+            raise ValueError(f"{where}: its weight is {tuple(state['weight'].shape)} but this head's "
+                             f"is {tuple(self.weight.shape)}; resume with the same "
+                             "head.margin.subcenters (K) and model.embedding_size")
         with torch.no_grad():
             self.weight.copy_(state["weight"])
         if self.leap is not None and state["leap"] is not None:

@@ -10,6 +10,7 @@ The references below share no code with facetrain.heads (they are the papers' eq
   AdaFace          zhat = clip(h (||z|| - mu) / (sd + 1e-3), -1, 1) after mu, sd <- EMA of the
                    batch's mean and unbiased std of clip(||z||, 1e-3, 100);
                    target s (cos(clip(theta_y + alpha_y - m zhat, 1e-3, pi - 1e-3)) - m - m zhat)
+  Sub-center      cos theta_j = max_k cos(f, W_jk), then ArcFace's target
   every kind       other logits s cos(clip(theta_j + alpha_j, 0, pi)) (LEAP's Eq. 7/8 angles)
 The random values (LEAP's angles, ElasticFace's z_n) are pure functions of the head's draw
 counter (facetrain/heads/noise.py), so the reference re-draws them from that counter, as
@@ -42,6 +43,7 @@ KINDS = {
     "elasticface_cos": MarginConfig("elasticface_cos", 64.0, 0.35, 0.5, sigma=0.1),
     "curricularface": MarginConfig("curricularface", 64.0, 0.35, 0.5, stat_momentum=0.3),
     "adaface": MarginConfig("adaface", 64.0, 0.35, 0.4, h=0.333, stat_momentum=0.3),
+    "subcenter": MarginConfig("subcenter", 64.0, 0.35, 0.5, subcenters=3),
 }
 START = {"curricularface": {"t": torch.tensor(0.3)},          # visible modulation from step 0
          "adaface": {"norm_mean": torch.tensor(20.0), "norm_std": torch.tensor(5.0)}}  # zhat clips
@@ -50,16 +52,19 @@ START = {"curricularface": {"t": torch.tensor(0.3)},          # visible modulati
 # ---- float64 references from the papers ----------------------------------------------------
 def paper_loss(kind, m: MarginConfig, emb, weight, labels, alpha, stats, z_margin):
     """Mean CE and the updated running statistics. emb [N, D] (un-normalised), weight [C', D],
-    labels [N] in [0, C'), alpha [N, C'] LEAP angles, stats dict of floats, z_margin [N]."""
+    labels [N] in [0, C'), alpha [N, C'] LEAP angles, stats dict of floats, z_margin [N].
+    weight [C', K, D] for sub-centres."""
     f = emb / emb.norm(dim=1, keepdim=True)
-    w = weight / weight.norm(dim=1, keepdim=True)
-    cos = f @ w.T
+    w = weight / weight.norm(dim=-1, keepdim=True)
+    cos = torch.einsum("nd,ckd->nck", f, w).max(dim=2).values if w.dim() == 3 else f @ w.T
     theta = torch.acos(cos.clamp(-1.0, 1.0))
     onehot = F.one_hot(labels, cos.shape[1]).bool()
     other = torch.cos(torch.clamp(theta + alpha, 0.0, math.pi))
     th_y, a_y = theta[onehot], alpha[onehot]
     stats = dict(stats)
-    if kind == "elasticface_arc":
+    if kind == "subcenter":
+        target = torch.cos(torch.clamp(th_y + a_y + m.m_arc, 0, math.pi))
+    elif kind == "elasticface_arc":
         target = torch.cos(torch.clamp(th_y + a_y + (m.m_arc + m.sigma * z_margin), 0, math.pi))
     elif kind == "elasticface_cos":
         target = torch.cos(torch.clamp(th_y + a_y, 0, math.pi)) - (m.m_cos + m.sigma * z_margin)
@@ -89,6 +94,8 @@ def _batch(step: int, weight_full=None):
     emb = torch.randn(n, D, generator=g)
     emb = F.normalize(emb, dim=1) * (5.0 + 30.0 * torch.rand(n, 1, generator=g))  # norms 5..35
     if weight_full is not None:             # a third close to their class (small angles)
+        if weight_full.dim() == 3:          # sub-centres: near one of them
+            weight_full = weight_full[:, 1]
         near = torch.arange(n) % 3 == 0
         emb[near] = (F.normalize(weight_full[labels[near]], dim=1).float() * 20.0
                      + 0.5 * torch.randn(int(near.sum()), D, generator=g))
@@ -108,9 +115,10 @@ def _gather(ctx, t):
 
 def _make_head(ctx, kind, rate, leap):
     lc = LeapConfig(mode="full", update_interval=10**6) if leap else LeapConfig(mode="off")
-    head = PartialFC(D, COUNTS, HeadConfig(rate, KINDS[kind]), lc, ctx, seed=11).train()
+    rows = "sampled" if rate < 1 else "all"    # sparse row gradients when sampling
+    head = PartialFC(D, COUNTS, HeadConfig(rate, KINDS[kind], rows), lc, ctx, seed=11).train()
     with torch.no_grad():
-        head.weight.copy_(F.normalize(head.weight, dim=1))
+        head.weight.copy_(F.normalize(head.weight, dim=-1))
         if leap:
             head.leap.class_std[:-1] = torch.as_tensor(STD[head.start:head.end], dtype=torch.float32)
             head.leap_steps = 1                 # no centre update or refresh
@@ -148,7 +156,7 @@ def _step(ctx, head, kind, step, stats, leap, rate):
     ref.backward()
     tag = f"{kind} leap={leap} rate={rate} step={step} ws={ctx.world_size}"
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5, msg=tag)
-    gw = torch.zeros(C, D, dtype=torch.float64)
+    gw = torch.zeros(C, *full_w.shape[1:], dtype=torch.float64)
     gw[cls] = w.grad
     grad_w = head.weight.grad.to_dense() if head.weight.grad.is_sparse else head.weight.grad
     for name, mine, full, scale in (("embeddings", local.grad, e.grad[sl], e.grad.abs().max()),

@@ -75,3 +75,23 @@ def test_margin_state_in_checkpoints_and_kind_mismatch():
     assert float(ada.margin.norm_mean) == 20.0
     with pytest.raises(ValueError, match="curricularface expects margin state"):
         other.margin.load_state_dict({"norm_mean": torch.tensor(1.0)}, "ckpt")
+
+
+def test_subcenter_config_and_checkpoint_shape():
+    with pytest.raises(ConfigError, match=r"head.margin.subcenters must be in \[1, inf\]; got 0"):
+        load_config(None, ["head.margin.kind=subcenter", "head.margin.subcenters=0"])
+    with pytest.raises(ConfigError, match=r"head.margin.subcenters=3 .*head.margin.kind is 'arcface'"):
+        load_config(None, ["head.margin.kind=arcface", "head.margin.subcenters=3"])
+    counts = np.full(10, 3)
+    sub = PartialFC(4, counts, HeadConfig(1.0, MarginConfig("subcenter", subcenters=3)),
+                    LeapConfig(mode="off"), single_process())
+    assert tuple(sub.weight.shape) == (10, 3, 4)
+    # The K = 3 rows of class c are rows 3c..3c+2 of the K = 1 initialisation's stream.
+    plain = PartialFC(4, np.full(30, 3), HeadConfig(1.0, MarginConfig("arcface")),
+                      LeapConfig(mode="off"), single_process())
+    assert torch.equal(sub.weight.detach().reshape(30, 4), plain.weight.detach())
+    one = PartialFC(4, counts, HeadConfig(1.0, MarginConfig("subcenter")), LeapConfig(mode="off"),
+                    single_process())
+    with pytest.raises(ValueError, match=r"weight is \(10, 3, 4\) but this head's is \(10, 4\); "
+                                         "resume with the same head.margin.subcenters"):
+        one.load_state_dict([sub.state_dict()], 1)
