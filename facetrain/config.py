@@ -93,9 +93,9 @@ class ModelConfig:
 # Margin kinds by name (facetrain/heads/kinds/, one file each; docs/heads.md). Which fields each
 # reads: cosface m_cos; arcface m_arc; combined both; elasticface_arc m_arc + sigma;
 # elasticface_cos m_cos + sigma; curricularface m_arc + stat_momentum; adaface m_arc (its m),
-# h + stat_momentum; subcenter m_arc + subcenters.
+# h + stat_momentum; subcenter m_arc + subcenters; magface mag_* + lambda_g.
 MARGIN_KINDS = ("cosface", "arcface", "combined", "elasticface_arc", "elasticface_cos",
-                "curricularface", "adaface", "subcenter")
+                "curricularface", "adaface", "subcenter", "magface")
 ELASTIC_KINDS = ("elasticface_arc", "elasticface_cos")
 
 
@@ -118,6 +118,13 @@ class MarginConfig:
     stat_momentum: float = 0.01
     # Sub-center ArcFace (Deng et al. 2020): K weight vectors per class, the logit is the best.
     subcenters: int = 1
+    # MagFace (Meng et al. 2021): the magnitude a = |f| clipped to [mag_a_min, mag_a_max] maps
+    # linearly onto the margin [mag_m_min, mag_m_max]; lambda_g weights the regulariser g(a).
+    mag_a_min: float = 10.0
+    mag_a_max: float = 110.0
+    mag_m_min: float = 0.45
+    mag_m_max: float = 0.8
+    lambda_g: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("head.margin.kind", self.kind, MARGIN_KINDS)
@@ -133,6 +140,20 @@ class MarginConfig:
                               "weight vectors, which only head.margin.kind=subcenter uses; "
                               f"head.margin.kind is {self.kind!r}: set subcenters to 1 or "
                               "change kind")
+        _check_range("head.margin.mag_a_min", self.mag_a_min, 0.0, lo_open=True)
+        _check_range("head.margin.mag_m_min", self.mag_m_min, 0.0, 3.1416)
+        _check_range("head.margin.mag_m_max", self.mag_m_max, 0.0, 3.1416)
+        _check_range("head.margin.lambda_g", self.lambda_g, 0.0)
+        if self.mag_a_max <= self.mag_a_min:
+            raise ConfigError(f"head.margin.mag_a_max={self.mag_a_max} must be above "
+                              f"head.margin.mag_a_min={self.mag_a_min}")
+        if self.mag_m_max < self.mag_m_min:
+            raise ConfigError(f"head.margin.mag_m_max={self.mag_m_max} must be at least "
+                              f"head.margin.mag_m_min={self.mag_m_min}")
+        if self.lambda_g > 0 and self.kind != "magface":
+            raise ConfigError(f"head.margin.lambda_g={self.lambda_g} weights MagFace's magnitude "
+                              f"regulariser, which only head.margin.kind=magface has; "
+                              f"head.margin.kind is {self.kind!r}: set lambda_g to 0 or change kind")
         if self.sigma > 0 and self.kind not in ELASTIC_KINDS:
             raise ConfigError(f"head.margin.sigma={self.sigma} draws a per-sample margin, which "
                               f"only head.margin.kind={' or '.join(ELASTIC_KINDS)} does; "

@@ -69,7 +69,8 @@ class Perturbation(Protocol):
 class StepInputs(NamedTuple):
     """What a margin kind may read about the step besides the cosines (all global-batch, the
     same on every rank): labels [N] global class ids; norms [N] float32, the embeddings' norms
-    before normalisation (detached; None unless the kind sets uses_norms); counter, the 0-d draw index of this step in the head's
+    before normalisation (None unless the kind sets uses_norms; they carry the gradient to the
+    embeddings, so a kind detaches what it must not differentiate); counter, the 0-d draw index of this step in the head's
     counter-based stream (facetrain/heads/noise.py) and noise_seed; the class-sharding group
     (None = one process); training (running statistics move only in training)."""
 
@@ -114,6 +115,13 @@ class MarginKind:
     def target(self, cos_t: torch.Tensor, alpha_t: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         """Unscaled target logits [B]; loc [B] is 1.0 where this shard owns the class."""
         return target_cos(cos_t, alpha_t, self.m_cos * loc, self.m_arc * loc)
+
+    def extra_loss(self, world_size: int) -> Optional[torch.Tensor]:
+        """A term added to the cross-entropy after the step's logits (MagFace's regulariser): a
+        replicated value whose gradient the kind scales by 1 / world_size, because every rank
+        computes it on the whole gathered batch and the all-gather sums the ranks' gradients.
+        None = no term."""
+        return None
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Running statistics to checkpoint (CPU copies; replicated over ranks)."""

@@ -154,6 +154,9 @@ class PartialFC(torch.nn.Module):
         logits, col, local = self.shard_logits(emb, lab)
         weight = None if self.class_weight is None else self.class_weight[lab]
         loss = dist_softmax_cross_entropy(logits, col, local, group, weight)
+        extra = self.margin.extra_loss(self.ctx.world_size)
+        if extra is not None:
+            loss = loss + extra
         if self.training and self.leap is not None:
             self._leap_iteration(emb.detach(), lab, group)
         return loss
@@ -223,7 +226,7 @@ class PartialFC(torch.nn.Module):
             alpha_t = cloud.target_alpha(col, cos.shape[1]) if applied else std
             self.leap.observe(std, alpha_t, local, applied)
         # The backbone's embeddings arrive un-normalised: their norms, where a kind reads them.
-        norms = emb.detach().float().norm(dim=1) if self.margin.uses_norms else None
+        norms = emb.float().norm(dim=1) if self.margin.uses_norms else None
         inputs = StepInputs(lab, norms, counter, self._noise_seed, self._group(), self.training)
         return margin_logits(cos, col, local, self.margin, cloud, inputs), col, local
 

@@ -11,6 +11,8 @@ The references below share no code with facetrain.heads (they are the papers' eq
                    batch's mean and unbiased std of clip(||z||, 1e-3, 100);
                    target s (cos(clip(theta_y + alpha_y - m zhat, 1e-3, pi - 1e-3)) - m - m zhat)
   Sub-center      cos theta_j = max_k cos(f, W_jk), then ArcFace's target
+  MagFace         a = clip(|f|, a_min, a_max), m(a) linear onto [m_min, m_max],
+                   target s cos(clip(theta_y + alpha_y + m(a), 0, pi)), loss + lambda_g mean(1/a + a/a_max^2)
   every kind       other logits s cos(clip(theta_j + alpha_j, 0, pi)) (LEAP's Eq. 7/8 angles)
 The random values (LEAP's angles, ElasticFace's z_n) are pure functions of the head's draw
 counter (facetrain/heads/noise.py), so the reference re-draws them from that counter, as
@@ -44,6 +46,8 @@ KINDS = {
     "curricularface": MarginConfig("curricularface", 64.0, 0.35, 0.5, stat_momentum=0.3),
     "adaface": MarginConfig("adaface", 64.0, 0.35, 0.4, h=0.333, stat_momentum=0.3),
     "subcenter": MarginConfig("subcenter", 64.0, 0.35, 0.5, subcenters=3),
+    "magface": MarginConfig("magface", 64.0, 0.35, 0.5, mag_a_min=10.0, mag_a_max=30.0,
+                            lambda_g=35.0),   # a_max 30: part of the batch clips at each end
 }
 START = {"curricularface": {"t": torch.tensor(0.3)},          # visible modulation from step 0
          "adaface": {"norm_mean": torch.tensor(20.0), "norm_std": torch.tensor(5.0)}}  # zhat clips
@@ -62,7 +66,13 @@ def paper_loss(kind, m: MarginConfig, emb, weight, labels, alpha, stats, z_margi
     other = torch.cos(torch.clamp(theta + alpha, 0.0, math.pi))
     th_y, a_y = theta[onehot], alpha[onehot]
     stats = dict(stats)
-    if kind == "subcenter":
+    reg = 0.0
+    if kind == "magface":
+        a = emb.norm(dim=1).clamp(m.mag_a_min, m.mag_a_max)
+        marg = m.mag_m_min + (m.mag_m_max - m.mag_m_min) * (a - m.mag_a_min) / (m.mag_a_max - m.mag_a_min)
+        target = torch.cos(torch.clamp(th_y + a_y + marg, 0, math.pi))
+        reg = m.lambda_g * (1.0 / a + a / m.mag_a_max ** 2).mean()
+    elif kind == "subcenter":
         target = torch.cos(torch.clamp(th_y + a_y + m.m_arc, 0, math.pi))
     elif kind == "elasticface_arc":
         target = torch.cos(torch.clamp(th_y + a_y + (m.m_arc + m.sigma * z_margin), 0, math.pi))
@@ -83,7 +93,7 @@ def paper_loss(kind, m: MarginConfig, emb, weight, labels, alpha, stats, z_margi
         target = torch.cos(torch.clamp(th_y + a_y - m.m_arc * zhat, 1e-3, math.pi - 1e-3)) \
             - (m.m_arc + m.m_arc * zhat)
     logits = m.scale * torch.where(onehot, target.unsqueeze(1).expand_as(other), other)
-    return (torch.logsumexp(logits, dim=1) - logits[onehot]).mean(), stats
+    return (torch.logsumexp(logits, dim=1) - logits[onehot]).mean() + reg, stats
 
 
 def _batch(step: int, weight_full=None):

@@ -95,3 +95,16 @@ def test_subcenter_config_and_checkpoint_shape():
     with pytest.raises(ValueError, match=r"weight is \(10, 3, 4\) but this head's is \(10, 4\); "
                                          "resume with the same head.margin.subcenters"):
         one.load_state_dict([sub.state_dict()], 1)
+
+
+def test_magface_config_errors():
+    with pytest.raises(ConfigError, match=r"head.margin.lambda_g=35.0 .*head.margin.kind is 'cosface'"):
+        load_config(None, ["head.margin.lambda_g=35"])
+    with pytest.raises(ConfigError, match=r"head.margin.mag_a_max=10.0 must be above "
+                                          r"head.margin.mag_a_min=10.0"):
+        load_config(None, ["head.margin.kind=magface", "head.margin.mag_a_max=10"])
+    with pytest.raises(ConfigError, match=r"head.margin.mag_m_max=0.3 must be at least "
+                                          r"head.margin.mag_m_min=0.45"):
+        load_config(None, ["head.margin.kind=magface", "head.margin.mag_m_max=0.3"])
+    with pytest.raises(ConfigError, match=r"head.margin.lambda_g must be in \[0.0, inf\]; got -1.0"):
+        load_config(None, ["head.margin.kind=magface", "head.margin.lambda_g=-1"])
