@@ -93,9 +93,9 @@ class ModelConfig:
 # Margin kinds by name (facetrain/heads/kinds/, one file each; docs/heads.md). Which fields each
 # reads: cosface m_cos; arcface m_arc; combined both; elasticface_arc m_arc + sigma;
 # elasticface_cos m_cos + sigma; curricularface m_arc + stat_momentum; adaface m_arc (its m),
-# h + stat_momentum; subcenter m_arc + subcenters; magface mag_* + lambda_g.
+# h + stat_momentum; subcenter m_arc + subcenters; magface mag_* + lambda_g; ldam ldam_max_m.
 MARGIN_KINDS = ("cosface", "arcface", "combined", "elasticface_arc", "elasticface_cos",
-                "curricularface", "adaface", "subcenter", "magface")
+                "curricularface", "adaface", "subcenter", "magface", "ldam")
 ELASTIC_KINDS = ("elasticface_arc", "elasticface_cos")
 
 
@@ -125,6 +125,8 @@ class MarginConfig:
     mag_m_min: float = 0.45
     mag_m_max: float = 0.8
     lambda_g: float = 0.0
+    # LDAM (Cao et al. 2019): class j's margin on the cosine is ldam_max_m * (K_min / K_j)^(1/4).
+    ldam_max_m: float = 0.5
 
     def __post_init__(self) -> None:
         _check_choice("head.margin.kind", self.kind, MARGIN_KINDS)
@@ -144,6 +146,7 @@ class MarginConfig:
         _check_range("head.margin.mag_m_min", self.mag_m_min, 0.0, 3.1416)
         _check_range("head.margin.mag_m_max", self.mag_m_max, 0.0, 3.1416)
         _check_range("head.margin.lambda_g", self.lambda_g, 0.0)
+        _check_range("head.margin.ldam_max_m", self.ldam_max_m, 0.0, 1.0)
         if self.mag_a_max <= self.mag_a_min:
             raise ConfigError(f"head.margin.mag_a_max={self.mag_a_max} must be above "
                               f"head.margin.mag_a_min={self.mag_a_min}")
@@ -174,10 +177,26 @@ class HeadConfig:
     # (1 - beta) / (1 - beta^K) of its class, mean 1 over classes; 0 = off, typical 0.99-0.9999
     # (docs/long_tail_remedies.md).
     class_balance_beta: float = 0.0
+    # Deferred re-weighting (Cao et al. 2019, LDAM-DRW): the class-balanced weights above apply
+    # only from this epoch on; 0 = from the start.
+    class_balance_start_epoch: int = 0
+    # Logit adjustment (Menon et al. 2021): tau * log(K_j / sum K) is added to every scaled
+    # logit j in training; tau = 1 is Balanced Softmax (Ren et al. 2020); 0 = off.
+    logit_adjust_tau: float = 0.0
+    # Partial FC's inter-class filtering (An et al. 2022): a non-target cosine above this is
+    # set to 0 (a likely duplicate identity in noisy web data); 0 = off.
+    interclass_filter: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("head.sample_rate", self.sample_rate, 0.0, 1.0, lo_open=True)
         _check_range("head.class_balance_beta", self.class_balance_beta, 0.0, 1.0, hi_open=True)
+        _check_range("head.class_balance_start_epoch", self.class_balance_start_epoch, 0)
+        _check_range("head.logit_adjust_tau", self.logit_adjust_tau, 0.0)
+        _check_range("head.interclass_filter", self.interclass_filter, 0.0, 1.0, hi_open=True)
+        if self.class_balance_start_epoch > 0 and self.class_balance_beta == 0:
+            raise ConfigError(f"head.class_balance_start_epoch={self.class_balance_start_epoch} "
+                              "defers the class-balanced weights, but head.class_balance_beta is "
+                              "0 (no weights): set class_balance_beta (LDAM-DRW uses 0.9999)")
         _check_choice("head.update_rows", self.update_rows, ("all", "sampled"))
 
 

@@ -116,6 +116,10 @@ class MarginKind:
         """Unscaled target logits [B]; loc [B] is 1.0 where this shard owns the class."""
         return target_cos(cos_t, alpha_t, self.m_cos * loc, self.m_arc * loc)
 
+    def set_class_counts(self, counts: torch.Tensor) -> None:
+        """The global class counts K_i [C] int64 (on the head's device), for kinds whose margin
+        depends on the class (LDAM); the others ignore them."""
+
     def extra_loss(self, world_size: int) -> Optional[torch.Tensor]:
         """A term added to the cross-entropy after the step's logits (MagFace's regulariser): a
         replicated value whose gradient the kind scales by 1 / world_size, because every rank

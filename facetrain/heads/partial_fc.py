@@ -112,6 +112,17 @@ class PartialFC(torch.nn.Module):
                                                ctx.device)
         # The margin kind (head.margin.kind, facetrain/heads/kinds/) and its running statistics.
         self.margin = build_margin(head_cfg.margin, ctx.device)
+        self.margin.set_class_counts(counts.to(ctx.device))
+        # Logit adjustment: tau * log prior of this shard's classes, [C_local] (None = off).
+        self.log_prior = None
+        if head_cfg.logit_adjust_tau > 0:
+            if int(counts.sum()) <= 0:
+                raise ValueError(f"head.logit_adjust_tau={head_cfg.logit_adjust_tau} needs the "
+                                 "class counts K_i, but the training data reports none")
+            # A class with no image (a gap in the label space) counts as one, not log 0.
+            prior = counts.clamp(min=1).double() / counts.clamp(min=1).sum()
+            self.log_prior = (head_cfg.logit_adjust_tau * prior.log()).float()[
+                self.start:self.end].to(ctx.device)
         # Class sampling: a stream per rank. LEAP angles: keyed on (draw, sample, global class),
         # the same on every rank and for every world size (facetrain/heads/noise.py).
         self._sample_gen = _generator(ctx.device, seed * 7919 + ctx.rank + 1)
@@ -152,7 +163,9 @@ class PartialFC(torch.nn.Module):
         emb = all_gather_with_grad(embeddings, group)
         lab = all_gather_no_grad(labels.to(torch.int64), group)
         logits, col, local = self.shard_logits(emb, lab)
-        weight = None if self.class_weight is None else self.class_weight[lab]
+        weight = None
+        if self.class_weight is not None and self.epoch >= self.head_cfg.class_balance_start_epoch:
+            weight = self.class_weight[lab]
         loss = dist_softmax_cross_entropy(logits, col, local, group, weight)
         extra = self.margin.extra_loss(self.ctx.world_size)
         if extra is not None:
@@ -204,6 +217,8 @@ class PartialFC(torch.nn.Module):
             cos = self.margin.class_cosines(cos)
         else:
             cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()
+        if self.head_cfg.interclass_filter > 0:
+            cos = self._filter_interclass(cos, col, local)
         cloud = None
         # One draw of the counter-based stream per training forward that uses it (LEAP's angles,
         # a kind's per-sample values): all of them read the counter before it is bumped.
@@ -228,7 +243,20 @@ class PartialFC(torch.nn.Module):
         # The backbone's embeddings arrive un-normalised: their norms, where a kind reads them.
         norms = emb.float().norm(dim=1) if self.margin.uses_norms else None
         inputs = StepInputs(lab, norms, counter, self._noise_seed, self._group(), self.training)
-        return margin_logits(cos, col, local, self.margin, cloud, inputs), col, local
+        logits = margin_logits(cos, col, local, self.margin, cloud, inputs)
+        if self.log_prior is not None:        # logit adjustment, after the scale
+            prior = self.log_prior if index is None else self.log_prior[index]
+            logits = logits + prior.unsqueeze(0)
+        return logits, col, local
+
+    def _filter_interclass(self, cos: torch.Tensor, col: torch.Tensor, local: torch.Tensor
+                           ) -> torch.Tensor:
+        """Partial FC's inter-class filtering: a non-target cosine above head.interclass_filter
+        becomes 0 (no gradient), before margins and LEAP; the target never is."""
+        dirty = cos.detach() > self.head_cfg.interclass_filter
+        own = dirty.gather(1, col.view(-1, 1)) & ~local.view(-1, 1)   # keep column 0 of others
+        dirty.scatter_(1, col.view(-1, 1), own)
+        return cos.masked_fill(dirty, 0.0)
 
     def leap_summary(self) -> Dict[str, float]:
         """Global LEAP numbers (replicated): statistics, the expected per-sample noise variance

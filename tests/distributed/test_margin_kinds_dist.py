@@ -13,6 +13,10 @@ The references below share no code with facetrain.heads (they are the papers' eq
   Sub-center      cos theta_j = max_k cos(f, W_jk), then ArcFace's target
   MagFace         a = clip(|f|, a_min, a_max), m(a) linear onto [m_min, m_max],
                    target s cos(clip(theta_y + alpha_y + m(a), 0, pi)), loss + lambda_g mean(1/a + a/a_max^2)
+  LDAM            m_j = max_m (K_min / K_j)^(1/4), target s (cos(clip(theta_y + alpha_y, 0, pi)) - m_y);
+                   DRW: CE_n weighted by (1 - b) / (1 - b^K_y), mean 1 over classes, from its epoch
+  logit adjust    every scaled logit j + tau log(K_j / sum K)
+  inter-class     a non-target cosine above the threshold becomes 0 before anything else
   every kind       other logits s cos(clip(theta_j + alpha_j, 0, pi)) (LEAP's Eq. 7/8 angles)
 The random values (LEAP's angles, ElasticFace's z_n) are pure functions of the head's draw
 counter (facetrain/heads/noise.py), so the reference re-draws them from that counter, as
@@ -40,29 +44,40 @@ from facetrain.heads.partial_fc import PartialFC
 C, D, N = 53, 16, 12                       # 53 classes: blocks 27/26 and 18/18/17; global batch 12
 COUNTS = np.random.RandomState(3).randint(1, 40, size=C)
 STD = 0.05 + 0.3 * ((np.arange(C) * 0.37) % 1.0)
+# case -> (margin, other head fields); the case name is the margin kind unless it says otherwise.
 KINDS = {
-    "elasticface_arc": MarginConfig("elasticface_arc", 64.0, 0.35, 0.5, sigma=0.1),
-    "elasticface_cos": MarginConfig("elasticface_cos", 64.0, 0.35, 0.5, sigma=0.1),
-    "curricularface": MarginConfig("curricularface", 64.0, 0.35, 0.5, stat_momentum=0.3),
-    "adaface": MarginConfig("adaface", 64.0, 0.35, 0.4, h=0.333, stat_momentum=0.3),
-    "subcenter": MarginConfig("subcenter", 64.0, 0.35, 0.5, subcenters=3),
-    "magface": MarginConfig("magface", 64.0, 0.35, 0.5, mag_a_min=10.0, mag_a_max=30.0,
-                            lambda_g=35.0),   # a_max 30: part of the batch clips at each end
+    "elasticface_arc": (MarginConfig("elasticface_arc", 64.0, 0.35, 0.5, sigma=0.1), {}),
+    "elasticface_cos": (MarginConfig("elasticface_cos", 64.0, 0.35, 0.5, sigma=0.1), {}),
+    "curricularface": (MarginConfig("curricularface", 64.0, 0.35, 0.5, stat_momentum=0.3), {}),
+    "adaface": (MarginConfig("adaface", 64.0, 0.35, 0.4, h=0.333, stat_momentum=0.3), {}),
+    "subcenter": (MarginConfig("subcenter", 64.0, 0.35, 0.5, subcenters=3), {}),
+    "magface": (MarginConfig("magface", 64.0, 0.35, 0.5, mag_a_min=10.0, mag_a_max=30.0,
+                             lambda_g=35.0), {}),   # a_max 30: part of the batch clips at each end
+    "ldam_drw": (MarginConfig("ldam", 64.0, ldam_max_m=0.5),     # deferred weights on (epoch 1)
+                 {"class_balance_beta": 0.99, "class_balance_start_epoch": 1}),
+    "logit_adjust": (MarginConfig("cosface", 64.0, 0.35), {"logit_adjust_tau": 1.0}),
+    "interclass_filter": (MarginConfig("arcface", 64.0, 0.0, 0.5), {"interclass_filter": 0.1}),
 }
+STATEFUL = ("curricularface", "adaface")
 START = {"curricularface": {"t": torch.tensor(0.3)},          # visible modulation from step 0
          "adaface": {"norm_mean": torch.tensor(20.0), "norm_std": torch.tensor(5.0)}}  # zhat clips
 
 
 # ---- float64 references from the papers ----------------------------------------------------
-def paper_loss(kind, m: MarginConfig, emb, weight, labels, alpha, stats, z_margin):
-    """Mean CE and the updated running statistics. emb [N, D] (un-normalised), weight [C', D],
-    labels [N] in [0, C'), alpha [N, C'] LEAP angles, stats dict of floats, z_margin [N].
-    weight [C', K, D] for sub-centres."""
+def paper_loss(case, emb, weight, labels, cls, alpha, stats, z_margin):
+    """Mean CE and the updated running statistics. emb [N, D] (un-normalised), weight [C', D]
+    ([C', K, D] for sub-centres) of the global classes cls [C'], labels [N] in [0, C'),
+    alpha [N, C'] LEAP angles, stats dict of floats, z_margin [N]."""
+    m, hk = KINDS[case]
+    kind = m.kind
+    counts = torch.as_tensor(COUNTS, dtype=torch.float64)
     f = emb / emb.norm(dim=1, keepdim=True)
     w = weight / weight.norm(dim=-1, keepdim=True)
     cos = torch.einsum("nd,ckd->nck", f, w).max(dim=2).values if w.dim() == 3 else f @ w.T
-    theta = torch.acos(cos.clamp(-1.0, 1.0))
     onehot = F.one_hot(labels, cos.shape[1]).bool()
+    if hk.get("interclass_filter"):
+        cos = torch.where(~onehot & (cos.detach() > hk["interclass_filter"]), 0.0 * cos, cos)
+    theta = torch.acos(cos.clamp(-1.0, 1.0))
     other = torch.cos(torch.clamp(theta + alpha, 0.0, math.pi))
     th_y, a_y = theta[onehot], alpha[onehot]
     stats = dict(stats)
@@ -72,8 +87,13 @@ def paper_loss(kind, m: MarginConfig, emb, weight, labels, alpha, stats, z_margi
         marg = m.mag_m_min + (m.mag_m_max - m.mag_m_min) * (a - m.mag_a_min) / (m.mag_a_max - m.mag_a_min)
         target = torch.cos(torch.clamp(th_y + a_y + marg, 0, math.pi))
         reg = m.lambda_g * (1.0 / a + a / m.mag_a_max ** 2).mean()
-    elif kind == "subcenter":
+    elif kind in ("subcenter", "arcface"):
         target = torch.cos(torch.clamp(th_y + a_y + m.m_arc, 0, math.pi))
+    elif kind == "cosface":
+        target = torch.cos(torch.clamp(th_y + a_y, 0, math.pi)) - m.m_cos
+    elif kind == "ldam":
+        m_class = m.ldam_max_m * (counts.min() / counts) ** 0.25
+        target = torch.cos(torch.clamp(th_y + a_y, 0, math.pi)) - m_class[cls[labels]]
     elif kind == "elasticface_arc":
         target = torch.cos(torch.clamp(th_y + a_y + (m.m_arc + m.sigma * z_margin), 0, math.pi))
     elif kind == "elasticface_cos":
@@ -93,7 +113,14 @@ def paper_loss(kind, m: MarginConfig, emb, weight, labels, alpha, stats, z_margi
         target = torch.cos(torch.clamp(th_y + a_y - m.m_arc * zhat, 1e-3, math.pi - 1e-3)) \
             - (m.m_arc + m.m_arc * zhat)
     logits = m.scale * torch.where(onehot, target.unsqueeze(1).expand_as(other), other)
-    return (torch.logsumexp(logits, dim=1) - logits[onehot]).mean() + reg, stats
+    if hk.get("logit_adjust_tau"):
+        logits = logits + hk["logit_adjust_tau"] * torch.log(counts[cls] / counts.sum())
+    ce = torch.logsumexp(logits, dim=1) - logits[onehot]
+    if hk.get("class_balance_beta"):
+        b = hk["class_balance_beta"]
+        wc = (1 - b) / (1 - b ** counts)
+        ce = ce * (wc / wc.mean())[cls[labels]]
+    return ce.mean() + reg, stats
 
 
 def _batch(step: int, weight_full=None):
@@ -126,7 +153,9 @@ def _gather(ctx, t):
 def _make_head(ctx, kind, rate, leap):
     lc = LeapConfig(mode="full", update_interval=10**6) if leap else LeapConfig(mode="off")
     rows = "sampled" if rate < 1 else "all"    # sparse row gradients when sampling
-    head = PartialFC(D, COUNTS, HeadConfig(rate, KINDS[kind], rows), lc, ctx, seed=11).train()
+    margin, extra = KINDS[kind]
+    head = PartialFC(D, COUNTS, HeadConfig(rate, margin, rows, **extra), lc, ctx, seed=11).train()
+    head.set_epoch(1)
     with torch.no_grad():
         head.weight.copy_(F.normalize(head.weight, dim=-1))
         if leap:
@@ -162,7 +191,7 @@ def _step(ctx, head, kind, step, stats, leap, rate):
     z = noise.sample_gauss(head._noise_seed, torch.tensor(counter), n, SALT).double()
     w = full_w[cls].clone().requires_grad_()
     e = emb.double().requires_grad_()
-    ref, stats = paper_loss(kind, KINDS[kind], e, w, torch.searchsorted(cls, labels), alpha, stats, z)
+    ref, stats = paper_loss(kind, e, w, torch.searchsorted(cls, labels), cls, alpha, stats, z)
     ref.backward()
     tag = f"{kind} leap={leap} rate={rate} step={step} ws={ctx.world_size}"
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5, msg=tag)
@@ -189,7 +218,7 @@ def _check_kinds(ctx, out_dir) -> None:
             for rate in (1.0, 0.4):
                 head = _make_head(ctx, kind, rate, leap)
                 stats = {k: float(v) for k, v in START.get(kind, {}).items()}
-                for step in range(2):
+                for step in range(2 if kind in STATEFUL else 1):
                     stats = _step(ctx, head, kind, step, stats, leap, rate)
                 final[f"{kind}/{leap}/{rate}"] = _head_stats(head)
     if ctx.rank == 0:
@@ -201,15 +230,15 @@ def _check_resume(ctx) -> None:
     """Steps 0-1 on one process, saved; a fresh head on this world size loads it (1 -> W
     reshard) and runs step 2: the same loss and statistics as a head that never stopped."""
     sl = _slice(ctx)
-    for kind in KINDS:
+    for kind in STATEFUL + ("elasticface_arc", "subcenter"):
         solo = _make_head(single_process(), kind, 1.0, False)
         for step in range(2):
             emb, labels = _batch(100 + step)
             solo(emb.clone().requires_grad_(), labels)
         saved = solo.state_dict()
         del solo                             # "killed"
-        resumed = PartialFC(D, COUNTS, HeadConfig(1.0, KINDS[kind]), LeapConfig(mode="off"), ctx,
-                            seed=99).train()
+        resumed = PartialFC(D, COUNTS, HeadConfig(1.0, KINDS[kind][0]), LeapConfig(mode="off"),
+                            ctx, seed=99).train()
         resumed.load_state_dict([saved], ctx.world_size)
         straight = _make_head(ctx, kind, 1.0, False)
         for step in range(2):

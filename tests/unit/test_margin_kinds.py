@@ -108,3 +108,30 @@ def test_magface_config_errors():
         load_config(None, ["head.margin.kind=magface", "head.margin.mag_m_max=0.3"])
     with pytest.raises(ConfigError, match=r"head.margin.lambda_g must be in \[0.0, inf\]; got -1.0"):
         load_config(None, ["head.margin.kind=magface", "head.margin.lambda_g=-1"])
+
+
+def test_long_tail_options_config_errors_and_counts():
+    with pytest.raises(ConfigError, match=r"head.class_balance_start_epoch=3 defers .*"
+                                          r"head.class_balance_beta is 0"):
+        load_config(None, ["head.class_balance_start_epoch=3"])
+    with pytest.raises(ConfigError, match=r"head.logit_adjust_tau must be in \[0.0, inf\]; got -1.0"):
+        load_config(None, ["head.logit_adjust_tau=-1"])
+    with pytest.raises(ConfigError, match=r"head.interclass_filter must be in \[0.0, 1.0\); got 1.0"):
+        load_config(None, ["head.interclass_filter=1.0"])
+    with pytest.raises(ConfigError, match=r"head.margin.ldam_max_m must be in \[0.0, 1.0\]; got -0.5"):
+        load_config(None, ["head.margin.kind=ldam", "head.margin.ldam_max_m=-0.5"])
+    with pytest.raises(ValueError, match=r"head.logit_adjust_tau=1.0 needs the class counts"):
+        PartialFC(4, np.zeros(10, dtype=int), HeadConfig(logit_adjust_tau=1.0),
+                  LeapConfig(mode="off"), single_process())
+
+
+def test_deferred_reweighting_starts_at_its_epoch():
+    counts = np.array([1, 50, 3, 7, 200, 2])
+    emb, lab = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 6
+    plain = PartialFC(4, counts, HeadConfig(), LeapConfig(mode="off"), single_process())
+    drw = PartialFC(4, counts, HeadConfig(class_balance_beta=0.999, class_balance_start_epoch=2),
+                    LeapConfig(mode="off"), single_process())
+    drw.set_epoch(1)
+    assert torch.equal(drw(emb, lab), plain(emb, lab))
+    drw.set_epoch(2)
+    assert not torch.equal(drw(emb, lab), plain(emb, lab))

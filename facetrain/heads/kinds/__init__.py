@@ -20,7 +20,8 @@ from facetrain.heads.margins import MarginKind
 _REGISTRY: Dict[str, Type[MarginKind]] = {}
 _BUILTIN_MODULES = ("facetrain.heads.kinds.classic", "facetrain.heads.kinds.elasticface",
                     "facetrain.heads.kinds.curricularface", "facetrain.heads.kinds.adaface",
-                    "facetrain.heads.kinds.subcenter", "facetrain.heads.kinds.magface")
+                    "facetrain.heads.kinds.subcenter", "facetrain.heads.kinds.magface",
+                    "facetrain.heads.kinds.ldam")
 
 
 def register(name: str) -> Callable[[Type[MarginKind]], Type[MarginKind]]:
