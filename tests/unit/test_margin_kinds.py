@@ -135,3 +135,18 @@ def test_deferred_reweighting_starts_at_its_epoch():
     assert torch.equal(drw(emb, lab), plain(emb, lab))
     drw.set_epoch(2)
     assert not torch.equal(drw(emb, lab), plain(emb, lab))
+
+
+def test_elastic_draws_once_per_training_forward_and_not_in_eval():
+    head = PartialFC(4, np.full(10, 3), HeadConfig(1.0, MarginConfig("elasticface_arc", sigma=0.1)),
+                     LeapConfig(mode="off"), single_process()).train()
+    emb, lab = torch.randn(6, 4), torch.arange(6)
+    head(emb, lab)
+    first = head.margin.margin_n.clone()
+    head(emb, lab)
+    assert int(head.noise_counter) == 2 and not torch.equal(first, head.margin.margin_n)
+    torch.testing.assert_close(first, 0.5 + 0.1 * noise.sample_gauss(head._noise_seed,
+                                                                      torch.tensor(0), 6, SALT))
+    head.eval()
+    head(emb, lab)
+    assert int(head.noise_counter) == 2 and torch.equal(head.margin.margin_n, torch.full((6,), 0.5))
