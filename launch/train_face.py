@@ -58,7 +58,8 @@ def config_sections_help() -> str:
         "range and meaning; a misspelled key or a bad value is an error naming it), the "
         "README (Training, Data tools, LEAP configuration), docs/leap.md (the leap: section "
         "against the paper) and docs/long_tail_remedies.md (head.class_balance_beta, "
-        "data.repeat_factor_threshold).", width=100))
+        "data.repeat_factor_threshold) and docs/heads.md (head.margin.kind and the other "
+        "margin heads, head.logit_adjust_tau, head.interclass_filter).", width=100))
     return "\n".join(out)
 
 
