@@ -150,3 +150,16 @@ def test_elastic_draws_once_per_training_forward_and_not_in_eval():
     head.eval()
     head(emb, lab)
     assert int(head.noise_counter) == 2 and torch.equal(head.margin.margin_n, torch.full((6,), 0.5))
+
+
+def test_classifier_bench_times_heads_against_cosface(tmp_path, capsys):
+    import json
+    from benchmarks.classifier_bench import main
+    out = tmp_path / "rows.json"
+    main(["--heads", "adaface", "subcenter", "--classes", "300", "--sample-rates", "0.5",
+          "--steps", "1", "--warmup", "1", "--dim", "16", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["head"], r["leap"]) for r in rows] == [
+        (h, leap) for leap in ("off", "on") for h in ("cosface", "adaface", "subcenter")]
+    assert all((r["vs_cosface_pct"] is None) == (r["head"] == "cosface") for r in rows)
+    assert "| adaface | 300 | 0.5 | on |" in capsys.readouterr().out
