@@ -132,27 +132,35 @@ def time_head(head: PartialFC, rate: float, leap: str, args, device: torch.devic
 
 
 def run_heads(args) -> List[Row]:
-    """Every head of args.heads (CosFace first, the reference) per class count, rate and LEAP."""
+    """Every head of args.heads (CosFace first, the reference) per class count, LEAP setting and
+    rate. All heads of a setting are built first and timed in interleaved rounds (args.rounds);
+    each row is the median over rounds, and `vs CosFace` the median of the per-round ratios, so
+    a machine whose speed drifts (shared CPUs) moves both sides of each ratio alike."""
     device = torch.device(args.device)
     classes = args.classes or ([1_000_000] if device.type == "cuda" else [100_000])
     names = ["cosface"] + [h for h in args.heads if h != "cosface"]
     rows: List[Row] = []
     for c in classes:
         for leap in args.leap:
-            base = {}
-            for name in names:
-                head = build_head(c, leap, args, device, name)
-                for rate in args.sample_rates:
-                    row = time_head(head, rate, leap, args, device, name)
-                    if name == "cosface":
-                        base[rate] = row.ms_per_step
-                    else:
-                        row.vs_cosface_pct = 100.0 * (row.ms_per_step - base[rate]) / base[rate]
+            heads = {name: build_head(c, leap, args, device, name) for name in names}
+            for rate in args.sample_rates:
+                per_round = {name: [] for name in names}
+                for _ in range(args.rounds):
+                    for name in names:
+                        per_round[name].append(time_head(heads[name], rate, leap, args, device, name))
+                base = [r.ms_per_step for r in per_round["cosface"]]
+                for name in names:
+                    ms = [r.ms_per_step for r in per_round[name]]
+                    row = per_round[name][-1]
+                    row.ms_per_step = float(np.median(ms))
+                    if name != "cosface":
+                        row.vs_cosface_pct = float(np.median(
+                            [100.0 * (m - b) / b for m, b in zip(ms, base)]))
                     rows.append(row)
                     print(_fmt_head(row), flush=True)
-                del head
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            del heads
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -208,6 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--heads", nargs="*", default=None, choices=["all", *HEADS],
                    help="time these heads against CosFace instead (default classes: 1,000,000 "
                         "cuda, 100,000 cpu)")
+    p.add_argument("--rounds", type=int, default=3, help="--heads: interleaved timing rounds "
+                   "(the median is reported)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
