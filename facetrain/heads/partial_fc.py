@@ -2,8 +2,9 @@
 
 Per step: all-gather embeddings (with gradient) and labels over ctx.group -> this rank's class
 block (optionally a sampled subset of it) -> cosine logits (matmul may run under autocast; the
-rest is fp32) -> LEAP angles for samples whose class has a feature cloud -> margin on the
-targets this rank owns -> distributed softmax cross-entropy (mean over the global batch,
+rest is fp32) -> LEAP angles for samples whose class has a feature cloud -> the margin kind
+of head.margin.kind (facetrain/heads/kinds/, docs/heads.md) on the targets this rank owns ->
+logit adjustment -> distributed softmax cross-entropy (mean over the global batch,
 replicated). Gradients equal a single-process full softmax on the global batch: each rank
 back-propagates only its own block, and dist.all_gather_with_grad sums the embedding partials.
 
