@@ -165,7 +165,9 @@ class MarginConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """The model-parallel classifier: class sampling, margin, update rule, class weights."""
+    """The model-parallel classifier: class sampling, margin kind, update rule, loss reweighting.
+
+    Margin kinds, logit adjustment and inter-class filtering: docs/heads.md."""
 
     sample_rate: float = 1.0                   # partial-FC class sampling; 1.0 = full softmax
     margin: MarginConfig = field(default_factory=MarginConfig)
