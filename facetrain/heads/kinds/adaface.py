@@ -3,7 +3,7 @@ norm before normalisation.
 
   ||z||_n  = clip(norm of sample n's embedding, 0.001, 100)       (no gradient)
   mu, sd  <- rate * (mean, unbiased std of ||z|| over the global batch) + (1 - rate) * (mu, sd)
-             each training step, before use (rate = stat_momentum; mu_0 = 20, sd_0 = 100)
+             each training forward, before use (rate = stat_momentum; mu_0 = 20, sd_0 = 100)
   zhat_n   = clip(h * (||z||_n - mu) / (sd + 0.001), -1, 1)
   target   s * (cos(clip(theta_y + alpha_y - m zhat_n, 0.001, pi - 0.001)) - (m + m zhat_n))
   others   s * c'_j (LEAP's perturbed cosine, or the cosine)

@@ -4,7 +4,7 @@ an adaptive t as training progresses.
   target            s * cos(clip(theta_y + alpha_y + m, 0, pi)) =: s * T_n      (m = m_arc)
   other logit c'_j  s * c'_j                      if c'_j <= T_n
                     s * c'_j * (t + c'_j)         if c'_j >  T_n  (a hard negative)
-  t <- rate * mean_n cos(theta_y,n) + (1 - rate) * t    each training step, before use
+  t <- rate * mean_n cos(theta_y,n) + (1 - rate) * t    each training forward, before use
                                                         (rate = stat_momentum, t_0 = 0)
 
 c'_j is the (LEAP-perturbed) cosine of logit j and T_n the sample's perturbed target with its
