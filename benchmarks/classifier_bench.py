@@ -133,7 +133,8 @@ def time_head(head: PartialFC, rate: float, leap: str, args, device: torch.devic
 
 def run_heads(args) -> List[Row]:
     """Every head of args.heads (CosFace first, the reference) per class count, LEAP setting and
-    rate. All heads of a setting are built first and timed in interleaved rounds (args.rounds);
+    rate. All heads of a setting are built first and timed in interleaved, rotated rounds
+    (args.rounds);
     each row is the median over rounds, and `vs CosFace` the median of the per-round ratios, so
     a machine whose speed drifts (shared CPUs) moves both sides of each ratio alike."""
     device = torch.device(args.device)
@@ -145,8 +146,10 @@ def run_heads(args) -> List[Row]:
             heads = {name: build_head(c, leap, args, device, name) for name in names}
             for rate in args.sample_rates:
                 per_round = {name: [] for name in names}
-                for _ in range(args.rounds):
-                    for name in names:
+                for r in range(args.rounds):
+                    # Each round starts at another head: no head always runs first (a cold
+                    # first head measured ~15% slow on the shared CPU).
+                    for name in names[r % len(names):] + names[:r % len(names)]:
                         per_round[name].append(time_head(heads[name], rate, leap, args, device, name))
                 base = [r.ms_per_step for r in per_round["cosface"]]
                 for name in names:

@@ -262,8 +262,8 @@ def _main_heads(args, names: List[str], table: Dict[str, tuple], ctx: DistContex
     results = []
     for name in names:
         runs: Dict[str, List[Result]] = {h: [] for h in heads}
-        for _ in range(args.rounds):
-            for h in heads:
+        for r in range(args.rounds):
+            for h in heads[r % len(heads):] + heads[:r % len(heads)]:   # no head always first
                 runs[h].append(run_row(name, table[name], args, ctx, h))
         base = [r.ms_per_step for r in runs["cosface"]]
         for h in heads:
