@@ -70,9 +70,10 @@ class StepInputs(NamedTuple):
     """What a margin kind may read about the step besides the cosines (all global-batch, the
     same on every rank): labels [N] global class ids; norms [N] float32, the embeddings' norms
     before normalisation (None unless the kind sets uses_norms; they carry the gradient to the
-    embeddings, so a kind detaches what it must not differentiate); counter, the 0-d draw index of this step in the head's
-    counter-based stream (facetrain/heads/noise.py) and noise_seed; the class-sharding group
-    (None = one process); training (running statistics move only in training)."""
+    embeddings, so a kind detaches what it must not differentiate); counter, the 0-d draw
+    index of this step in the head's counter-based stream (facetrain/heads/noise.py) and
+    noise_seed; the class-sharding group (None = one process); training (running statistics
+    move only in training)."""
 
     labels: torch.Tensor
     norms: Optional[torch.Tensor]
@@ -89,7 +90,8 @@ class MarginKind:
     - `prepare`: per-step quantities, computed identically on every rank (collectives allowed);
     - `others`: a change of the scaled, perturbed block [B, C_s] (targets still margin-free);
     - `target`: the unscaled target logit from the target cosine and its LEAP angle;
-    - `state_dict` / `load_state_dict`: running statistics (replicated, world-size free).
+    - `state_dict` / `load_state_dict`: running statistics (replicated, world-size free);
+    - `set_class_counts` (margins per class) and `extra_loss` (a term beside the CE).
     `own_value_on_other_rows` says whether `target` with loc = 0 reproduces the block's own
     value at that column (then the margin path writes it as is, bit for bit as before); if not,
     margin_logits copies the block's value for rows whose class lives on another shard.
