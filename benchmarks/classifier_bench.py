@@ -150,7 +150,8 @@ def run_heads(args) -> List[Row]:
                     # Each round starts at another head: no head always runs first (a cold
                     # first head measured ~15% slow on the shared CPU).
                     for name in names[r % len(names):] + names[:r % len(names)]:
-                        per_round[name].append(time_head(heads[name], rate, leap, args, device, name))
+                        per_round[name].append(
+                            time_head(heads[name], rate, leap, args, device, name))
                 base = [r.ms_per_step for r in per_round["cosface"]]
                 for name in names:
                     ms = [r.ms_per_step for r in per_round[name]]
