@@ -7,6 +7,10 @@ perturbed (the cost of the block pass does not depend on how many rows are).
 
     python benchmarks/classifier_bench.py                     # CPU: 9,343 and 20,000 classes
     python benchmarks/classifier_bench.py --device cuda       # 93,431 and 2,000,000 classes
+    python benchmarks/classifier_bench.py --heads all --classes 100000 --sample-rates 0.1
+
+--heads times the margin kinds and logit-level options (docs/heads.md) instead of ArcFace alone,
+each against CosFace at the same class count, sample rate and LEAP setting.
 
 Peak memory: on CUDA the allocator's peak over the timed steps of that row; on CPU the process's
 peak resident set so far (monotone over rows; includes Python and torch themselves).
@@ -35,6 +39,20 @@ from facetrain.heads.partial_fc import PartialFC  # noqa: E402
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MARGIN = MarginConfig("arcface", 64.0, 0.0, 0.5)
+# --heads: name -> (margin, other head fields), the published settings of each (docs/heads.md).
+HEADS = {
+    "cosface": (MarginConfig("cosface", 64.0, 0.35, 0.0), {}),
+    "arcface": (_MARGIN, {}),
+    "elasticface_arc": (MarginConfig("elasticface_arc", 64.0, 0.0, 0.5, sigma=0.05), {}),
+    "elasticface_cos": (MarginConfig("elasticface_cos", 64.0, 0.35, 0.0, sigma=0.05), {}),
+    "curricularface": (MarginConfig("curricularface", 64.0, 0.0, 0.5), {}),
+    "adaface": (MarginConfig("adaface", 64.0, 0.0, 0.4), {}),
+    "subcenter": (MarginConfig("subcenter", 64.0, 0.0, 0.5, subcenters=3), {}),
+    "magface": (MarginConfig("magface", 64.0, 0.0, 0.5, lambda_g=35.0), {}),
+    "ldam": (MarginConfig("ldam", 64.0, 0.0, 0.0), {}),
+    "logit_adjust": (MarginConfig("cosface", 64.0, 0.35, 0.0), {"logit_adjust_tau": 1.0}),
+    "interclass_filter": (MarginConfig("arcface", 64.0, 0.0, 0.5), {"interclass_filter": 0.4}),
+}
 
 
 @dataclass
@@ -48,6 +66,8 @@ class Row:
     ms_per_step: float
     peak_mem_gib: float
     leap_overhead_pct: Optional[float] = None
+    head: str = "arcface"
+    vs_cosface_pct: Optional[float] = None
 
 
 def _sync(device: torch.device) -> None:
@@ -67,16 +87,20 @@ def _long_tail_counts(num_classes: int, rng: np.random.RandomState) -> np.ndarra
         rng.permutation(num_classes)]
 
 
-def build_head(classes: int, leap: str, args, device: torch.device) -> PartialFC:
+def build_head(classes: int, leap: str, args, device: torch.device,
+               name: str = "arcface") -> PartialFC:
     counts = _long_tail_counts(classes, np.random.RandomState(0))
     leap_cfg = LeapConfig(mode="full" if leap == "on" else "off", update_interval=args.update_interval)
-    return PartialFC(args.dim, counts, HeadConfig(1.0, _MARGIN), leap_cfg, single_process(device),
-                     seed=0).train()
+    margin, extra = HEADS[name]
+    return PartialFC(args.dim, counts, HeadConfig(1.0, margin, **extra), leap_cfg,
+                     single_process(device), seed=0).train()
 
 
-def time_head(head: PartialFC, rate: float, leap: str, args, device: torch.device) -> Row:
+def time_head(head: PartialFC, rate: float, leap: str, args, device: torch.device,
+              name: str = "arcface") -> Row:
     """ms per forward + backward at sample rate `rate` (the head is reused across rates)."""
-    head.head_cfg = HeadConfig(rate, _MARGIN)
+    margin, extra = HEADS[name]
+    head.head_cfg = HeadConfig(rate, margin, **extra)
     classes = head.num_classes
     gen = torch.Generator(device=device).manual_seed(0)
     # A small label pool so classes repeat and LEAP statistics become valid during warm-up.
@@ -103,7 +127,51 @@ def time_head(head: PartialFC, rate: float, leap: str, args, device: torch.devic
     ms = (time.perf_counter() - t0) * 1000 / args.steps
     if leap == "on" and head.leap_summary()["num_perturbed"] == 0:
         print(f"warning: LEAP perturbed no class at {classes} classes", file=sys.stderr)
-    return Row(classes, rate, leap, args.batch_size, args.precision, str(device), ms, _peak_gib(device))
+    return Row(classes, rate, leap, args.batch_size, args.precision, str(device), ms,
+               _peak_gib(device), head=name)
+
+
+def run_heads(args) -> List[Row]:
+    """Every head of args.heads (CosFace first, the reference) per class count, LEAP setting and
+    rate. All heads of a setting are built first and timed in interleaved, rotated rounds
+    (args.rounds);
+    each row is the median over rounds, and `vs CosFace` the median of the per-round ratios, so
+    a machine whose speed drifts (shared CPUs) moves both sides of each ratio alike."""
+    device = torch.device(args.device)
+    classes = args.classes or ([1_000_000] if device.type == "cuda" else [100_000])
+    names = ["cosface"] + [h for h in args.heads if h != "cosface"]
+    rows: List[Row] = []
+    for c in classes:
+        for leap in args.leap:
+            heads = {name: build_head(c, leap, args, device, name) for name in names}
+            for rate in args.sample_rates:
+                per_round = {name: [] for name in names}
+                for r in range(args.rounds):
+                    # Each round starts at another head: no head always runs first (a cold
+                    # first head measured ~15% slow on the shared CPU).
+                    for name in names[r % len(names):] + names[:r % len(names)]:
+                        per_round[name].append(
+                            time_head(heads[name], rate, leap, args, device, name))
+                base = [r.ms_per_step for r in per_round["cosface"]]
+                for name in names:
+                    ms = [r.ms_per_step for r in per_round[name]]
+                    row = per_round[name][-1]
+                    row.ms_per_step = float(np.median(ms))
+                    if name != "cosface":
+                        row.vs_cosface_pct = float(np.median(
+                            [100.0 * (m - b) / b for m, b in zip(ms, base)]))
+                    rows.append(row)
+                    print(_fmt_head(row), flush=True)
+            del heads
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt_head(r: Row) -> str:
+    over = "" if r.vs_cosface_pct is None else f"{r.vs_cosface_pct:+.1f}%"
+    return (f"| {r.head} | {r.classes:,} | {r.sample_rate} | {r.leap} | {r.batch_size} | "
+            f"{r.precision} | {r.ms_per_step:.2f} | {over} |")
 
 
 def run(args) -> List[Row]:
@@ -149,6 +217,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30 cuda, 5 cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here as JSON")
+    p.add_argument("--heads", nargs="*", default=None, choices=["all", *HEADS],
+                   help="time these heads against CosFace instead (default classes: 1,000,000 "
+                        "cuda, 100,000 cpu)")
+    p.add_argument("--rounds", type=int, default=3, help="--heads: interleaved timing rounds "
+                   "(the median is reported)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -158,9 +231,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.steps = args.steps or (30 if cuda else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("| classes | sample rate | LEAP | batch | precision | ms/step | LEAP overhead | peak mem GiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = run(args)
+    if args.heads is not None:
+        args.heads = list(HEADS) if "all" in args.heads or not args.heads else args.heads
+        print("| head | classes | sample rate | LEAP | batch | precision | ms/step | vs CosFace |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        rows = run_heads(args)
+    else:
+        print("| classes | sample rate | LEAP | batch | precision | ms/step | LEAP overhead | peak mem GiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        rows = run(args)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
 

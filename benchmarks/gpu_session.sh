@@ -4,7 +4,8 @@
 # and backbone benchmarks and the GPU-marked tests. Results land in $OUT.
 #   carry: third_party  (third_party/anchor_insightface.py = the project's InsightFace anchor script and
 #                        third_party/recognition/arcface_torch from a snapshot of insightface; never committed)
-# STAGES: space-separated subset of "info anchor ours compile classifier tests" (default: all).
+# STAGES: space-separated subset of "info anchor ours compile classifier heads tests" (default:
+# all but heads; heads = every margin head against CosFace, 1M classes at sample rate 0.1, ~3 min).
 # All stages together can pass the device tool's 600 s per call: on a 15-minute budget run
 #   STAGES="info anchor ours"   (the comparison the issue asks for, <= ~9 min) first, then
 #   STAGES="compile tests"      if time is left.
@@ -40,6 +41,11 @@ if has compile; then
 fi
 if has classifier; then
   log classifier; timeout 120 python3 benchmarks/classifier_bench.py --device cuda 2>&1 | tail -15 | tee "$OUT/classifier.log"
+fi
+if has heads; then
+  log "heads: every margin kind against CosFace (docs/heads.md), 1M classes, sr 0.1, bf16"
+  timeout 300 python3 benchmarks/classifier_bench.py --device cuda --heads all --classes 1000000 \
+    --sample-rates 0.1 --rounds 3 --json "$OUT/heads.json" 2>&1 | tail -26 | tee "$OUT/heads.log"
 fi
 if has tests; then
   log "gpu tests"; timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_margins.py tests/unit/test_partial_fc.py tests/unit/test_models_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"

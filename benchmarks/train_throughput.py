@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     # Run as a script from a checkout: make `facetrain` importable without installing.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.classifier_bench import _peak_gib, _sync  # noqa: E402
+from benchmarks.classifier_bench import HEADS, _peak_gib, _sync  # noqa: E402
 from facetrain.config import config_from_dict  # noqa: E402
 from facetrain.dist import DistContext, finish, init_distributed  # noqa: E402
 from facetrain.engines import build_engine  # noqa: E402
@@ -82,6 +82,8 @@ class Result:
     peak_mem_gib: float
     split_ms: Optional[Dict[str, float]] = None
     error: Optional[str] = None
+    head: str = "arcface"
+    vs_cosface_pct: Optional[float] = None
 
 
 def synthetic_counts(classes: int, seed: int = 0) -> np.ndarray:
@@ -95,13 +97,14 @@ def synthetic_counts(classes: int, seed: int = 0) -> np.ndarray:
 
 
 def build_cfg(backbone: str, batch: int, sample_rate: float, side: int, leap: str,
-              args: argparse.Namespace, update_rows: str = "all"):
+              args: argparse.Namespace, update_rows: str = "all", head: str = "arcface"):
+    margin, extra = HEADS[head]           # arcface: s=64, m=0.5, the anchor table's head
     return config_from_dict({
         "data": {"batch_size": batch, "image_size": side},
         "model": {"backbone": backbone, "channels_last": args.channels_last,
                   "compile": args.compile},
         "head": {"sample_rate": sample_rate, "update_rows": update_rows,
-                 "margin": {"kind": "arcface", "scale": 64.0, "m_arc": 0.5, "m_cos": 0.0}},
+                 "margin": asdict(margin), **extra},
         "leap": {"mode": leap, "update_interval": 5, "start_epoch": 0},
         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
                   "grad_clip": 5.0},
@@ -109,10 +112,11 @@ def build_cfg(backbone: str, batch: int, sample_rate: float, side: int, leap: st
     })
 
 
-def run_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext) -> Result:
+def run_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext,
+            head_name: str = "arcface") -> Result:
     backbone_name, batch, classes, rate, side, leap = spec[:6]
     update_rows = spec[6] if len(spec) > 6 else "all"
-    cfg = build_cfg(backbone_name, batch, rate, side, leap, args, update_rows)
+    cfg = build_cfg(backbone_name, batch, rate, side, leap, args, update_rows, head_name)
     dev = ctx.device
     torch.manual_seed(ctx.rank)
     if dev.type == "cuda":
@@ -152,7 +156,8 @@ def run_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext) 
                  args.precision,
                  args.compile, args.channels_last,
                  samples_per_s=batch * ctx.world_size * args.steps / dt,
-                 ms_per_step=1000 * dt / args.steps, peak_mem_gib=_peak_gib(dev), split_ms=split)
+                 ms_per_step=1000 * dt / args.steps, peak_mem_gib=_peak_gib(dev), split_ms=split,
+                 head=head_name)
     del engine, head, backbone, images
     return res
 
@@ -202,6 +207,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--split", action="store_true", help="CUDA-event split of one extra step")
     p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--heads", default="", help="comma-separated margin heads (classifier_bench's "
+                   "HEADS, docs/heads.md) to time each row with, against CosFace, in "
+                   "interleaved rounds; the median is reported")
+    p.add_argument("--rounds", type=int, default=3, help="--heads: timing rounds")
     args = p.parse_args(argv)
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
@@ -220,6 +229,8 @@ def main(argv: Optional[List[str]] = None) -> List[Result]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ctx = init_distributed(args.device)
+    if args.heads:
+        return _main_heads(args, names, table, ctx)
     results = []
     for name in names:
         try:
@@ -235,6 +246,41 @@ def main(argv: Optional[List[str]] = None) -> List[Result]:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+    finish(ctx)
+    return results
+
+
+def _main_heads(args, names: List[str], table: Dict[str, tuple], ctx: DistContext) -> List[Result]:
+    """Each row with CosFace and every head of --heads, in interleaved rounds (a drifting machine
+    moves both sides of each ratio alike): median ms/step, median per-round ratio to CosFace."""
+    heads = ["cosface"] + [h for h in args.heads.split(",") if h and h != "cosface"]
+    if "all" in heads:
+        heads = list(HEADS)
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown:
+        raise SystemExit(f"unknown head(s) {unknown}; known: {', '.join(HEADS)}")
+    results = []
+    for name in names:
+        runs: Dict[str, List[Result]] = {h: [] for h in heads}
+        for r in range(args.rounds):
+            for h in heads[r % len(heads):] + heads[:r % len(heads)]:   # no head always first
+                runs[h].append(run_row(name, table[name], args, ctx, h))
+        base = [r.ms_per_step for r in runs["cosface"]]
+        for h in heads:
+            ms = [r.ms_per_step for r in runs[h]]
+            res = runs[h][-1]
+            res.ms_per_step = float(np.median(ms))
+            res.samples_per_s = res.batch_per_rank * res.world_size * 1000 / res.ms_per_step
+            if h != "cosface":
+                res.vs_cosface_pct = float(np.median([100 * (m - b) / b for m, b in zip(ms, base)]))
+            results.append(res)
+            if ctx.is_main:
+                over = "" if res.vs_cosface_pct is None else f"{res.vs_cosface_pct:+.1f}%"
+                print(f"| {name} | {h} | {res.precision} | {res.ms_per_step:.1f} | {over} |",
+                      flush=True)
+    if ctx.is_main and args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
     finish(ctx)
     return results
 

@@ -45,6 +45,22 @@ METHODS: Dict[str, Tuple[str, ...]] = {
     "class_balanced": ("leap.mode=off", "head.class_balance_beta=0.99"),
     "repeat_factor": ("leap.mode=off", "data.repeat_factor_threshold=0.002", "train.epochs=6",
                       "schedule.cycle_epochs=2"),
+    # Margin heads and logit-level long-tail baselines (docs/heads.md), LEAP off, on the demo's
+    # scale. ElasticFace-Cos keeps the baseline's mean margin and adds untargeted per-sample
+    # noise to it: the published method closest to the study's "untargeted noise" controls.
+    "elasticface_cos": ("leap.mode=off", "head.margin.kind=elasticface_cos",
+                        "head.margin.sigma=0.05"),
+    "elasticface_arc": ("leap.mode=off", "head.margin.kind=elasticface_arc", "head.margin.m_arc=0.5",
+                        "head.margin.sigma=0.05"),
+    "curricularface": ("leap.mode=off", "head.margin.kind=curricularface", "head.margin.m_arc=0.5"),
+    "adaface": ("leap.mode=off", "head.margin.kind=adaface", "head.margin.m_arc=0.4"),
+    "subcenter": ("leap.mode=off", "head.margin.kind=subcenter", "head.margin.m_arc=0.5",
+                  "head.margin.subcenters=3"),
+    "magface": ("leap.mode=off", "head.margin.kind=magface", "head.margin.lambda_g=35"),
+    # LDAM-DRW: deferred weights from the third cycle, where LEAP's cloud starts.
+    "ldam_drw": ("leap.mode=off", "head.margin.kind=ldam", "head.class_balance_beta=0.9999",
+                 "head.class_balance_start_epoch=8"),
+    "logit_adjust": ("leap.mode=off", "head.logit_adjust_tau=1.0"),
 }
 BASELINE = "cosface"
 

@@ -90,27 +90,84 @@ class ModelConfig:
         _check_range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
 
+# Margin kinds by name (facetrain/heads/kinds/, one file each; docs/heads.md). Which fields each
+# reads: cosface m_cos; arcface m_arc; combined both; elasticface_arc m_arc + sigma;
+# elasticface_cos m_cos + sigma; curricularface m_arc + stat_momentum; adaface m_arc (its m),
+# h + stat_momentum; subcenter m_arc + subcenters; magface mag_* + lambda_g; ldam ldam_max_m.
+MARGIN_KINDS = ("cosface", "arcface", "combined", "elasticface_arc", "elasticface_cos",
+                "curricularface", "adaface", "subcenter", "magface", "ldam")
+ELASTIC_KINDS = ("elasticface_arc", "elasticface_cos")
+
+
 @dataclass(frozen=True)
 class MarginConfig:
     """Target logit s*(cos(theta + m_arc) - m_cos); non-target s*cos(theta).
 
-    cosface: m_arc=0, arcface: m_cos=0, combined: both (InsightFace's m2/m3)."""
+    cosface: m_arc=0, arcface: m_cos=0, combined: both (InsightFace's m2/m3). The other kinds
+    and the fields they read are listed at MARGIN_KINDS and in docs/heads.md."""
 
-    kind: str = "cosface"                      # cosface | arcface | combined
+    kind: str = "cosface"                      # one of MARGIN_KINDS
     scale: float = 64.0
     m_cos: float = 0.35
     m_arc: float = 0.5
+    # ElasticFace (Boutros et al. 2022): each sample's margin ~ N(m, sigma) per step; 0 = fixed.
+    sigma: float = 0.0
+    # AdaFace (Kim et al. 2022): the concentration h of the norm-adaptive margin.
+    h: float = 0.333
+    # CurricularFace's t and AdaFace's norm mean/std: EMA weight of the new batch's value.
+    stat_momentum: float = 0.01
+    # Sub-center ArcFace (Deng et al. 2020): K weight vectors per class, the logit is the best.
+    subcenters: int = 1
+    # MagFace (Meng et al. 2021): the magnitude a = |f| clipped to [mag_a_min, mag_a_max] maps
+    # linearly onto the margin [mag_m_min, mag_m_max]; lambda_g weights the regulariser g(a).
+    mag_a_min: float = 10.0
+    mag_a_max: float = 110.0
+    mag_m_min: float = 0.45
+    mag_m_max: float = 0.8
+    lambda_g: float = 0.0
+    # LDAM (Cao et al. 2019): class j's margin on the cosine is ldam_max_m * (K_min / K_j)^(1/4).
+    ldam_max_m: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_choice("head.margin.kind", self.kind, ("cosface", "arcface", "combined"))
+        _check_choice("head.margin.kind", self.kind, MARGIN_KINDS)
         _check_range("head.margin.scale", self.scale, 0.0, lo_open=True)
         _check_range("head.margin.m_cos", self.m_cos, 0.0, 1.0)
         _check_range("head.margin.m_arc", self.m_arc, 0.0, 3.1416)
+        _check_range("head.margin.sigma", self.sigma, 0.0)
+        _check_range("head.margin.h", self.h, 0.0, lo_open=True)
+        _check_range("head.margin.stat_momentum", self.stat_momentum, 0.0, 1.0, lo_open=True)
+        _check_range("head.margin.subcenters", self.subcenters, 1)
+        if self.subcenters > 1 and self.kind != "subcenter":
+            raise ConfigError(f"head.margin.subcenters={self.subcenters} gives each class several "
+                              "weight vectors, which only head.margin.kind=subcenter uses; "
+                              f"head.margin.kind is {self.kind!r}: set subcenters to 1 or "
+                              "change kind")
+        _check_range("head.margin.mag_a_min", self.mag_a_min, 0.0, lo_open=True)
+        _check_range("head.margin.mag_m_min", self.mag_m_min, 0.0, 3.1416)
+        _check_range("head.margin.mag_m_max", self.mag_m_max, 0.0, 3.1416)
+        _check_range("head.margin.lambda_g", self.lambda_g, 0.0)
+        _check_range("head.margin.ldam_max_m", self.ldam_max_m, 0.0, 1.0)
+        if self.mag_a_max <= self.mag_a_min:
+            raise ConfigError(f"head.margin.mag_a_max={self.mag_a_max} must be above "
+                              f"head.margin.mag_a_min={self.mag_a_min}")
+        if self.mag_m_max < self.mag_m_min:
+            raise ConfigError(f"head.margin.mag_m_max={self.mag_m_max} must be at least "
+                              f"head.margin.mag_m_min={self.mag_m_min}")
+        if self.lambda_g > 0 and self.kind != "magface":
+            raise ConfigError(f"head.margin.lambda_g={self.lambda_g} weights MagFace's magnitude "
+                              f"regulariser, which only head.margin.kind=magface has; "
+                              f"head.margin.kind is {self.kind!r}: set lambda_g to 0 or change kind")
+        if self.sigma > 0 and self.kind not in ELASTIC_KINDS:
+            raise ConfigError(f"head.margin.sigma={self.sigma} draws a per-sample margin, which "
+                              f"only head.margin.kind={' or '.join(ELASTIC_KINDS)} does; "
+                              f"head.margin.kind is {self.kind!r}: set sigma to 0 or change kind")
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """The model-parallel classifier: class sampling, margin, update rule, class weights."""
+    """The model-parallel classifier: class sampling, margin kind, update rule, loss reweighting.
+
+    Margin kinds, logit adjustment and inter-class filtering: docs/heads.md."""
 
     sample_rate: float = 1.0                   # partial-FC class sampling; 1.0 = full softmax
     margin: MarginConfig = field(default_factory=MarginConfig)
@@ -122,10 +179,26 @@ class HeadConfig:
     # (1 - beta) / (1 - beta^K) of its class, mean 1 over classes; 0 = off, typical 0.99-0.9999
     # (docs/long_tail_remedies.md).
     class_balance_beta: float = 0.0
+    # Deferred re-weighting (Cao et al. 2019, LDAM-DRW): the class-balanced weights above apply
+    # only from this epoch on; 0 = from the start.
+    class_balance_start_epoch: int = 0
+    # Logit adjustment (Menon et al. 2021): tau * log(K_j / sum K) is added to every scaled
+    # logit j in training; tau = 1 is Balanced Softmax (Ren et al. 2020); 0 = off.
+    logit_adjust_tau: float = 0.0
+    # Partial FC's inter-class filtering (An et al. 2022): a non-target cosine above this is
+    # set to 0 (a likely duplicate identity in noisy web data); 0 = off.
+    interclass_filter: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("head.sample_rate", self.sample_rate, 0.0, 1.0, lo_open=True)
         _check_range("head.class_balance_beta", self.class_balance_beta, 0.0, 1.0, hi_open=True)
+        _check_range("head.class_balance_start_epoch", self.class_balance_start_epoch, 0)
+        _check_range("head.logit_adjust_tau", self.logit_adjust_tau, 0.0)
+        _check_range("head.interclass_filter", self.interclass_filter, 0.0, 1.0, hi_open=True)
+        if self.class_balance_start_epoch > 0 and self.class_balance_beta == 0:
+            raise ConfigError(f"head.class_balance_start_epoch={self.class_balance_start_epoch} "
+                              "defers the class-balanced weights, but head.class_balance_beta is "
+                              "0 (no weights): set class_balance_beta (LDAM-DRW uses 0.9999)")
         _check_choice("head.update_rows", self.update_rows, ("all", "sampled"))
 
 
@@ -266,6 +339,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.head.margin.kind == "adaface" and self.data.batch_size < 2:
+            # The norm statistics need a standard deviation; a 1-sample batch on one rank has none.
+            raise ConfigError("head.margin.kind=adaface standardises the feature norms by the "
+                              f"batch's std, which needs data.batch_size >= 2; got "
+                              f"data.batch_size={self.data.batch_size}")
         if self.head.update_rows == "sampled" and self.optim.name != "sgd":
             raise ConfigError(f"head.update_rows=sampled updates classifier rows with momentum "
                               f"SGD; optim.name is {self.optim.name!r}: use optim.name=sgd or "

@@ -58,8 +58,9 @@ def config_sections_help() -> str:
         "Where every field is documented: facetrain/config.py (each field with its rule, "
         "range and meaning; a misspelled key or a bad value is an error naming it), the "
         "README (Training, Data tools, LEAP configuration), docs/leap.md (the leap: section "
-        "against the paper) and docs/long_tail_remedies.md (head.class_balance_beta, "
-        "data.repeat_factor_threshold).", width=100))
+        "against the paper), docs/long_tail_remedies.md (head.class_balance_beta, "
+        "data.repeat_factor_threshold) and docs/heads.md (head.margin.kind and the other "
+        "margin heads, head.logit_adjust_tau, head.interclass_filter).", width=100))
     return "\n".join(out)
 
 

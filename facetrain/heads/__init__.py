@@ -3,7 +3,8 @@
 Modules, lowest first (no import cycles): fused (compiled elementwise kernels), noise (keyed
 Gaussian angles), margins, feature_cloud (LEAP's perturbation of a logit block), partition
 (class blocks, label routing, resharding), leap_controls, leap (LeapState), dist_softmax,
-partial_fc (PartialFC, which drives all of them).
+kinds (the margin kinds by name, one file each, on top of margins), partial_fc (PartialFC,
+which drives all of them).
 
 Import the public pieces from their modules (nothing heavy happens at import):
 `facetrain.heads.partial_fc.PartialFC`, `facetrain.heads.margins.margin_logits`,

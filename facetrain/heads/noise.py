@@ -28,6 +28,7 @@ _C2 = 0xC2B2AE35 - (1 << 32)
 _C3 = 0x9E3779B1 - (1 << 32)
 _C4 = 0x27D4EB2F
 _C5 = 0x165667B1
+_C6 = 0x5BD1E995
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -69,3 +70,14 @@ def noise_keys(seed: int, counter: torch.Tensor, num_rows: int,
     On CUDA the ~60 tiny integer ops run as one compiled kernel (launch overhead otherwise).
     """
     return call_fused("noise_keys", _keys, counter, class_ids, seed, num_rows)
+
+
+def sample_gauss(seed: int, counter: torch.Tensor, num_rows: int, salt: int) -> torch.Tensor:
+    """One standard normal per sample of the global batch, [num_rows] float32, for draw `counter`.
+
+    The same row keys as LEAP's draw with this counter (keyed on the sample's position in the
+    global batch, so any world size and a resume draw the same values), with the per-sample
+    column key re-hashed with `salt`: a stream independent of LEAP's angles for each salt.
+    Used by margins that draw a value per sample (ElasticFace's margin)."""
+    row_key, col_key = _keys(counter, None, seed, num_rows)
+    return gauss(row_key, mix32(col_key ^ (salt * _C6))).view(-1)

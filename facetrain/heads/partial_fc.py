@@ -2,8 +2,9 @@
 
 Per step: all-gather embeddings (with gradient) and labels over ctx.group -> this rank's class
 block (optionally a sampled subset of it) -> cosine logits (matmul may run under autocast; the
-rest is fp32) -> LEAP angles for samples whose class has a feature cloud -> margin on the
-targets this rank owns -> distributed softmax cross-entropy (mean over the global batch,
+rest is fp32) -> LEAP angles for samples whose class has a feature cloud -> the margin kind
+of head.margin.kind (facetrain/heads/kinds/, docs/heads.md) on the targets this rank owns ->
+logit adjustment -> distributed softmax cross-entropy (mean over the global batch,
 replicated). Gradients equal a single-process full softmax on the global batch: each rank
 back-propagates only its own block, and dist.all_gather_with_grad sums the embedding partials.
 
@@ -29,8 +30,9 @@ from facetrain.dist import DistContext, all_gather_no_grad, all_gather_with_grad
 from facetrain.heads.class_weights import class_weight_table
 from facetrain.heads.dist_softmax import dist_softmax_cross_entropy
 from facetrain.heads.feature_cloud import Cloud
+from facetrain.heads.kinds import build_margin
 from facetrain.heads.leap import GLOBALS, LeapState
-from facetrain.heads.margins import margin_logits
+from facetrain.heads.margins import StepInputs, margin_logits
 from facetrain.heads.noise import noise_keys
 from facetrain.heads.partition import (check_contiguous, class_range, partition_bounds,
                                         reshard_tree, route_to_shard)
@@ -97,13 +99,31 @@ class PartialFC(torch.nn.Module):
         self.head_cfg, self.leap_cfg, self.ctx = head_cfg, leap_cfg, ctx
         self.start, self.end = class_range(self.num_classes, ctx.world_size, ctx.rank)
         self.num_local = self.end - self.start
-        self.weight = torch.nn.Parameter(init_rows(self.start, self.end, embedding_size, seed).to(ctx.device))
+        # K sub-centres per class (head.margin.subcenters, kind subcenter): weight [C_local, K, D],
+        # the class stays dim 0 so sampling, checkpoints and optimizer state split by class.
+        k = head_cfg.margin.subcenters
+        rows = init_rows(self.start * k, self.end * k, embedding_size, seed)
+        self.weight = torch.nn.Parameter(
+            (rows if k == 1 else rows.view(self.num_local, k, embedding_size)).to(ctx.device))
         self.leap = None if leap_cfg.mode == "off" else LeapState(
             counts[self.start:self.end], self.start, embedding_size, leap_cfg, ctx.device,
             global_counts=counts, seed=seed)
         # Class-balanced loss (head.class_balance_beta > 0): a weight per global class, [C].
         self.class_weight = class_weight_table(counts.numpy(), head_cfg.class_balance_beta,
                                                ctx.device)
+        # The margin kind (head.margin.kind, facetrain/heads/kinds/) and its running statistics.
+        self.margin = build_margin(head_cfg.margin, ctx.device)
+        self.margin.set_class_counts(counts.to(ctx.device))
+        # Logit adjustment: tau * log prior of this shard's classes, [C_local] (None = off).
+        self.log_prior = None
+        if head_cfg.logit_adjust_tau > 0:
+            if int(counts.sum()) <= 0:
+                raise ValueError(f"head.logit_adjust_tau={head_cfg.logit_adjust_tau} needs the "
+                                 "class counts K_i, but the training data reports none")
+            # A class with no image (a gap in the label space) counts as one, not log 0.
+            prior = counts.clamp(min=1).double() / counts.clamp(min=1).sum()
+            self.log_prior = (head_cfg.logit_adjust_tau * prior.log()).float()[
+                self.start:self.end].to(ctx.device)
         # Class sampling: a stream per rank. LEAP angles: keyed on (draw, sample, global class),
         # the same on every rank and for every world size (facetrain/heads/noise.py).
         self._sample_gen = _generator(ctx.device, seed * 7919 + ctx.rank + 1)
@@ -144,8 +164,13 @@ class PartialFC(torch.nn.Module):
         emb = all_gather_with_grad(embeddings, group)
         lab = all_gather_no_grad(labels.to(torch.int64), group)
         logits, col, local = self.shard_logits(emb, lab)
-        weight = None if self.class_weight is None else self.class_weight[lab]
+        weight = None
+        if self.class_weight is not None and self.epoch >= self.head_cfg.class_balance_start_epoch:
+            weight = self.class_weight[lab]
         loss = dist_softmax_cross_entropy(logits, col, local, group, weight)
+        extra = self.margin.extra_loss(self.ctx.world_size)
+        if extra is not None:
+            loss = loss + extra
         if self.training and self.leap is not None:
             self._leap_iteration(emb.detach(), lab, group)
         return loss
@@ -187,8 +212,22 @@ class PartialFC(torch.nn.Module):
                 weight = weight[index]
             col = torch.searchsorted(index, col).clamp(max=index.shape[0] - 1)
             col = torch.where(local, col, torch.zeros_like(col))
-        cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()
+        if weight.dim() == 3:                 # sub-centres: best of each class's K
+            cos = F.linear(F.normalize(emb, dim=1),
+                           F.normalize(weight.reshape(-1, self.embedding_size), dim=1)).float()
+            cos = self.margin.class_cosines(cos)
+        else:
+            cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1)).float()
+        if self.head_cfg.interclass_filter > 0:
+            cos = self._filter_interclass(cos, col, local)
         cloud = None
+        # One draw of the counter-based stream per training forward that uses it (LEAP's angles,
+        # a kind's per-sample values): all of them read the counter before it is bumped.
+        counter = self.noise_counter
+        if self.training and self.margin.uses_noise:
+            counter = self.noise_counter.clone()
+            if not self.perturbing:
+                self.noise_counter += 1
         if self.perturbing:
             std = self.leap.batch_std(lab, self._group())
             ids = None
@@ -202,7 +241,23 @@ class PartialFC(torch.nn.Module):
                 cloud = Cloud(std.unsqueeze(1), *keys)
             alpha_t = cloud.target_alpha(col, cos.shape[1]) if applied else std
             self.leap.observe(std, alpha_t, local, applied)
-        return margin_logits(cos, col, local, self.head_cfg.margin, cloud), col, local
+        # The backbone's embeddings arrive un-normalised: their norms, where a kind reads them.
+        norms = emb.float().norm(dim=1) if self.margin.uses_norms else None
+        inputs = StepInputs(lab, norms, counter, self._noise_seed, self._group(), self.training)
+        logits = margin_logits(cos, col, local, self.margin, cloud, inputs)
+        if self.log_prior is not None:        # logit adjustment, after the scale
+            prior = self.log_prior if index is None else self.log_prior[index]
+            logits = logits + prior.unsqueeze(0)
+        return logits, col, local
+
+    def _filter_interclass(self, cos: torch.Tensor, col: torch.Tensor, local: torch.Tensor
+                           ) -> torch.Tensor:
+        """Partial FC's inter-class filtering: a non-target cosine above head.interclass_filter
+        becomes 0 (no gradient), before margins and LEAP; the target never is."""
+        dirty = cos.detach() > self.head_cfg.interclass_filter
+        own = dirty.gather(1, col.view(-1, 1)) & ~local.view(-1, 1)   # keep column 0 of others
+        dirty.scatter_(1, col.view(-1, 1), own)
+        return cos.masked_fill(dirty, 0.0)
 
     def leap_summary(self) -> Dict[str, float]:
         """Global LEAP numbers (replicated): statistics, the expected per-sample noise variance
@@ -240,7 +295,9 @@ class PartialFC(torch.nn.Module):
                  # it); the LEAP noise counter is world-size independent.
                  "world_size": self.ctx.world_size, "noise_counter": int(self.noise_counter),
                  "noise_seed": self._noise_seed,
-                 "rng": self._sample_gen.get_state()}
+                 "rng": self._sample_gen.get_state(),
+                 # The margin kind's running statistics: replicated, copied as is by reshard.
+                 "margin_kind": self.head_cfg.margin.kind, "margin": self.margin.state_dict()}
         if self.leap is not None:
             state["leap"] = self.leap.export()
             state["leap_globals"] = self.leap.globals.cpu().clone()
@@ -297,6 +354,10 @@ class PartialFC(torch.nn.Module):
             raise ValueError(f"{where}: this rank owns [{self.start}, {self.end}); the checkpoint "
                              "was written for another world size: pass every saved rank's state to "
                              "load_state_dict")
+        if tuple(state["weight"].shape) != tuple(self.weight.shape):
+            raise ValueError(f"{where}: its weight is {tuple(state['weight'].shape)} but this head's "
+                             f"is {tuple(self.weight.shape)}; resume with the same "
+                             "head.margin.subcenters (K) and model.embedding_size")
         with torch.no_grad():
             self.weight.copy_(state["weight"])
         if self.leap is not None and state["leap"] is not None:
@@ -306,6 +367,10 @@ class PartialFC(torch.nn.Module):
         self.leap_steps = int(state.get("leap_steps", self.calls // self.grad_accum))
         self._pending, self._micro = [], 0
         self.noise_counter.fill_(int(state["noise_counter"]))
+        if "margin" in state and state.get("margin_kind") == self.head_cfg.margin.kind:
+            self.margin.load_state_dict(state["margin"], where)
+        # else: an older checkpoint, or one that trained another margin kind: this kind starts
+        # its statistics afresh.
         self._noise_seed = int(state["noise_seed"])
         if state.get("rng") is not None and state.get("world_size") == self.ctx.world_size:
             self._sample_gen.set_state(state["rng"])

@@ -70,6 +70,10 @@ def test_every_main_job_method_loads_with_the_default_config():
     cfg = load_config(REPO / "configs" / "default.yaml", list(METHODS["repeat_factor"]))
     assert cfg.data.repeat_factor_threshold > 0 and cfg.leap.mode == "off"
     assert cfg.train.epochs == 3 * cfg.schedule.cycle_epochs
+    from facetrain.config import MARGIN_KINDS
+    kinds = {load_config(REPO / "configs" / "default.yaml", list(o)).head.margin.kind
+             for o in METHODS.values()}
+    assert kinds == set(MARGIN_KINDS) - {"arcface", "combined"}   # every newer head is a method
 
 
 def test_leap_width_scale_and_controls():

@@ -36,6 +36,14 @@ def test_cpu_rows_run_and_report(tmp_path, monkeypatch):
     assert out.read_text().count('"row"') == 2
 
 
+def test_heads_are_timed_against_cosface(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    results = _load().main(["--rows", "tiny-b64-c2k", "--heads", "curricularface", "--rounds", "1",
+                            "--warmup", "1", "--steps", "1"])
+    assert [(r.head, r.vs_cosface_pct is None) for r in results] == [
+        ("cosface", True), ("curricularface", False)]
+
+
 def test_gpu_rows_are_the_anchor_rows():
     rows = _load().GPU_ROWS
     assert rows["r50-b256-c93k"][:4] == ("iresnet50", 256, 93_431, 1.0)
