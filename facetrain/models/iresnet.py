@@ -18,9 +18,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from facetrain.config import ConfigError
+from facetrain.models.checkpointing import checkpointed
 from facetrain.models.registry import register
 
 ImageSize = Union[int, Sequence[int]]
@@ -150,7 +150,7 @@ class IResNet(nn.Module):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
                 for block in stage:
-                    x = checkpoint(block, x, use_reentrant=False)
+                    x = checkpointed(block, x)
         else:
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(torch.flatten(self.bn2(x), 1))

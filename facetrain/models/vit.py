@@ -28,9 +28,9 @@ from typing import Tuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from facetrain.config import ConfigError
+from facetrain.models.checkpointing import checkpointed
 from facetrain.models.iresnet import ImageSize, to_hw
 from facetrain.models.registry import register
 
@@ -210,7 +210,7 @@ class VisionTransformer(nn.Module):
             x, restore = self._mask(x)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpointed(block, x)
             else:
                 x = block(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
