@@ -6,7 +6,8 @@ momentum, runs two training steps on random embeddings and reports
 - `state`: bytes of the tensors that persist between steps (weight, gradient, momentum, every
   LEAP buffer; unique storages), and
 - `peak`: its peak resident set (VmHWM, reset just before the head is built) minus its
-  resident set at that moment, i.e. what the classifier and LEAP needed at their worst moment of the step.
+  resident set at that moment, i.e. what the classifier and LEAP needed at their worst moment
+  of the step.
 The planner's classifier + LEAP lines (no backbone, no reserve) are printed beside them for the
 largest shard (rank 0). Results: a markdown table on stdout (docs/scale.md records one run).
 

@@ -49,10 +49,10 @@ ACTIVATION_MB = {
 # the cosine, the softmax reused in place as the logit gradient, the cosine's gradient and one
 # elementwise temporary.
 LOGIT_COPIES = 4
-# Eager (CPU) LEAP: the noise chain re-run in the backward holds about three more fp32 N x k
-# temporaries (measured: 28 bytes per logit in all on gloo ranks, docs/scale.md); on CUDA it is
-# one compiled kernel (facetrain/heads/fused.py) and holds none.
-EAGER_LEAP_BYTES_PER_LOGIT = 12
+# Eager (CPU) LEAP: the noise chain re-run in the backward holds about four more fp32 N x k
+# temporaries (set from the full-softmax rows of docs/scale.md's gloo check); on CUDA it is one
+# compiled kernel (facetrain/heads/fused.py) and holds none.
+EAGER_LEAP_BYTES_PER_LOGIT = 16
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}
 # Scratch copies of a parameter-sized tensor torch's foreach optimizers make during step():
 # SGD with weight decay adds the decay into a new gradient; Adam/AdamW also build the denominator.

@@ -189,13 +189,15 @@ class MobileFaceNet(nn.Module):
 @register("mbf")
 def mbf(embedding_size: int = 512, dropout: float = 0.0, image_size: ImageSize = 112,
         fp32_head: bool = True) -> MobileFaceNet:
-    """MobileFaceNet as arcface_torch's `mbf` (scale 2, blocks 1/4/6/2), 2.06M parameters at 112x112 / 512-d."""
+    """MobileFaceNet as arcface_torch's `mbf` (scale 2, blocks 1/4/6/2), 2.06M parameters at
+    112x112 / 512-d."""
     return MobileFaceNet((1, 4, 6, 2), 2, embedding_size, dropout, image_size, fp32_head, "mbf")
 
 
 @register("mbf_large")
 def mbf_large(embedding_size: int = 512, dropout: float = 0.0, image_size: ImageSize = 112,
               fp32_head: bool = True) -> MobileFaceNet:
-    """arcface_torch's `mbf_large` (scale 4, blocks 2/8/12/4), 6.31M parameters at 112x112 / 512-d."""
+    """arcface_torch's `mbf_large` (scale 4, blocks 2/8/12/4), 6.31M parameters at 112x112 /
+    512-d."""
     return MobileFaceNet((2, 8, 12, 4), 4, embedding_size, dropout, image_size, fp32_head,
                          "mbf_large")

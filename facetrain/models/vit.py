@@ -245,7 +245,8 @@ def _make(name: str, embedding_size: int, dropout: float, image_size: ImageSize,
 def vit_t(embedding_size: int = 512, dropout: float = 0.0, image_size: ImageSize = 112,
           mask_ratio: float | None = None, drop_path: float | None = None,
           activation_checkpointing: bool = False, fp32_head: bool = True) -> VisionTransformer:
-    """ViT-T: width 256, 12 blocks, 8 heads; drop path 0.1, mask ratio 0.1 (19.1M parameters at 112x112 / 512-d)."""
+    """ViT-T: width 256, 12 blocks, 8 heads; drop path 0.1, mask ratio 0.1 (19.1M parameters at
+    112x112 / 512-d)."""
     return _make("vit_t", embedding_size, dropout, image_size, mask_ratio, drop_path,
                  activation_checkpointing, fp32_head)
 
