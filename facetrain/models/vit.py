@@ -188,10 +188,10 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _mask(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Keep int(N * (1 - mask_ratio)) random tokens per sample; also the order that undoes
-        the shuffle (kept tokens first, then the masked positions)."""
+        """Keep int(N * (1 - mask_ratio)) random tokens per sample (at least one); also the order
+        that undoes the shuffle (kept tokens first, then the masked positions)."""
         b, n, d = x.shape
-        keep = int(n * (1.0 - self.mask_ratio))
+        keep = max(1, int(n * (1.0 - self.mask_ratio)))
         order = torch.argsort(torch.rand(b, n, device=x.device), dim=1)
         restore = torch.argsort(order, dim=1)
         kept = torch.gather(x, 1, order[:, :keep, None].expand(b, keep, d))
