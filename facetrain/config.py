@@ -84,10 +84,32 @@ class ModelConfig:
     dropout: float = 0.0
     channels_last: bool = False
     compile: bool = False                      # torch.compile the backbone
+    # ViT options (vit_*): share of patch tokens masked in training, and the last block's
+    # drop-path rate; null = the backbone's arcface_torch default (docs/backbones.md).
+    mask_ratio: Optional[float] = None
+    drop_path: Optional[float] = None
+    # Recompute each iresnet / ViT block in the backward pass instead of storing its activations:
+    # the same gradients, far less activation memory, about a third more compute.
+    activation_checkpointing: bool = False
+    # Fine-tuning: start a NEW run from these backbone weights (an InsightFace .pth state_dict, a
+    # facetrain export/backbone.pt or a checkpoint folder); the classifier starts fresh. A resume
+    # from the run's own checkpoints wins over it. Keys/shapes must match the backbone exactly,
+    # except the final embedding layer when init_allow_missing_final is true.
+    init_from: str = ""
+    init_allow_missing_final: bool = False
+    # Written by the trainer into the resolved config: sha256 of the init_from file. If set by
+    # the user, the file must have this hash.
+    init_from_sha256: str = ""
 
     def __post_init__(self) -> None:
         _check_range("model.embedding_size", self.embedding_size, 1)
         _check_range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        if self.mask_ratio is not None:
+            _check_range("model.mask_ratio", self.mask_ratio, 0.0, 1.0, hi_open=True)
+        if self.drop_path is not None:
+            _check_range("model.drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
+        if self.init_from_sha256 and not self.init_from:
+            raise ConfigError("model.init_from_sha256 is set but model.init_from is empty")
 
 
 # Margin kinds by name (facetrain/heads/kinds/, one file each; docs/heads.md). Which fields each
@@ -245,9 +267,13 @@ class OptimConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 5.0                     # max global grad norm; 0 disables
     grad_accum: int = 1                        # micro-batches per optimizer step
+    # The backbone's lr = lr * backbone_lr_scale (the classifier keeps lr); e.g. 0.1 when
+    # fine-tuning from model.init_from. 1.0 = one lr for both.
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, ("sgd", "adamw", "adam"))
+        _check_range("optim.backbone_lr_scale", self.backbone_lr_scale, 0.0, lo_open=True)
         _check_range("optim.lr", self.lr, 0.0, lo_open=True)
         _check_range("optim.momentum", self.momentum, 0.0, 1.0, hi_open=True)
         _check_range("optim.weight_decay", self.weight_decay, 0.0)

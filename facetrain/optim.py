@@ -152,12 +152,15 @@ class LRSchedule:
         raise ConfigError(f"schedule.name must be one of poly, cyclic, step, constant; "
                           f"got {cfg.name!r}")
 
-    def apply(self, optimizers: Sequence[torch.optim.Optimizer], step: int) -> float:
-        """Set the learning rate of every param group for optimizer step `step`; returns it."""
+    def apply(self, optimizers: Sequence[torch.optim.Optimizer], step: int,
+              scales: Optional[Sequence[float]] = None) -> float:
+        """Set the learning rate of every param group for optimizer step `step`; returns it.
+        `scales[i]` multiplies optimizer i's rate (optim.backbone_lr_scale); None = all 1."""
         lr = self.lr_at(step)
-        for opt in optimizers:
+        for i, opt in enumerate(optimizers):
+            scale = 1.0 if scales is None else float(scales[i])
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr if scale == 1.0 else lr * scale
         return lr
 
 

@@ -13,11 +13,12 @@ in another order (its reader reshuffles), so there the sequences differ after th
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -136,9 +137,21 @@ class Trainer:
         raise_if_any_failed(ctx, err)
         total = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-        self.backbone_kwargs = {"embedding_size": cfg.model.embedding_size,
-                                "dropout": cfg.model.dropout, "image_size": _image_size(cfg)}
-        backbone = build_backbone(cfg.model.backbone, **self.backbone_kwargs).to(ctx.device)
+        self.backbone_kwargs, build_kwargs = backbone_kwargs(cfg)
+        init_note = ""
+        try:
+            backbone = build_backbone(cfg.model.backbone, **build_kwargs)
+            if cfg.model.init_from and resume is None:
+                # A new run from someone's weights; a resume of this run's own checkpoints wins.
+                self.cfg = cfg = _init_backbone(cfg, backbone)
+                init_note = (f"backbone initialised from {cfg.model.init_from} "
+                             f"(sha256 {cfg.model.init_from_sha256}); fresh classifier")
+            elif cfg.model.init_from:
+                init_note = f"model.init_from ignored: resuming from {resume}"
+        except USER_ERRORS as exc:
+            err = exc
+        raise_if_any_failed(ctx, err)
+        backbone = backbone.to(ctx.device)
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.head = PartialFC(cfg.model.embedding_size, self.loader.class_counts, cfg.head,
@@ -154,6 +167,8 @@ class Trainer:
                              rank=ctx.rank)
         for problem in damaged:
             self.log.warning(f"skipping a damaged checkpoint: {problem}")
+        if init_note:
+            self.log.info(init_note)
         if resume is not None:
             try:
                 self._load(resume)
@@ -228,7 +243,8 @@ class Trainer:
         samples_per_step = cfg.data.batch_size * self.ctx.world_size * accum
         while self.batch < per_epoch and self.step < self._stop:
             epoch = self.epoch
-            lr = self.schedule.apply(self.engine.optimizers, self.step)
+            lr = self.schedule.apply(self.engine.optimizers, self.step,
+                                     scales=(cfg.optim.backbone_lr_scale, 1.0))
             step_loss = torch.zeros((), device=self.ctx.device)
             for k in range(accum):
                 images, labels = next(batches)
@@ -430,6 +446,31 @@ def check_same_model(path: Path, rep: Dict[str, Any], now: Dict[str, Any]) -> No
                 f"checkpoint {path} does not fit this run: {field} is {saved[field]} there and "
                 f"{value} here; resume with the same model, or start fresh with "
                 "checkpoint.resume=none (or another train.output_dir)")
+
+
+def backbone_kwargs(cfg: Config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(the kwargs an export records, the kwargs the trainer builds with): the ViT options only
+    when set (null = the backbone's default), activation checkpointing only for training."""
+    kwargs: Dict[str, Any] = {"embedding_size": cfg.model.embedding_size,
+                              "dropout": cfg.model.dropout, "image_size": _image_size(cfg)}
+    for key in ("mask_ratio", "drop_path"):
+        if getattr(cfg.model, key) is not None:
+            kwargs[key] = getattr(cfg.model, key)
+    build = dict(kwargs)
+    if cfg.model.activation_checkpointing:
+        build["activation_checkpointing"] = True
+    return kwargs, build
+
+
+def _init_backbone(cfg: Config, backbone: torch.nn.Module) -> Config:
+    """Load `model.init_from` into `backbone`; the config with the file read and its sha256
+    recorded (model.init_from, model.init_from_sha256), as config.yaml then shows."""
+    from facetrain.models.init_from import init_from_path
+    source, _ = init_from_path(backbone, cfg.model.init_from, cfg.model.backbone,
+                               cfg.model.init_allow_missing_final, cfg.model.init_from_sha256)
+    model = dataclasses.replace(cfg.model, init_from=str(source.path.resolve()),
+                                init_from_sha256=source.sha256)
+    return dataclasses.replace(cfg, model=model)
 
 
 def _image_size(cfg: Config) -> Any:

@@ -1,4 +1,4 @@
-"""IResNet-18/34/50/100: the face-recognition ResNet of ArcFace / InsightFace.
+"""IResNet-18/34/50/100/200: the face-recognition ResNet of ArcFace / InsightFace.
 
 Module names, state_dict keys and shapes follow InsightFace's `arcface_torch` backbones, so their
 published iresnet checkpoints load with `load_state_dict(strict=True)` and no key remapping
@@ -20,12 +20,14 @@ import torch
 from torch import nn
 
 from facetrain.config import ConfigError
+from facetrain.models.checkpointing import checkpointed
 from facetrain.models.registry import register
 
 ImageSize = Union[int, Sequence[int]]
 
 # Blocks per stage, as in InsightFace's iresnet18/34/50/100.
-DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
+DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3),
+          200: (6, 26, 60, 6)}
 
 
 def to_hw(image_size: ImageSize, what: str = "data.image_size") -> Tuple[int, int]:
@@ -84,12 +86,16 @@ class IResNet(nn.Module):
             the first downsampling into the stem (2, then 1, 2, 2, 2) so no block runs at full
             resolution. Inputs must be divisible by their product (16 for both).
         name: used in error messages.
+        activation_checkpointing: recompute each residual block in the backward pass instead of
+            keeping its activations (training only): the same gradients for about a third more
+            compute and a fraction of the activation memory.
     """
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int] = (64, 128, 256, 512),
                  embedding_size: int = 512, dropout: float = 0.0, image_size: ImageSize = 112,
                  fp32_head: bool = True, stem_stride: int = 1,
-                 strides: Sequence[int] = (2, 2, 2, 2), name: str = "iresnet") -> None:
+                 strides: Sequence[int] = (2, 2, 2, 2), name: str = "iresnet",
+                 activation_checkpointing: bool = False) -> None:
         super().__init__()
         if len(layers) != 4 or len(widths) != 4 or len(strides) != 4:
             raise ValueError(f"{name}: layers, widths and strides need 4 stages; got "
@@ -103,6 +109,9 @@ class IResNet(nn.Module):
         self.image_size = (h, w)
         self.embedding_size = embedding_size
         self.fp32_head = fp32_head
+        self.activation_checkpointing = activation_checkpointing
+        # model.init_allow_missing_final may leave these fresh (facetrain/models/init_from.py)
+        self.final_layer = ("fc", "features")
 
         self.conv1 = _conv3x3(3, widths[0], stem_stride)
         self.bn1 = nn.BatchNorm2d(widths[0], eps=1e-5)
@@ -138,7 +147,12 @@ class IResNet(nn.Module):
                              f"inputs (data.image_size) but got {tuple(x.shape)}; resize the "
                              f"images or build with image_size={tuple(x.shape[-2:])}")
         x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+                for block in stage:
+                    x = checkpointed(block, x)
+        else:
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         if self.fp32_head and torch.is_autocast_enabled(x.device.type):
             # Autocast off for the head only: fc + BN1d in float32 (see class docstring).
@@ -148,34 +162,42 @@ class IResNet(nn.Module):
 
 
 def _make(depth: int, embedding_size: int, dropout: float, image_size: ImageSize,
-          fp32_head: bool) -> IResNet:
+          fp32_head: bool, activation_checkpointing: bool = False) -> IResNet:
     return IResNet(DEPTHS[depth], embedding_size=embedding_size, dropout=dropout,
-                   image_size=image_size, fp32_head=fp32_head, name=f"iresnet{depth}")
+                   image_size=image_size, fp32_head=fp32_head, name=f"iresnet{depth}",
+                   activation_checkpointing=activation_checkpointing)
 
 
 @register("iresnet18")
 def iresnet18(embedding_size: int = 512, dropout: float = 0.0, image_size: ImageSize = 112,
-              fp32_head: bool = True) -> IResNet:
+              fp32_head: bool = True, activation_checkpointing: bool = False) -> IResNet:
     """IResNet-18 (2,2,2,2 blocks), ~24.0M parameters at 112x112 / 512-d."""
-    return _make(18, embedding_size, dropout, image_size, fp32_head)
+    return _make(18, embedding_size, dropout, image_size, fp32_head, activation_checkpointing)
 
 
 @register("iresnet34")
 def iresnet34(embedding_size: int = 512, dropout: float = 0.0, image_size: ImageSize = 112,
-              fp32_head: bool = True) -> IResNet:
+              fp32_head: bool = True, activation_checkpointing: bool = False) -> IResNet:
     """IResNet-34 (3,4,6,3 blocks), ~34.1M parameters at 112x112 / 512-d."""
-    return _make(34, embedding_size, dropout, image_size, fp32_head)
+    return _make(34, embedding_size, dropout, image_size, fp32_head, activation_checkpointing)
 
 
 @register("iresnet50")
 def iresnet50(embedding_size: int = 512, dropout: float = 0.0, image_size: ImageSize = 112,
-              fp32_head: bool = True) -> IResNet:
+              fp32_head: bool = True, activation_checkpointing: bool = False) -> IResNet:
     """IResNet-50 (3,4,14,3 blocks), ~43.6M parameters at 112x112 / 512-d."""
-    return _make(50, embedding_size, dropout, image_size, fp32_head)
+    return _make(50, embedding_size, dropout, image_size, fp32_head, activation_checkpointing)
 
 
 @register("iresnet100")
 def iresnet100(embedding_size: int = 512, dropout: float = 0.0, image_size: ImageSize = 112,
-               fp32_head: bool = True) -> IResNet:
+               fp32_head: bool = True, activation_checkpointing: bool = False) -> IResNet:
     """IResNet-100 (3,13,30,3 blocks), ~65.2M parameters at 112x112 / 512-d."""
-    return _make(100, embedding_size, dropout, image_size, fp32_head)
+    return _make(100, embedding_size, dropout, image_size, fp32_head, activation_checkpointing)
+
+
+@register("iresnet200")
+def iresnet200(embedding_size: int = 512, dropout: float = 0.0, image_size: ImageSize = 112,
+               fp32_head: bool = True, activation_checkpointing: bool = False) -> IResNet:
+    """IResNet-200 (6,26,60,6 blocks), ~118.8M parameters at 112x112 / 512-d."""
+    return _make(200, embedding_size, dropout, image_size, fp32_head, activation_checkpointing)

@@ -25,7 +25,8 @@ _REGISTRY: Dict[str, BackboneFactory] = {}
 # Modules whose import registers the shipped backbones. Imported lazily (on the first lookup)
 # so that importing facetrain.models does no work and the registry has no import cycle.
 _BUILTIN_MODULES = ("facetrain.models.iresnet", "facetrain.models.resnet_reid",
-                    "facetrain.models.tiny")
+                    "facetrain.models.tiny", "facetrain.models.mobilefacenet",
+                    "facetrain.models.vit")
 
 
 def register(name: str) -> Callable[[BackboneFactory], BackboneFactory]:

@@ -71,6 +71,8 @@ class ResNetReID(nn.Module):
             raise ConfigError(f"resnet50_reid needs inputs of at least 32x32 (it downsamples "
                               f"16x); got data.image_size={image_size!r}: use e.g. 256x128")
         self.embedding_size = embedding_size
+        # model.init_allow_missing_final may leave these fresh (facetrain/models/init_from.py)
+        self.final_layer = ("reduce", "neck")
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)

@@ -13,6 +13,9 @@ SMALL = {"iresnet18": (32, 512), "iresnet34": (32, 512), "iresnet50": (32, 512),
          "iresnet100": (32, 512), "iresnet_tiny": (32, 128), "tiny": (48, 128),
          "resnet50_reid": ((64, 32), 2048)}
 CHEAP = ["tiny", "iresnet_tiny", "iresnet18", "resnet50_reid"]
+# arcface_torch's other backbones, tested in test_models_arcface_backbones.py (behaviour) and
+# test_models_arcface_layouts.py (checkpoint layout).
+ARCFACE_FAMILY = {"iresnet200", "mbf", "mbf_large", "vit_t", "vit_s", "vit_b", "vit_l"}
 
 
 def _build(name: str, dropout: float = 0.0) -> torch.nn.Module:
@@ -41,7 +44,7 @@ def _input(name: str, batch: int = 4, seed: int = 1) -> torch.Tensor:
 
 
 def test_available_lists_every_shipped_backbone() -> None:
-    assert available() == sorted(SMALL)
+    assert available() == sorted(set(SMALL) | ARCFACE_FAMILY)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -55,7 +58,8 @@ def test_output_shape_and_embedding_size_attribute(name: str) -> None:
 
 
 def test_unknown_name_lists_valid_names() -> None:
-    with pytest.raises(ConfigError, match=r"'iresnet51'.*iresnet18, iresnet34.*tiny"):
+    with pytest.raises(ConfigError,
+                       match=r"'iresnet51'.*iresnet18, iresnet200, iresnet34.*mbf.*tiny.*vit_t"):
         build_backbone("iresnet51", embedding_size=512)
 
 
