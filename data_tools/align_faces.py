@@ -23,6 +23,7 @@ from facetrain.data.align_folder import (add_align_options, align_folder,  # noq
                                          summary_lines)
 from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises  # noqa: E402
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
+from _cli import for_command_line  # noqa: E402
 
 
 def print_summary(tool: str, s) -> None:
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
             s = align_folder(args.image_dir, args.out_dir, args.landmarks, args.multiple,
                              args.align_size, progress=not args.no_progress)
     except (OSError, ValueError, ImportError) as exc:
-        print(f"align_faces: {exc}", file=sys.stderr)
+        print(f"align_faces: {for_command_line(str(exc))}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         print(f"align_faces: stopped; the images aligned so far are kept whole in "

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import List, Optional
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+GLYPHS_ROOT = "data/glyphs"           # where the README's commands keep the builds (relative to
+LARGE_ROOT = "data/glyphs_large"      # the current working directory, the repository root)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None,
@@ -57,15 +61,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--font-roots", nargs="+", default=None,
                    help="folders searched for fonts (default: /usr/share/fonts)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or font log")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None,
+               parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    args = (parser or build_parser()).parse_args(argv)
     # Runnable from a checkout without `pip install -e .`: the repository root holds facetrain/.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from facetrain.glyphs import large as lg
-    from facetrain.glyphs.build import DATA_ROOT
 
-    large = {"out": str(lg.LARGE_ROOT), "train_classes": lg.LARGE_TRAIN_CLASSES,
+    large = {"out": LARGE_ROOT, "train_classes": lg.LARGE_TRAIN_CLASSES,
              "min_designs": lg.LARGE_MIN_DESIGNS}
-    small = {"out": str(DATA_ROOT), "train_classes": 2000, "min_designs": 20}
+    small = {"out": GLYPHS_ROOT, "train_classes": 2000, "min_designs": 20}
     for key, value in (large if args.large else small).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -73,8 +81,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _for_command_line(err: Exception, parser: argparse.ArgumentParser) -> str:
+    """The library's message with flags for its settings and commands for its calls."""
+    from _cli import for_command_line
+    text = for_command_line(str(err), parser).replace(
+        "facetrain.glyphs.build.build", "`python data_tools/build_glyphs.py`")
+    if "apt-get install" in text:
+        text += " (or run scripts/setup.sh --fonts as root)"
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
     from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises, stopped_message
     from facetrain.glyphs.build import EVAL_DIR, BuildSettings, GlyphBuildError, build
     from facetrain.glyphs.fonts import FONT_ROOTS
@@ -82,9 +101,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from facetrain.logging_utils import setup_tool_logging
 
     try:
-        exclude = held_out_chars() if args.large else ""
+        exclude = held_out_chars(Path(GLYPHS_ROOT)) if args.large else ""
     except GlyphBuildError as err:
-        print(f"build_glyphs: {err}", file=sys.stderr)
+        print(f"build_glyphs: {_for_command_line(err, parser)}", file=sys.stderr)
         return 2
     setup_tool_logging(quiet=args.quiet)
     settings = BuildSettings(
@@ -101,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with sigterm_raises():
             m = build(settings, progress=not args.quiet)
     except GlyphBuildError as err:
-        print(f"build_glyphs: {err}", file=sys.stderr)
+        print(f"build_glyphs: {_for_command_line(err, parser)}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         # The .rec writer removes its own temporary file; the evaluation sets' scratch folder

@@ -22,6 +22,7 @@ from facetrain.data.folders import folders_to_rec  # noqa: E402
 from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
                                       stopped_message)
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
+from _cli import for_command_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                                check=not args.no_check, progress=not args.no_progress,
                                skip_bad=args.skip_bad)
     except (OSError, ValueError, ImportError) as exc:
-        print(f"folders_to_rec: {exc}", file=sys.stderr)
+        print(f"folders_to_rec: {for_command_line(str(exc))}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         print(stopped_message("folders_to_rec", exc, args.output), file=sys.stderr)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facetrain.data.summary import describe, format_summary  # noqa: E402
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
+from _cli import for_command_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
         info = describe(args.path, decode=decode, rebuild_index=args.rebuild_index,
                         progress=not args.no_progress)
     except (OSError, ValueError) as exc:   # DatasetError/RecordIOError are ValueErrors
-        print(f"inspect_rec: unhealthy: {exc}", file=sys.stderr)
+        print(f"inspect_rec: unhealthy: {for_command_line(str(exc), p)}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=1) if args.json else format_summary(info))
     return 1 if info.get("undecodable") else 0

@@ -13,18 +13,29 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facetrain.data.dataset import resolve_shards  # noqa: E402
 from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
                                       stopped_message)
-from facetrain.data.longtail import (DEFAULT_INPUT, DEFAULT_TAIL_SAMPLES,  # noqa: E402
-                                     default_output, make_longtail)
+from facetrain.data.longtail import DEFAULT_TAIL_SAMPLES, make_longtail  # noqa: E402
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
+from _cli import for_command_line  # noqa: E402
+
+# Repository layout: where the README's commands put things (paths relative to the current
+# working directory, the repository root there).
+DEFAULT_INPUT = "data/glyphs_large/train"    # the large glyph set, built on first use
+GLYPHS_ROOT = "data/glyphs"                  # its held-out characters are left out of it
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def default_output(head: int, tail: Optional[int], tail_samples: int) -> str:
+    """data/longtail_H{head}_T{tail|all}_S{tail_samples}."""
+    return f"data/longtail_H{head}_T{'all' if tail is None else tail}_S{tail_samples}"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", default=DEFAULT_INPUT,
                    help=f"source dataset: prefix, .rec file or folder of shards "
@@ -53,22 +64,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "files (train*.rec/.idx, their caches, property, manifest.csv); other "
                         "files there are kept and listed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
 
 
 def _ensure_default_input(progress: bool) -> int:
     """Build the default input (the large glyph set) when missing; 0, or an exit code after
     printing why the build failed or stopped."""
     from facetrain.glyphs.build import GlyphBuildError
-    from facetrain.glyphs.large import ensure_large_set
+    from facetrain.glyphs.large import ensure_large_set, is_built
 
     root = Path(DEFAULT_INPUT).parent
     try:
         with sigterm_raises():
-            ensure_large_set(root, progress=progress,
+            if not is_built(root):
+                print(f"make_longtail: the default input {root} is missing; building it (the "
+                      "same as `python data_tools/build_glyphs.py --large`)", flush=True)
+            ensure_large_set(root, Path(GLYPHS_ROOT), progress=progress,
                              say=lambda msg: print(f"make_longtail: {msg}", flush=True))
     except (GlyphBuildError, OSError) as exc:
-        print(f"make_longtail: cannot build the default input {root}: {exc}. Pass --input "
+        print(f"make_longtail: cannot build the default input {root}: "
+              f"{for_command_line(str(exc))}. Pass --input "
               "PREFIX to use another dataset.", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
@@ -78,7 +93,8 @@ def _ensure_default_input(progress: bool) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_tool_logging()
     if args.input == DEFAULT_INPUT:
         code = _ensure_default_input(progress=not args.no_progress)
@@ -87,7 +103,7 @@ def main(argv=None) -> int:
     try:
         resolve_shards(args.input)
     except FileNotFoundError as exc:
-        print(f"make_longtail: {exc}", file=sys.stderr)
+        print(f"make_longtail: {for_command_line(str(exc), parser)}", file=sys.stderr)
         return 2
     out = args.output or default_output(args.head, args.tail, args.tail_samples)
     try:
@@ -96,7 +112,7 @@ def main(argv=None) -> int:
                               args.seed, args.shard_size, progress=not args.no_progress,
                               tail_exclude=args.tail_exclude, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:   # DatasetError/RecordIOError are ValueErrors
-        print(f"make_longtail: {exc}", file=sys.stderr)
+        print(f"make_longtail: {for_command_line(str(exc), parser)}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         print(stopped_message("make_longtail", exc, out), file=sys.stderr)

@@ -27,6 +27,7 @@ from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # 
                                       stopped_message)
 from facetrain.data.packs import make_pack  # noqa: E402
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
+from _cli import for_command_line  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
                           args.ext.lstrip("."), args.overwrite, transform=transform,
                           progress=not args.no_progress)
     except (OSError, ValueError, ImportError) as exc:
-        print(f"make_pack: {exc}", file=sys.stderr)
+        print(f"make_pack: {for_command_line(str(exc))}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         print(stopped_message("make_pack", exc, args.output), file=sys.stderr)

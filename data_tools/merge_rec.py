@@ -19,6 +19,7 @@ from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # 
                                       stopped_message)
 from facetrain.data.merge import merge_datasets  # noqa: E402
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
+from _cli import for_command_line  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
                                args.shard_size, progress=not args.no_progress,
                                overwrite=args.overwrite)
     except (OSError, ValueError) as exc:   # DatasetError/RecordIOError/OutputError: ValueErrors
-        print(f"merge_rec: {exc}", file=sys.stderr)
+        print(f"merge_rec: {for_command_line(str(exc))}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         print(stopped_message("merge_rec", exc, args.output), file=sys.stderr)

@@ -19,6 +19,7 @@ from facetrain.data.dataset import rebuild_indexes, resolve_shards  # noqa: E402
 from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
                                       stopped_message)
 from facetrain.logging_utils import setup_tool_logging  # noqa: E402
+from _cli import for_command_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
                                    progress=bar.update if bar is not None else None)
     except (OSError, ValueError) as exc:
         _close(bar)
-        print(f"rebuild_index: {exc}", file=sys.stderr)
+        print(f"rebuild_index: {for_command_line(str(exc))}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         _close(bar)

@@ -3,12 +3,27 @@ No metric math here: that lives in facetrain.eval."""
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+
+# Defaults of a run without flags: the newest exported backbone anywhere under runs/
+# (runs/<run>/export/backbone.pt from launch/train_face.py, and the main job's
+# runs/main/<method>_seed<k>/export/backbone.pt; by modification time) on the embedded glyph
+# benchmark under data/glyphs/eval/. Paths are relative to the current working directory (the
+# repository root in the README's commands).
+RUNS_GLOB = "runs/**/export/backbone.pt"
+EVAL_ROOT = Path("data/glyphs/eval")
+VERIFICATION_PACKS = (EVAL_ROOT / "verification.bin",)
+IJBC_ROOT = EVAL_ROOT / "IJBC"
+MEGAFACE_ROOT = EVAL_ROOT / "megaface"
+REID_ROOT = EVAL_ROOT / "reid"
+REPORTS_DIR = Path("runs/eval")
 
 
 class UsageError(Exception):
@@ -18,11 +33,10 @@ class UsageError(Exception):
 def add_common_args(parser: argparse.ArgumentParser, default_json: str,
                     image_size: Sequence[int] = (112,)) -> None:
     """Flags every protocol shares; image_size (side,) for faces or (H, W) for re-ID crops."""
-    from facetrain.eval import defaults
     g = parser.add_argument_group("model / features")
     g.add_argument("--model", default=None,
                    help="exported backbone: facetrain-backbone .pt, TorchScript, or backbone.onnx "
-                        f"(run with onnxruntime); default: the newest {defaults.RUNS_GLOB}")
+                        f"(run with onnxruntime); default: the newest {RUNS_GLOB}")
     g.add_argument("--features", default=None,
                    help="precomputed float32 features .npy, one row per image in the protocol's "
                         "order; skips the model")
@@ -72,6 +86,12 @@ def plot_path(args: argparse.Namespace) -> Optional[Path]:
     return Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
 
 
+def exported_backbones(pattern: str = RUNS_GLOB) -> List[Path]:
+    """Files matching `pattern` (`**` spans any depth), oldest first (mtime, then path)."""
+    found = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    return [Path(p) for p in sorted(found, key=lambda p: (os.path.getmtime(p), p))]
+
+
 def require(path: Path, what: str, flag: str) -> Path:
     """Fail with the missing path and the flag that points elsewhere."""
     if not Path(path).exists():
@@ -104,10 +124,9 @@ def load_model(args: argparse.Namespace):
     from facetrain.eval.embed import load_backbone_with_info
     model_path = args.model
     if model_path is None:
-        from facetrain.eval import defaults
-        found = defaults.exported_backbones()
+        found = exported_backbones()
         if not found:
-            raise UsageError(f"no model: nothing matches {defaults.RUNS_GLOB} (train one with "
+            raise UsageError(f"no model: nothing matches {RUNS_GLOB} (train one with "
                              "launch/train_face.py or scripts/main_job.sh); pass --model PATH "
                              "or --features PATH.npy")
         model_path = found[-1]

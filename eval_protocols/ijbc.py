@@ -19,9 +19,8 @@ from eval_protocols import _common  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from facetrain.eval import defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--root", default=str(defaults.IJBC_ROOT),
+    p.add_argument("--root", default=str(_common.IJBC_ROOT),
                    help="IJB folder holding loose_crop/ and meta/")
     p.add_argument("--prefix", default="ijbc", choices=("ijbc", "ijbb"),
                    help="meta file prefix: ijbc or ijbb")
@@ -31,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L2-normalise each image feature before pooling (default keeps the norm)")
     p.add_argument("--no-1n", action="store_true", help="skip 1:N even when its CSVs exist")
     _common.add_fpr_rule_arg(p)
-    _common.add_common_args(p, str(defaults.REPORTS_DIR / "ijbc.json"))
+    _common.add_common_args(p, str(_common.REPORTS_DIR / "ijbc.json"))
     return p
 
 

@@ -17,14 +17,13 @@ from eval_protocols import _common  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from facetrain.eval import defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--pack", nargs="+", default=[str(x) for x in defaults.VERIFICATION_PACKS],
+    p.add_argument("--pack", nargs="+", default=[str(x) for x in _common.VERIFICATION_PACKS],
                    help="one or more .bin verification packs (pickle of (bins, issame_list))")
     p.add_argument("--folds", type=int, default=10, help="number of cross-validation folds")
     p.add_argument("--fpr", type=float, nargs="+", default=[1e-3],
                    help="FPR targets for the TPR columns")
-    _common.add_common_args(p, str(defaults.REPORTS_DIR / "verification.json"))
+    _common.add_common_args(p, str(_common.REPORTS_DIR / "verification.json"))
     return p
 
 

@@ -20,9 +20,8 @@ from eval_protocols import _common  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from facetrain.eval import defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--root", default=str(defaults.MEGAFACE_ROOT),
+    p.add_argument("--root", default=str(_common.MEGAFACE_ROOT),
                    help="folder with facescrub_lst, megaface_lst, facescrub_images/, "
                         "megaface_images/")
     p.add_argument("--distractors", type=int, default=None,
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(facescrub/ and megaface/ subfolders)")
     p.add_argument("--algo", default="facetrain", help="algorithm name in devkit file names")
     _common.add_fpr_rule_arg(p)
-    _common.add_common_args(p, str(defaults.REPORTS_DIR / "megaface.json"))
+    _common.add_common_args(p, str(_common.REPORTS_DIR / "megaface.json"))
     return p
 
 

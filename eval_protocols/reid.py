@@ -17,11 +17,10 @@ from eval_protocols import _common  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from facetrain.eval import defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--root", default=str(defaults.REID_ROOT),
+    p.add_argument("--root", default=str(_common.REID_ROOT),
                    help="dataset folder holding query/ and bounding_box_test/")
-    _common.add_common_args(p, str(defaults.REPORTS_DIR / "reid.json"), image_size=(256, 128))
+    _common.add_common_args(p, str(_common.REPORTS_DIR / "reid.json"), image_size=(256, 128))
     return p
 
 

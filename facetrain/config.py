@@ -40,7 +40,7 @@ def _check_range(key: str, value: float, lo: Optional[float] = None, hi: Optiona
 class DataConfig:
     """Training data: an InsightFace/im2rec RecordIO prefix, a shard glob, or a folder."""
 
-    rec: str = "data/glyphs/longtail/train"   # prefix of train.rec/.idx, or a folder holding shards
+    rec: str = ""    # required to train: prefix of train.rec/.idx, or a folder holding shards
     loader: str = "torch"                      # torch | dali
     batch_size: int = 128                      # per rank
     num_workers: int = 2                       # torch loader workers / DALI CPU threads

@@ -151,6 +151,10 @@ def main(argv=None) -> int:
     except ConfigError as err:
         _say(f"train_face.py: config error: {err}")
         return 2
+    if not cfg.data.rec:
+        _say(f"train_face.py: data.rec is not set (in {args.config} or an override); {DATA_HINT}",
+             every_node=True)
+        return 2
     if not _data_present(cfg.data.rec):
         _say(f"train_face.py: training data {cfg.data.rec!r} (from {args.config}) is missing; "
              f"{DATA_HINT}", every_node=True)

@@ -17,8 +17,12 @@ def build_train_loader(cfg: "DataConfig", ctx: "DistContext", seed: int) -> "Tra
 
     Every rank yields len(loader) full batches of cfg.batch_size images (its own shard).
     """
+    from facetrain.config import ConfigError
     from facetrain.data.dataset import RecordDataset
 
+    if not cfg.rec:
+        raise ConfigError("data.rec is not set: give the training data's RecordIO prefix, .rec "
+                          "file or folder of shards (data.rec=/path/to/train)")
     dataset = RecordDataset.open(cfg.rec, rebuild_index=cfg.rebuild_index)
     if cfg.loader == "dali":
         from facetrain.data.dali_loader import DaliTrainLoader

@@ -31,13 +31,8 @@ from facetrain.data.output import check_output_folder, removed_if_failed, write_
 from facetrain.data.writer import relabel_framed, write_insightface_dataset
 
 log = logging.getLogger(__name__)
-DEFAULT_INPUT = "data/glyphs_large/train"    # built on first use (facetrain.glyphs.large)
 DEFAULT_TAIL_SAMPLES = 5     # the paper's S
 OUTPUT_EXTRAS = ("property", "manifest.csv")   # written beside the train*.rec/.idx files
-
-
-def default_output(head: int, tail: Optional[int], tail_samples: int) -> str:
-    return f"data/longtail_H{head}_T{'all' if tail is None else tail}_S{tail_samples}"
 
 
 def rank_classes(counts: np.ndarray) -> np.ndarray:
@@ -77,16 +72,16 @@ def select_classes(counts: np.ndarray, head: int, tail: Optional[int], tail_samp
     """(head class ids, tail class ids), each in new-label order (source ids). `allowed`: per
     class, how many images a tail class may pick from (default: all of them)."""
     if head < 0 or head > counts.size:
-        raise ValueError(f"--head must be in [0, {counts.size}] (the dataset's class count); "
+        raise ValueError(f"`head` must be in [0, {counts.size}] (the dataset's class count); "
                          f"got {head}")
     if tail_samples < 1:
-        raise ValueError(f"--tail-samples must be >= 1; got {tail_samples}")
+        raise ValueError(f"`tail_samples` must be >= 1; got {tail_samples}")
     order = rank_classes(counts)
     rest = order[head:]
     eligible = rest[(counts if allowed is None else allowed)[rest] >= tail_samples]
     tail_ids = eligible if tail is None else eligible[:tail]
     if tail is not None and tail_ids.size < tail:
-        log.warning("only %d classes after the head have >= %d images; asked for --tail %d",
+        log.warning("only %d classes after the head have >= %d images; asked for tail=%d",
                     tail_ids.size, tail_samples, tail)
     return order[:head], tail_ids
 
@@ -297,8 +292,8 @@ def make_longtail(input_path: str, output_dir: str, head: int, tail: Optional[in
     picks = pick_tail_images(counts, tail_ids, tail_samples, seed, excluded)
     nl, sids, offs, keys = _select(src, new_label, is_head, picks)
     if nl.size == 0:
-        raise ValueError(f"{input_path}: --head {head} with --tail-samples {tail_samples} selects "
-                         "no image; raise --head or lower --tail-samples")
+        raise ValueError(f"{input_path}: `head` {head} with `tail_samples` {tail_samples} selects "
+                         "no image; raise `head` or lower `tail_samples`")
     order = np.argsort(nl, kind="stable")     # group by new label, dataset order inside
     shape = src.image_shape or probe_shape(src, int(sids[order[0]]), int(offs[order[0]]))
     out = Path(output_dir)

@@ -42,9 +42,12 @@ class TruncatedRecordError(RecordIOError):
     """The .rec ends inside a record: only a new copy helps (no index can restore lost bytes)."""
 
 
+REBUILD_CALL = "facetrain.data.shards.rebuild_indexes"   # what rebuild_advice names
+
+
 def rebuild_advice(rec: Union[str, Path]) -> str:
     """What to do about a stale, malformed or missing .idx; each option works when followed."""
-    return (f"rebuild it with `python data_tools/rebuild_index.py {rec}` or set "
+    return (f"rebuild it with {REBUILD_CALL}({str(rec)!r}) or set "
             "data.rebuild_index=true")
 
 
@@ -150,8 +153,7 @@ def read_record_at(fd: int, offset: int, path: Union[str, Path], key: object = N
                     path, pos, f"wrong magic word 0x{magic:08x} (expected 0x{MAGIC:08x})"))
             raise RecordIOError(f"{where}: wrong magic word 0x{magic:08x} at byte {pos} "
                                 f"(expected 0x{MAGIC:08x}); the .idx does not match the .rec "
-                                "(rebuild it with data_tools/rebuild_index.py) or the file is "
-                                "not RecordIO")
+                                f"({rebuild_advice(path)}) or the file is not RecordIO")
         cflag, length = lrec >> 29, lrec & _LEN_MASK
         if first and cflag not in (0, 1):
             if scanning:

@@ -7,5 +7,5 @@ wrappers). Modules (imported on demand; nothing runs at import):
 - ijbc / ijbc_1n: IJB-C / IJB-B 1:1 verification and 1:N identification
 - megaface: MegaFace Challenge 1 devkit feature files and evaluator
 - reid: Market-1501 / DukeMTMC-reID mAP and CMC
-- plots: ROC and CMC PNGs; defaults: default model/benchmark locations
+- plots: ROC and CMC PNGs
 """

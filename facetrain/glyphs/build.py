@@ -26,7 +26,6 @@ from facetrain.glyphs.render import render_many
 
 log = logging.getLogger(__name__)
 
-DATA_ROOT = Path("data/glyphs")
 TRAIN_PREFIX = "train"             # <out>/train.rec, train.idx, property
 EVAL_DIR = "eval"                  # <out>/eval/{verification.bin, IJBC/, megaface/}
 VERIFICATION_BIN = "verification.bin"
@@ -45,7 +44,7 @@ class GlyphBuildError(ValueError):
 class BuildSettings:
     """Every knob of a build; written into the manifest."""
 
-    out: str = str(DATA_ROOT)
+    out: str                         # output folder (no default: the caller owns the layout)
     seed: int = 0
     train_classes: int = 2000
     eval_classes: int = 500
@@ -64,41 +63,41 @@ class BuildSettings:
     def validate(self) -> None:
         for name in ("train_classes", "min_designs", "size", "jobs"):
             if getattr(self, name) < 1:
-                raise GlyphBuildError(f"--{name.replace('_', '-')} must be >= 1; "
+                raise GlyphBuildError(f"`{name}` must be >= 1; "
                                       f"got {getattr(self, name)}")
         if self.min_designs < 2:
-            raise GlyphBuildError(f"--min-designs must be >= 2 (a class needs two images for a "
+            raise GlyphBuildError(f"`min_designs` must be >= 2 (a class needs two images for a "
                                   f"same-class pair); got {self.min_designs}")
         if self.size < 8:
-            raise GlyphBuildError(f"--size must be >= 8 pixels; got {self.size}")
+            raise GlyphBuildError(f"`size` must be >= 8 pixels; got {self.size}")
         if self.train_only:
             if self.eval_classes or self.distractor_classes or self.eval_heldout_only:
-                raise GlyphBuildError("--train-only writes no evaluation sets: --eval-classes "
-                                      "and --distractor-classes must be 0 and "
-                                      "--eval-heldout-only unset")
+                raise GlyphBuildError("`train_only` writes no evaluation sets: `eval_classes` "
+                                      "and `distractor_classes` must be 0 and "
+                                      "`eval_heldout_only` unset")
             return
         self._validate_eval()
 
     def _validate_eval(self) -> None:
         if self.eval_classes < 1:
-            raise GlyphBuildError(f"--eval-classes must be >= 1; got {self.eval_classes}")
+            raise GlyphBuildError(f"`eval_classes` must be >= 1; got {self.eval_classes}")
         if self.distractor_classes < 1:
-            raise GlyphBuildError("--distractor-classes must be >= 1 (MegaFace needs "
+            raise GlyphBuildError("`distractor_classes` must be >= 1 (MegaFace needs "
                                   f"distractors); got {self.distractor_classes}")
         folds = 2 * eval_sets.VERIFICATION_FOLDS
         if self.verification_pairs < folds or self.verification_pairs % folds:
-            raise GlyphBuildError(f"--verification-pairs must be a positive multiple of {folds} "
+            raise GlyphBuildError(f"`verification_pairs` must be a positive multiple of {folds} "
                                   "(10 folds, each half same-class and half different-class "
                                   f"pairs); got {self.verification_pairs}")
         if self.eval_classes < folds:
-            raise GlyphBuildError(f"--eval-classes must be >= {folds} (each of the 10 "
+            raise GlyphBuildError(f"`eval_classes` must be >= {folds} (each of the 10 "
                                   "verification folds draws different-class pairs from its own "
                                   f"classes); got {self.eval_classes}")
         if self.eval_heldout_only and not self.holdout_designs:
-            raise GlyphBuildError("--eval-heldout-only needs --holdout-designs (which designs "
+            raise GlyphBuildError("`eval_heldout_only` needs `holdout_designs` (which designs "
                                   "to keep out of training and evaluate on)")
         if self.ijbc_impostor_pairs < 1:
-            raise GlyphBuildError("--ijbc-impostor-pairs must be >= 1; "
+            raise GlyphBuildError("`ijbc_impostor_pairs` must be >= 1; "
                                   f"got {self.ijbc_impostor_pairs}")
 
 
@@ -125,18 +124,18 @@ def find_designs(settings: BuildSettings) -> DesignChoice:
         log.info("font kept: %s (%s), %d ideographs", face.key, face.name, len(face.coverage))
     for h in settings.holdout_designs:
         if len(training_designs(choice.kept, (h,))) == len(choice.kept):
-            raise GlyphBuildError(f"--holdout-designs {h!r} matches no kept design; use part of "
+            raise GlyphBuildError(f"`holdout_designs` {h!r} matches no kept design; use part of "
                                   "a name or file from: " + ", ".join(
                                       f"{f.name} ({f.key})" for f in choice.kept))
     n_train = len(training_designs(choice.kept, settings.holdout_designs))
     if n_train < settings.min_designs:
         missing = missing_packages(FONT_PACKAGES)
-        fix = (f"install the missing font packages: sudo apt-get install {' '.join(missing)} "
-               "(or run scripts/setup.sh --fonts as root)") if missing else \
-            "all listed font packages are installed: lower --min-designs"
+        fix = (f"install the missing font packages: sudo apt-get install {' '.join(missing)}"
+               ) if missing else \
+            "all listed font packages are installed: lower `min_designs`"
         raise GlyphBuildError(f"found {len(choice.kept)} distinct CJK font designs under "
                               f"{', '.join(settings.font_roots)} ({n_train} usable for training) "
-                              f"but --min-designs is {settings.min_designs}; {fix}")
+                              f"but `min_designs` is {settings.min_designs}; {fix}")
     return choice
 
 
@@ -222,7 +221,7 @@ def choose_classes(designs: Sequence[FontFace], settings: BuildSettings,
     if len(order) < need:
         raise GlyphBuildError(f"only {len(order)} characters are covered by >= "
                               f"{settings.min_designs} designs but the splits need {need}: lower "
-                              "--min-designs or the class counts")
+                              "`min_designs` or the class counts")
     use_set = set(use)
     good: List[Tuple[str, List[Tuple[int, np.ndarray]]]] = []
     start = 0
@@ -272,7 +271,7 @@ def write_train(prefix: Path, train: Sequence[Tuple[str, List[Tuple[int, np.ndar
 def write_train_designs(path: Path, train: Sequence[Tuple[str, List[Tuple[int, np.ndarray]]]],
                         designs: Sequence[FontFace]) -> None:
     """label,ordinal,design,name for every training image: which design each image is, so a
-    split can control which styles its tail keeps (make_longtail --tail-exclude)."""
+    split can control which styles its tail keeps (make_longtail `tail_exclude`)."""
     with open(path, "w", encoding="utf-8", newline="") as fh:
         fh.write("label,ordinal,design,name\n")
         for label, (_ch, images) in enumerate(train):
@@ -337,7 +336,7 @@ def _manifest(settings: BuildSettings, choice: DesignChoice, classes: Classes, n
               ver: Optional[Dict], ijbc: Optional[Dict], mega: Optional[Dict]
               ) -> Dict[str, object]:
     """What was built from what: settings, designs kept/dropped (why), classes, counts.
-    A --train-only build has null verification/ijbc/megaface parts."""
+    A `train_only` build has null verification/ijbc/megaface parts."""
     train_idx = set(training_designs(choice.kept, settings.holdout_designs))
     return {
         "settings": asdict(settings),

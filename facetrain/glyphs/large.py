@@ -6,8 +6,7 @@ asking for >= 5 designs admits ~16,000 characters: those covered by few fonts ar
 those covered by all ~25 designs the head (make_longtail ranks classes by image count). Training
 set only: the evaluation sets stay in data/glyphs/eval, and the characters data/glyphs holds out
 (its evaluation and distractor classes, read from its manifest) are left out of the large set so
-that those sets stay unseen. Paths are relative to the current working directory (the repository
-root in the README's commands).
+that those sets stay unseen. The caller says where both builds live.
 
 Two environment variables reduce the build (CI, quick tries): FACETRAIN_GLYPHS_LARGE_CLASSES
 (training characters) and FACETRAIN_GLYPH_FONT_ROOTS (font folders, separated by os.pathsep).
@@ -22,18 +21,17 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
-from facetrain.glyphs.build import (DATA_ROOT, MANIFEST, TRAIN_PREFIX, BuildSettings,
+from facetrain.glyphs.build import (MANIFEST, TRAIN_PREFIX, BuildSettings,
                                     GlyphBuildError, build)
 from facetrain.glyphs.fonts import FONT_ROOTS
 
-LARGE_ROOT = Path("data/glyphs_large")
 LARGE_TRAIN_CLASSES = 16000
 LARGE_MIN_DESIGNS = 5
 CLASSES_ENV = "FACETRAIN_GLYPHS_LARGE_CLASSES"
 FONT_ROOTS_ENV = "FACETRAIN_GLYPH_FONT_ROOTS"
 
 
-def held_out_chars(glyphs_root: Path = DATA_ROOT) -> str:
+def held_out_chars(glyphs_root: Path) -> str:
     """The evaluation and distractor characters of the glyph build at `glyphs_root` ("" when it
     is not built): a training set that avoids them keeps that build's evaluation sets unseen."""
     path = Path(glyphs_root) / MANIFEST
@@ -44,10 +42,10 @@ def held_out_chars(glyphs_root: Path = DATA_ROOT) -> str:
         return "".join(m[part]["classes"] for part in ("eval", "distractors") if m.get(part))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise GlyphBuildError(f"{path} is not a glyph build manifest ({err}); rebuild "
-                              f"{glyphs_root} with data_tools/build_glyphs.py") from None
+                              f"{glyphs_root} with facetrain.glyphs.build.build") from None
 
 
-def large_settings(root: Path = LARGE_ROOT, environ: Optional[Mapping[str, str]] = None,
+def large_settings(root: Path, environ: Optional[Mapping[str, str]] = None,
                    jobs: int = 2, exclude_chars: str = "") -> BuildSettings:
     """Build settings of the large set, with the two environment overrides applied."""
     env = os.environ if environ is None else environ
@@ -64,17 +62,16 @@ def large_settings(root: Path = LARGE_ROOT, environ: Optional[Mapping[str, str]]
                          font_roots=roots, train_only=True, exclude_chars=exclude_chars)
 
 
-def is_built(root: Path = LARGE_ROOT) -> bool:
+def is_built(root: Path) -> bool:
     """True when a finished build is there (the manifest is written last)."""
     root = Path(root)
     return all((root / n).is_file() for n in (TRAIN_PREFIX + ".rec", TRAIN_PREFIX + ".idx",
                                               MANIFEST))
 
 
-def ensure_large_set(root: Path = LARGE_ROOT, progress: bool = True,
+def ensure_large_set(root: Path, glyphs_root: Path, progress: bool = True,
                      say: Callable[[str], None] = print,
-                     environ: Optional[Mapping[str, str]] = None,
-                     glyphs_root: Path = DATA_ROOT) -> Optional[Dict[str, object]]:
+                     environ: Optional[Mapping[str, str]] = None) -> Optional[Dict[str, object]]:
     """Build the large set under `root` unless already there, leaving out the characters that
     `glyphs_root` holds out; returns the new manifest, or None when nothing was built. Builds
     into `<root>.partial` and renames at the end, so an interrupted build is never mistaken for
@@ -85,7 +82,7 @@ def ensure_large_set(root: Path = LARGE_ROOT, progress: bool = True,
     if root.exists() and any(root.iterdir()):
         raise GlyphBuildError(f"{root} exists but holds no finished glyph build "
                               f"({TRAIN_PREFIX}.rec, {TRAIN_PREFIX}.idx, {MANIFEST}); remove it "
-                              "to rebuild, or pass --input")
+                              "to rebuild")
     excluded = held_out_chars(glyphs_root)
     settings = large_settings(root.with_name(root.name + ".partial"), environ,
                               exclude_chars=excluded)
@@ -94,8 +91,7 @@ def ensure_large_set(root: Path = LARGE_ROOT, progress: bool = True,
                 "left out")
     say(f"{root} is missing: building it once (training set only, {settings.train_classes} "
         f"characters rendered in >= {settings.min_designs} font designs each, from "
-        f"{', '.join(settings.font_roots)}; {left_out}); the same as `python "
-        f"data_tools/build_glyphs.py --large`")
+        f"{', '.join(settings.font_roots)}; {left_out})")
     start = time.perf_counter()
     shutil.rmtree(settings.out, ignore_errors=True)
     logging.getLogger("fontTools").setLevel(logging.ERROR)   # noisy about old font timestamps

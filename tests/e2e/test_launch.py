@@ -102,6 +102,10 @@ def test_config_errors_and_missing_data(tmp_path):
     assert proc.returncode == 2
     assert "data/longtail_H100_Tall_S3" in proc.stderr and "build_glyphs.py" in proc.stderr
     assert "make_longtail.py" in proc.stderr
+    # data.rec has no library default: an empty one is named before any process group starts.
+    proc = _launch(["data.rec="], cwd=tmp_path)
+    assert proc.returncode == 2 and "data.rec is not set" in proc.stderr
+    assert "build_glyphs.py" in proc.stderr
 
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))

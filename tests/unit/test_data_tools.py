@@ -2,6 +2,7 @@
 folders and Market-1501 names), inspect_rec, rebuild_index."""
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,10 @@ TOOLS = Path(__file__).resolve().parents[2] / "data_tools"
 
 
 def tool(name):
+    """A data_tools program's main, loaded as the command line runs it (its folder first on the
+    path, where it finds its sibling _cli.py)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
     spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -88,3 +93,20 @@ def test_inspect_and_rebuild_index(tmp_path, capsys):
     assert RecordDataset.open(prefix).class_counts.tolist() == [4, 1, 2]
     assert tool("rebuild_index")([prefix]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_make_longtail_owns_the_layout_and_names_its_flags(tmp_path, capsys):
+    """The repository paths are the CLI's (the library has none); library errors that name a
+    parameter come out naming the flag."""
+    spec = importlib.util.spec_from_file_location("_tool_ml", TOOLS / "make_longtail.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.default_output(3000, 10000, 5) == "data/longtail_H3000_T10000_S5"
+    assert mod.default_output(20, None, 5) == "data/longtail_H20_Tall_S5"
+    assert mod.DEFAULT_INPUT == "data/glyphs_large/train"
+    prefix, _ = make_dataset(tmp_path / "d", [3, 2, 2])
+    assert mod.main(["--input", prefix, "--head", "9", "--output", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "make_longtail: --head must be in [0, 3] (the dataset's class count); got 9" in err
+

@@ -264,6 +264,7 @@ SLOW_CHILD = textwrap.dedent("""
             yield item
     rio.scan_records = slow_scan
     name = sys.argv[1]
+    sys.path.insert(0, "data_tools")      # as `python data_tools/NAME.py` has it
     spec = importlib.util.spec_from_file_location(name, f"data_tools/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -91,7 +91,7 @@ def test_missing_and_stale_index_then_rebuild(tmp_path):
     shutil.copy(tmp_path / "train_000.idx", tmp_path / "keep.idx")
     with open(tmp_path / "train_000.rec", "ab") as fh:       # records appended after indexing
         fh.write(rio.encode_record(rio.pack_irheader(0.0, 99, 0, b"x")))
-    with pytest.raises(DatasetError, match=r"train_000\.idx is stale.*rebuild_index\.py"):
+    with pytest.raises(DatasetError, match=r"train_000\.idx is stale.*rebuild_indexes\("):
         RecordDataset.open(prefix)
 
 

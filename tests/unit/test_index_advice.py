@@ -1,5 +1,6 @@
 """Stale indexes, truncated and damaged .rec files: every offset is checked, each message gives
-one piece of advice, and following that advice literally (the printed rebuild_index.py command,
+one piece of advice, and following that advice literally (the rebuild_index.py command the tools
+print in place of the library's rebuild_indexes call,
 data.rebuild_index=true, --force, or re-copying the .rec) ends with a readable dataset or with a
 message that no index can help."""
 import re
@@ -94,7 +95,8 @@ def test_stale_index_advice_works_when_followed(tmp_path, capsys, case):
     with pytest.raises((DatasetError, FileNotFoundError, rio.RecordIOError), match=pattern) as ei:
         RecordDataset.open(prefix)
     msg = str(ei.value)
-    assert "data.rebuild_index=true" in msg
+    assert "data.rebuild_index=true" in msg and f"{rio.REBUILD_CALL}(" in msg
+    assert "data_tools" not in msg                     # the library names no command line
     assert tool("inspect_rec")([prefix]) == 2
     err = capsys.readouterr().err
     assert re.search(pattern, err) and "Traceback" not in err
@@ -102,10 +104,11 @@ def test_stale_index_advice_works_when_followed(tmp_path, capsys, case):
                                   "--head", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert re.search(pattern, err) and "rebuild_index.py" in err
+    assert rio.REBUILD_CALL not in err                 # the CLI names its command, not the call
     assert not (tmp_path / "lt").exists()
 
-    # Advice 1: the printed command, literally.
-    assert tool("rebuild_index")(_advice_command(msg) + ["--no-progress"]) == 0
+    # Advice 1: the command the CLI printed, literally.
+    assert tool("rebuild_index")(_advice_command(err) + ["--no-progress"]) == 0
     assert "rebuilt 1 index file(s)" in capsys.readouterr().out
     ds = RecordDataset.open(prefix)
     assert len(rio.read_index(prefix + ".idx")[0]) == n_records
@@ -184,9 +187,11 @@ def test_damaged_rec_rebuild_says_recopy_and_keeps_the_old_index(tmp_path, capsy
     data[int(offs[3]):int(offs[3]) + 4] = b"\0\0\0\0"         # corrupt magic word of key 3
     rec.write_bytes(bytes(data))
     idx_before = (tmp_path / "d" / "train.idx").read_bytes()
-    with pytest.raises(DatasetError, match="where no record starts") as ei:
+    with pytest.raises(DatasetError, match="where no record starts"):
         RecordDataset.open(prefix)
-    assert tool("rebuild_index")(_advice_command(str(ei.value)) + ["--no-progress"]) == 2
+    assert tool("inspect_rec")([prefix]) == 2
+    advice = _advice_command(capsys.readouterr().err)
+    assert tool("rebuild_index")(advice + ["--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{rec} is damaged at byte {int(offs[3])}" in err and "re-copy it" in err
     assert "rebuild_index.py" not in err.split("rebuild_index: ", 1)[1]   # no loop back
