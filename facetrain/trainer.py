@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from facetrain import checkpoint as ckpt
 from facetrain.config import Config, ConfigError
-from facetrain.data.shards import DatasetError
+from facetrain.data.errors import DatasetError
 from facetrain.dist import DistContext, raise_if_any_failed
 from facetrain.engines import build_engine, check_engine
 from facetrain.export import export_backbone

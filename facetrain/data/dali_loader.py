@@ -25,7 +25,8 @@ import torch
 
 from facetrain.data.base import TrainLoader
 from facetrain.data.cache import cache_path_for
-from facetrain.data.dataset import DatasetError, RecordDataset
+from facetrain.data.dataset import RecordDataset
+from facetrain.data.errors import DatasetError
 
 log = logging.getLogger(__name__)
 SHUFFLE_FILL = 8192   # DALI shuffle-buffer size (samples are views of a memory map: cheap)

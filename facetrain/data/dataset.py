@@ -20,7 +20,8 @@ import numpy as np
 
 from facetrain.data import recordio as rio
 from facetrain.data.cache import cache_path_for, load_cached, save_cached
-from facetrain.data.shards import (PROPERTY, DatasetError, ShardFiles, check_index,  # noqa: F401
+from facetrain.data.errors import DatasetError
+from facetrain.data.shards import (PROPERTY, ShardFiles, check_index,  # noqa: F401
                                    read_property, rebuild_indexes, resolve_shards)
 
 

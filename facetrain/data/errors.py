@@ -1,5 +1,5 @@
-"""Dataset error types, in their own module so the index checks and the dataset code can share
-them without importing each other."""
+"""Dataset error types: the one home of DatasetError (import it from here), shared by the index
+checks, the dataset code and its callers without importing each other."""
 from __future__ import annotations
 
 

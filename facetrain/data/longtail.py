@@ -23,9 +23,10 @@ import numpy as np
 from facetrain.data import recordio as rio
 from facetrain.data.cache import cache_path_for, commit_memmap, load_cached_mmap, \
     memmap_for_writing
-from facetrain.data.dataset import (DatasetError, PROPERTY, ShardFiles, label_cache_stamp,
+from facetrain.data.dataset import (PROPERTY, ShardFiles, label_cache_stamp,
                                     labels_from_ranges, read_label_at, read_property,
                                     resolve_shards)
+from facetrain.data.errors import DatasetError
 from facetrain.data.framing import check_framing_streaming
 from facetrain.data.output import check_output_folder, removed_if_failed, write_text_tmp
 from facetrain.data.writer import relabel_framed, write_insightface_dataset

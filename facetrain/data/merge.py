@@ -17,7 +17,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from facetrain.data import recordio as rio
-from facetrain.data.dataset import DatasetError, resolve_shards
+from facetrain.data.dataset import resolve_shards
+from facetrain.data.errors import DatasetError
 from facetrain.data.longtail import StreamingSource, probe_shape
 from facetrain.data.output import OutputError, check_output_folder, removed_if_failed, \
     write_text_tmp

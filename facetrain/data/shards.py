@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import numpy as np
 
 from facetrain.data import recordio as rio
-from facetrain.data.errors import DatasetError, StaleIndexError  # noqa: F401  (re-exported)
+from facetrain.data.errors import DatasetError, StaleIndexError
 from facetrain.data.framing import check_framing
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from facetrain.data import recordio as rio
-from facetrain.data.dataset import DatasetError, RecordDataset
+from facetrain.data.dataset import RecordDataset
+from facetrain.data.errors import DatasetError
 
 HIST_EDGES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 

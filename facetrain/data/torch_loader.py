@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from facetrain.data.base import TrainLoader
-from facetrain.data.dataset import DatasetError, RecordDataset
+from facetrain.data.dataset import RecordDataset
+from facetrain.data.errors import DatasetError
 from facetrain.data.images import decode_bgr
 
 log = logging.getLogger(__name__)

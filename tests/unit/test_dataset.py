@@ -10,7 +10,8 @@ import pytest
 
 from facetrain.data import dataset as dsmod
 from facetrain.data import recordio as rio
-from facetrain.data.dataset import DatasetError, RecordDataset, write_insightface_dataset
+from facetrain.data.dataset import RecordDataset, write_insightface_dataset
+from facetrain.data.errors import DatasetError
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 

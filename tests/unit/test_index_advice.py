@@ -13,7 +13,8 @@ import pytest
 
 from facetrain.config import load_config
 from facetrain.data import recordio as rio
-from facetrain.data.dataset import DatasetError, RecordDataset, write_insightface_dataset
+from facetrain.data.dataset import RecordDataset, write_insightface_dataset
+from facetrain.data.errors import DatasetError
 from test_data_tools import tool
 from test_dataset import image_bytes, make_dataset
 

@@ -7,7 +7,8 @@ import torch
 
 from facetrain.config import DataConfig
 from facetrain.data import build_train_loader
-from facetrain.data.dataset import DatasetError, write_insightface_dataset
+from facetrain.data.dataset import write_insightface_dataset
+from facetrain.data.errors import DatasetError
 from facetrain.dist import DistContext
 
 COUNTS = [5, 4, 4, 3, 3, 2, 2]          # 23 images: uneven over 3 ranks x batch 2
