@@ -378,11 +378,6 @@ def load_shard(path: Path, rank: int, map_location: Any = "cpu") -> Dict[str, An
     return load_file(f, map_location)
 
 
-def load_all_shards(path: Path, map_location: Any = "cpu") -> List[Dict[str, Any]]:
-    """Every rank's file of a checkpoint (for resharding to another world size)."""
-    return [load_shard(path, r, map_location) for r in range(read_meta(path)["world_size"])]
-
-
 class SavedStates(Sequence):
     """One part of every saved rank's state, `part(rank r's file)` for r in range(saved world
     size), each file read on first access and kept. What the head's and the engines'

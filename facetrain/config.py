@@ -11,7 +11,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -545,8 +545,3 @@ def _load_yaml_tree(path: Path, depth: int = 0) -> Dict[str, Any]:
                               f"file (relative to this one); got {base!r}")
         tree = _merge(_load_yaml_tree(path.parent / base, depth + 1), tree)
     return tree
-
-
-def replace(cfg: Config, overrides: List[str]) -> Config:
-    """A new Config with dotted overrides applied (the original is never mutated)."""
-    return config_from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))

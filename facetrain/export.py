@@ -43,11 +43,6 @@ def check_exported(obj: Any, path: Union[str, Path]) -> Dict[str, Any]:
     return obj
 
 
-def load_exported(path: Union[str, Path], map_location: Any = "cpu") -> Dict[str, Any]:
-    """Read and check an exported backbone file (the eval side builds the module from it)."""
-    return check_exported(torch.load(path, map_location=map_location, weights_only=True), path)
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)

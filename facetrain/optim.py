@@ -8,7 +8,7 @@ entry, which is ignored).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -162,16 +162,3 @@ class LRSchedule:
             for group in opt.param_groups:
                 group["lr"] = lr if scale == 1.0 else lr * scale
         return lr
-
-
-def cycle_start_epoch(cfg: ScheduleConfig, cycle: int) -> float:
-    """Epoch at which cycle `cycle` (0-based) of the triangular policy starts."""
-    if cfg.name != "cyclic":
-        raise ConfigError(f"cycle_start_epoch needs schedule.name=cyclic; got {cfg.name!r}")
-    return cycle * cfg.cycle_epochs
-
-
-def lr_curve(schedule: LRSchedule, steps: int) -> List[float]:
-    """The first `steps` learning rates (for plots and tests)."""
-    return [schedule.lr_at(s) for s in range(steps)]
-

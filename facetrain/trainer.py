@@ -14,11 +14,9 @@ in another order (its reader reshuffles), so there the sequences differ after th
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
-import signal
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,9 +31,6 @@ from facetrain.export import export_backbone
 from facetrain.logging_utils import RunLogger, format_eta
 from facetrain.optim import LRSchedule
 
-# Test-only fault injection: "RANK:STEP" kills that rank (SIGKILL) once, right after STEP; a
-# marker file in the output folder makes the restarted job run through.
-KILL_ENV = "FACETRAIN_TEST_KILL_AT"
 # fp16: the grad scaler skips steps with overflowing gradients; only this many consecutive
 # non-finite losses stop the run. fp32/bf16 stop at the first one.
 FP16_NONFINITE_PATIENCE = 20
@@ -178,11 +173,16 @@ class Trainer:
                 raise
 
     # ---- the loop -----------------------------------------------------------------------
-    def fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
+    def fit(self, stop_after: Optional[int] = None,
+            after_step: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
         """Train to the end; returns {"step", "epoch", "loss", "export"}. However fit ends, the
         run log is closed (its handler on the `facetrain` logger goes with it) and the engine
         releases what it created (DeepSpeed's own process groups), so that a process that
-        trained exits cleanly from any entry point."""
+        trained exits cleanly from any entry point.
+
+        after_step: called with the step number after each optimizer step, before that step's
+        logging and checkpoint; a seam for callers (tests inject faults through it)."""
+        self._after_step = after_step
         finished = False
         try:
             result = self._fit(stop_after)
@@ -258,7 +258,8 @@ class Trainer:
                 self.epoch, self.batch = self.epoch + 1, 0
             self.monitor.update(step_loss / accum, self.step)
             self.log.advance(self.step)
-            _maybe_die(self.ctx, self.step, self.out)
+            if self._after_step is not None:
+                self._after_step(self.step)
             if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                 last_loss = self._log_step(lr, samples_per_step)
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -491,14 +492,3 @@ def _seed_everything(seed: int, rank: int) -> None:
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
 
-
-def _maybe_die(ctx: DistContext, step: int, out: Path) -> None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    rank, at = (int(x) for x in spec.split(":"))
-    marker = out / f".killed_rank{rank}_step{at}"
-    if ctx.rank == rank and step == at and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("killed once by " + KILL_ENV + "\n")
-        os.kill(os.getpid(), signal.SIGKILL)

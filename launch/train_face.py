@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -131,7 +131,9 @@ def _one_line(err: BaseException) -> str:
     return text
 
 
-def main(argv=None) -> int:
+def main(argv=None, after_step: Optional[Callable[[int], None]] = None) -> int:
+    """Train from the command line `argv`; after_step is passed to Trainer.fit (a seam for
+    programs that wrap this one, e.g. a test's fault injection)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from facetrain.config import ConfigError, load_config
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, ctx)
         if lock is not None and lock.taken_over:
             trainer.log.warning(lock.taken_over)
-        trainer.fit()
+        trainer.fit(after_step=after_step)
         # Only after success: a collective teardown while a peer is stuck elsewhere would
         # hang, and torchrun ends the other ranks of a failed job anyway.
         del trainer

@@ -83,12 +83,6 @@ def pack_irheader(label: Union[float, Sequence[float], np.ndarray], id: int, id2
         bytes(img_bytes)
 
 
-def pack_record(header: Union[IRHeader, Tuple], payload: bytes) -> bytes:
-    """mxnet `recordio.pack(header, s)`: header may carry a scalar or a sequence label."""
-    h = IRHeader(*header)
-    return pack_irheader(h.label, h.id, h.id2, payload)
-
-
 def unpack_record(payload: bytes, where: str = "record") -> Tuple[IRHeader, bytes]:
     """Split a payload into (IRHeader, image bytes); multi-float labels become a float32 array."""
     if len(payload) < IR_SIZE:
@@ -384,9 +378,6 @@ class IndexedRecordReader:
         if key not in self._pos:
             raise KeyError(f"{self.idx_path}: no record with key {key}")
         return read_record_at(self._file(), self._pos[key], self.rec_path, key)[0]
-
-    def read_at(self, offset: int, key: object = None) -> bytes:
-        return read_record_at(self._file(), offset, self.rec_path, key)[0]
 
     def scan(self) -> Iterator[Tuple[int, bytes]]:
         """(offset, payload) of every record in file order."""

@@ -32,10 +32,6 @@ def csv_path(root: Path, prefix: str, part: str) -> Path:
 PARTS = ("gallery_G1", "gallery_G2", "probe_mixed")
 
 
-def has_1n(root: str | Path, prefix: str = "ijbc") -> bool:
-    return all(csv_path(Path(root), prefix, p).is_file() for p in PARTS)
-
-
 def missing_1n(root: str | Path, prefix: str = "ijbc") -> List[Path]:
     """The 1:N CSVs that are absent; all of them (1:1-only folder) or none is consistent,
     anything in between is a damaged copy the CLI must not silently evaluate without 1:N."""

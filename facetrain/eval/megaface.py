@@ -97,17 +97,6 @@ def write_feature_file(path: str | Path, feature: np.ndarray) -> None:
         fh.write(f.tobytes())
 
 
-def read_feature_file(path: str | Path) -> np.ndarray:
-    data = Path(path).read_bytes()
-    if len(data) < FEATURE_HEADER.size:
-        raise ValueError(f"{path}: {len(data)} bytes is too short for a MegaFace feature header")
-    n, a, b, c = FEATURE_HEADER.unpack_from(data)
-    if (a, b, c) != (1, 4, 5) or len(data) != FEATURE_HEADER.size + 4 * n:
-        raise ValueError(f"{path}: header ({n}, {a}, {b}, {c}) does not match (n, 1, 4, 5) with "
-                         f"{len(data)} bytes")
-    return np.frombuffer(data, dtype="<f4", offset=FEATURE_HEADER.size).copy()
-
-
 def devkit_paths(out_dir: str | Path, entries: Sequence[str], algo: str,
                  list_path: str | Path) -> List[Path]:
     """`<out_dir>/<entry>_<algo>.bin` per entry of `list_path` (entry i on line i + 1), each

@@ -154,7 +154,7 @@ def test_export_backbone_torch_and_onnx(tmp_path):
     torch.manual_seed(0)
     model = build_backbone("tiny", **kwargs).eval()
     paths = export.export_backbone(model, "tiny", kwargs, tmp_path / "export", image_size=16)
-    payload = export.load_exported(paths["torch"])
+    payload = export.check_exported(torch.load(paths["torch"], weights_only=True), paths["torch"])
     assert payload["format"] == "facetrain-backbone" and payload["version"] == 1
     assert payload["backbone"] == "tiny" and payload["kwargs"] == kwargs
     x = torch.rand(3, 3, 16, 16) * 2 - 1
@@ -166,7 +166,8 @@ def test_export_backbone_torch_and_onnx(tmp_path):
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(export.ExportFormatError, match="not a facetrain-backbone file"):
-        export.load_exported(tmp_path / "other.pt")
+        export.check_exported(torch.load(tmp_path / "other.pt", weights_only=True),
+                              tmp_path / "other.pt")
 
 
 class _Payload:

@@ -1,6 +1,6 @@
 import pytest
 
-from facetrain.config import ConfigError, load_config, replace
+from facetrain.config import ConfigError, load_config
 
 
 def test_overrides_and_roundtrip(tmp_path):
@@ -43,13 +43,13 @@ def test_non_finite_floats_are_rejected_everywhere(value, tmp_path):
         load_config(path)
 
 
-def test_base_file_and_replace(tmp_path):
+def test_base_file_then_overrides(tmp_path):
     (tmp_path / "a.yaml").write_text("optim:\n  lr: 0.2\ntrain:\n  epochs: 3\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  epochs: 5\n")
     cfg = load_config(tmp_path / "b.yaml")
     assert cfg.optim.lr == 0.2 and cfg.train.epochs == 5
-    cfg2 = replace(cfg, ["train.epochs=7"])
-    assert cfg2.train.epochs == 7 and cfg.train.epochs == 5
+    cfg2 = load_config(tmp_path / "b.yaml", ["train.epochs=7"])
+    assert cfg2.train.epochs == 7 and cfg2.optim.lr == 0.2 and cfg.train.epochs == 5
 
 
 def test_missing_file():

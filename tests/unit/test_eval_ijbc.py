@@ -176,7 +176,7 @@ def test_identify_templates_reads_csvs(tmp_path):
     meta = ijbc.read_meta(tmp_path)
     t_ids, tf = ijbc.pool_templates(subject_features(rng, info["subjects"], noise=0.1),
                                     meta.tids, meta.mids)
-    assert ijbc_1n.has_1n(tmp_path)
+    assert ijbc_1n.missing_1n(tmp_path, "ijbc") == []
     res = ijbc_1n.identify_templates(tmp_path, "ijbc", t_ids, tf)
     assert res["G1"]["rank1"] == 1.0 and res["G2"]["rank1"] == 1.0     # tiny noise: perfect
     assert res["G1"]["mated_probes"] + res["G1"]["nonmated_probes"] == 12

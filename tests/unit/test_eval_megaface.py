@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +12,20 @@ from facetrain.eval import megaface
 from test_eval_builders import make_megaface, subject_features
 
 
+def read_feature_file(path) -> np.ndarray:
+    """The devkit's feature file, read from its layout: int32 n, 1, 4, 5, then n float32."""
+    data = Path(path).read_bytes()
+    n, a, b, c = struct.unpack_from("<4i", data)
+    assert (a, b, c) == (1, 4, 5) and len(data) == 16 + 4 * n, f"{path}: bad header or size"
+    return np.frombuffer(data, dtype="<f4", offset=16).copy()
+
+
 def test_feature_file_bytes_exact(tmp_path):
     f = np.array([0.5, -1.25, 3.0], dtype=np.float64)
     megaface.write_feature_file(tmp_path / "a" / "x.jpg_algo.bin", f)
     data = (tmp_path / "a" / "x.jpg_algo.bin").read_bytes()
     assert data == struct.pack("4i", 3, 1, 4, 5) + struct.pack("<3f", 0.5, -1.25, 3.0)
-    np.testing.assert_array_equal(megaface.read_feature_file(tmp_path / "a" / "x.jpg_algo.bin"), f)
-    (tmp_path / "bad.bin").write_bytes(struct.pack("4i", 4, 1, 4, 5) + b"\0" * 8)
-    with pytest.raises(ValueError, match="bad.bin: header"):
-        megaface.read_feature_file(tmp_path / "bad.bin")
+    np.testing.assert_array_equal(read_feature_file(tmp_path / "a" / "x.jpg_algo.bin"), f)
 
 
 def test_devkit_files_follow_list_paths(tmp_path):
@@ -27,7 +33,7 @@ def test_devkit_files_follow_list_paths(tmp_path):
     n = megaface.write_devkit_features(tmp_path, entries, np.eye(2, dtype=np.float32), "ft",
                                        tmp_path / "facescrub_lst")
     assert n == 2
-    np.testing.assert_array_equal(megaface.read_feature_file(tmp_path / "Bo/Bo_2.png_ft.bin"),
+    np.testing.assert_array_equal(read_feature_file(tmp_path / "Bo/Bo_2.png_ft.bin"),
                                   [0, 1])
 
 
