@@ -41,6 +41,12 @@ def memory_sizes(counts: torch.Tensor, memory_factor: float) -> torch.Tensor:
     return s.clamp(min=1)
 
 
+# The per-class state LeapState.export writes and PartialFC.reshard re-splits: one row per owned
+# class each (ROW_KEYS and SIZE_KEY), and the ring buffers (RAGGED_KEY), flat, SIZE_KEY per class.
+ROW_KEYS = ("centers", "seen", "count", "sum", "sumsq", "class_std")
+SIZE_KEY = "memory_size"
+RAGGED_KEY = "memory"
+
 # Replicated per-run scalars (same on every rank), in `LeapState.globals`.
 GLOBALS = ("pooled_var", "meangap_var", "num_valid", "num_perturbed", "noise_var",
            "target_noise_var", "refreshes")
@@ -158,7 +164,7 @@ class LeapState(torch.nn.Module):
     def _segments(self, labels: torch.Tensor):
         """Sort the batch by local class (others to the scratch row): (cls, order, seg, seg_cnt,
         is_local) with one segment per class, fixed shapes (segment ids bounded by N)."""
-        cls, local = route_to_shard(labels, self.start, self.num_local, self.num_local)
+        cls, local = route_to_shard(labels, self.start, self.num_local)
         cls, order = torch.sort(cls, stable=True)         # stable: batch order inside a class
         new = torch.ones_like(cls, dtype=torch.bool)
         new[1:] = cls[1:] != cls[:-1]
@@ -225,7 +231,7 @@ class LeapState(torch.nn.Module):
     def batch_std(self, labels: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         """std of every sample's feature cloud, [N] replicated: the owner fills its rows, zeros
         elsewhere, and one all-reduce (sum) of this global-batch vector completes it."""
-        cls, local = route_to_shard(labels, self.start, self.num_local, self.num_local)
+        cls, local = route_to_shard(labels, self.start, self.num_local)
         std = self.class_std[cls] * local
         if group is not None:
             dist.all_reduce(std, op=dist.ReduceOp.SUM, group=group)
@@ -265,20 +271,20 @@ class LeapState(torch.nn.Module):
     # ---- checkpoints ------------------------------------------------------------------------
     def export(self) -> Dict[str, torch.Tensor]:
         """Per-class tensors without the scratch slot (rows = owned classes), on CPU."""
-        return {"centers": self.centers[:-1].cpu().clone(), "seen": self.seen[:-1].cpu().clone(),
-                "memory": self.memory[:-1].cpu().clone(), "memory_size": self.mem_size[:-1].cpu().clone(),
-                "count": self.count[:-1].cpu().clone(), "sum": self.sum[:-1].cpu().clone(),
-                "sumsq": self.sumsq[:-1].cpu().clone(), "class_std": self.class_std[:-1].cpu().clone()}
+        out = {key: getattr(self, key)[:-1].cpu().clone() for key in ROW_KEYS}
+        out[RAGGED_KEY] = self.memory[:-1].cpu().clone()
+        out[SIZE_KEY] = self.mem_size[:-1].cpu().clone()
+        return out
 
     def load(self, state: Dict[str, torch.Tensor], globals_: torch.Tensor, where: str) -> None:
         """Inverse of export; `where` names the checkpoint in errors."""
-        size = state["memory_size"].to(self.mem_size.device)
+        size = state[SIZE_KEY].to(self.mem_size.device)
         if size.shape != self.mem_size[:-1].shape or not torch.equal(size, self.mem_size[:-1]):
             raise ValueError(f"{where}: LEAP memory sizes differ from this run's (class counts or "
                              "leap.memory_factor changed); resume with the same data and config")
-        for key in ("centers", "seen", "count", "sum", "sumsq", "class_std"):
+        for key in ROW_KEYS:
             getattr(self, key)[:-1].copy_(state[key])
-        self.memory[:-1].copy_(state["memory"])
+        self.memory[:-1].copy_(state[RAGGED_KEY])
         # Checkpoints from before the matched controls hold only the first 4 scalars.
         g = torch.zeros(len(GLOBALS), dtype=torch.float64)
         old = globals_.detach().cpu().to(torch.float64).reshape(-1)[:len(GLOBALS)]

@@ -31,15 +31,14 @@ from facetrain.heads.class_weights import class_weight_table
 from facetrain.heads.dist_softmax import dist_softmax_cross_entropy
 from facetrain.heads.feature_cloud import Cloud
 from facetrain.heads.kinds import build_margin
-from facetrain.heads.leap import GLOBALS, LeapState
+from facetrain.heads.leap import GLOBALS, RAGGED_KEY, ROW_KEYS, SIZE_KEY, LeapState
 from facetrain.heads.margins import StepInputs, margin_logits
 from facetrain.heads.noise import noise_keys
-from facetrain.heads.partition import (check_contiguous, class_range, partition_bounds,
-                                        reshard_tree, route_to_shard)
+from facetrain.heads.partition import (check_contiguous, class_range, logit_column,
+                                        partition_bounds, reshard_tree, route_to_shard)
 
 FORMAT = "facetrain.partial_fc/1"
 _INIT_CHUNK = 1 << 16
-_LEAP_KEYS = ("centers", "seen", "count", "sum", "sumsq", "class_std")
 
 
 def init_rows(start: int, end: int, dim: int, seed: int, std: float = 0.01) -> torch.Tensor:
@@ -199,7 +198,8 @@ class PartialFC(torch.nn.Module):
     def shard_logits(self, emb: torch.Tensor, lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scaled logits of this rank's block for the gathered batch: ([N, C_s] fp32, target
         column [N], is_local [N]). C_s = C_local, or k sampled rows in training with sampling."""
-        col, local = route_to_shard(lab, self.start, self.num_local, 0)
+        row, local = route_to_shard(lab, self.start, self.num_local)
+        col = logit_column(row, local)
         weight = self.weight
         sampled = self.training and self.head_cfg.sample_rate < 1.0
         index = None
@@ -210,8 +210,7 @@ class PartialFC(torch.nn.Module):
                 weight = _SampledRows.apply(weight, index)
             else:
                 weight = weight[index]
-            col = torch.searchsorted(index, col).clamp(max=index.shape[0] - 1)
-            col = torch.where(local, col, torch.zeros_like(col))
+            col = logit_column(torch.searchsorted(index, col).clamp(max=index.shape[0] - 1), local)
         if weight.dim() == 3:                 # sub-centres: best of each class's K
             cos = F.linear(F.normalize(emb, dim=1),
                            F.normalize(weight.reshape(-1, self.embedding_size), dim=1)).float()
@@ -332,8 +331,8 @@ class PartialFC(torch.nn.Module):
         bounds = partition_bounds(num_classes, world_size)
         rows = reshard_tree(states, bounds, ["weight"], {})
         with_leap = all(s["leap"] is not None for s in states)
-        leap = reshard_tree([s["leap"] for s in states], bounds, list(_LEAP_KEYS) + ["memory_size"],
-                            {"memory": "memory_size"}) if with_leap else [None] * world_size
+        leap = reshard_tree([s["leap"] for s in states], bounds, [*ROW_KEYS, SIZE_KEY],
+                            {RAGGED_KEY: SIZE_KEY}) if with_leap else [None] * world_size
         same = len(states) == world_size
         return [{**{k: v for k, v in states[0].items() if k not in ("weight", "leap")},
                  "class_start": bounds[r], "class_end": bounds[r + 1], "weight": rows[r]["weight"],

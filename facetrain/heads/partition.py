@@ -29,14 +29,22 @@ def class_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]
     return b[rank], b[rank + 1]
 
 
-def route_to_shard(labels: torch.Tensor, start: int, num_local: int, other: int
+def route_to_shard(labels: torch.Tensor, start: int, num_local: int
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(row [N], is_local [N]) of global class ids `labels` [N] in the block [start, start +
-    num_local): the row of each local class, `other` for classes owned elsewhere (column 0 of a
-    logit block, or a buffer's scratch row num_local). Fixed shapes, no host sync: samples of
-    other shards are routed, not filtered out."""
+    num_local): the row of each local class, and for a class owned elsewhere ("not mine") always
+    num_local, one past the block: the scratch row the per-class buffers keep for it. Fixed
+    shapes, no host sync: samples of other shards are routed, not filtered out; every reader
+    masks them with is_local."""
     local = (labels >= start) & (labels < start + num_local)
-    return torch.where(local, labels - start, torch.full_like(labels, other)), local
+    return torch.where(local, labels - start, torch.full_like(labels, num_local)), local
+
+
+def logit_column(row: torch.Tensor, is_local: torch.Tensor) -> torch.Tensor:
+    """The target column in a [N, num_local] logit block, which has no scratch column: a routed
+    row, with "not mine" (num_local) mapped to column 0, an in-range column every reader masks
+    with is_local."""
+    return torch.where(is_local, row, torch.zeros_like(row))
 
 
 def concat_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:

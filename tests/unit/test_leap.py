@@ -312,3 +312,28 @@ def test_resume_and_reshard_continue_the_state_with_grad_accum_and_shuffled():
     for key in ("centers", "memory", "count", "sum", "sumsq", "class_std"):
         torch.testing.assert_close(getattr(resumed.leap, key), getattr(full.leap, key), msg=key)
     torch.testing.assert_close(resumed.leap.globals, full.leap.globals)
+
+
+def test_reshard_moves_every_per_class_leap_tensor():
+    """Every per-class LEAP tensor of a checkpoint (a mid-run one: class_std set, rings part
+    full) lands on the new owner of its class, resharded 1 -> 3: the rows and the ring slices
+    taken by hand from the single shard (12 classes over 3 ranks: [0, 4), [4, 8), [8, 12))."""
+    counts = np.arange(2, 14)
+    cfg = LeapConfig(mode="full", update_interval=1, memory_factor=0.5)
+    g = torch.Generator().manual_seed(3)
+    head = PartialFC(6, counts, HeadConfig(), cfg, single_process(), seed=1).train()
+    for _ in range(6):
+        head(torch.randn(8, 6, generator=g), torch.randint(0, 12, (8,), generator=g))
+    one = head.state_dict()["leap"]
+    assert one["class_std"].max() > 0 and one["count"].min() >= 0
+    rows = ("centers", "seen", "count", "sum", "sumsq", "class_std", "memory_size")
+    assert set(one) == set(rows) | {"memory"}
+    ends = torch.cumsum(one["memory_size"], 0).tolist()
+    starts = [0] + ends[:-1]
+    parts = PartialFC.reshard([head.state_dict()], 3)
+    for r, (lo, hi) in enumerate([(0, 4), (4, 8), (8, 12)]):
+        leap = parts[r]["leap"]
+        assert set(leap) == set(one), r
+        for key in rows:
+            assert torch.equal(leap[key], one[key][lo:hi]), (r, key)
+        assert torch.equal(leap["memory"], one["memory"][starts[lo]:ends[hi - 1]]), r
