@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from facetrain.data.align_folder import (add_align_options, align_folder,  # noqa: E402
+from facetrain.data.align_folder import (add_align_options, align_folder,
                                          summary_lines)
-from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises  # noqa: E402
-from facetrain.logging_utils import setup_tool_logging  # noqa: E402
-from _cli import for_command_line  # noqa: E402
+from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises
+from facetrain.logging_utils import setup_tool_logging
+from _cli import for_command_line
 
 
 def print_summary(tool: str, s) -> None:

@@ -67,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None,
                parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
     args = (parser or build_parser()).parse_args(argv)
-    # Runnable from a checkout without `pip install -e .`: the repository root holds facetrain/.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from facetrain.glyphs import large as lg
 
     large = {"out": LARGE_ROOT, "train_classes": lg.LARGE_TRAIN_CLASSES,

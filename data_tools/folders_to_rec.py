@@ -14,15 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from facetrain.data.align_folder import (add_align_options, align_folder,  # noqa: E402
+from facetrain.data.align_folder import (add_align_options, align_folder,
                                          summary_lines)
-from facetrain.data.folders import folders_to_rec  # noqa: E402
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
+from facetrain.data.folders import folders_to_rec
+from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
-from facetrain.logging_utils import setup_tool_logging  # noqa: E402
-from _cli import for_command_line  # noqa: E402
+from facetrain.logging_utils import setup_tool_logging
+from _cli import for_command_line
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 
@@ -21,8 +20,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="folders searched for font files (default: /usr/share/fonts)")
     args = parser.parse_args(argv)
 
-    # Runnable from a checkout without `pip install -e .`: the repository root holds facetrain/.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from facetrain.glyphs import fonts
     from facetrain.logging_utils import setup_tool_logging
     setup_tool_logging()

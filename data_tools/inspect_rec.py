@@ -11,13 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from facetrain.data.summary import describe, format_summary  # noqa: E402
-from facetrain.logging_utils import setup_tool_logging  # noqa: E402
-from _cli import for_command_line  # noqa: E402
+from facetrain.data.summary import describe, format_summary
+from facetrain.logging_utils import setup_tool_logging
+from _cli import for_command_line
 
 
 def main(argv=None) -> int:

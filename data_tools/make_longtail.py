@@ -15,14 +15,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from facetrain.data.dataset import resolve_shards  # noqa: E402
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
+from facetrain.data.dataset import resolve_shards
+from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
-from facetrain.data.longtail import DEFAULT_TAIL_SAMPLES, make_longtail  # noqa: E402
-from facetrain.logging_utils import setup_tool_logging  # noqa: E402
-from _cli import for_command_line  # noqa: E402
+from facetrain.data.longtail import DEFAULT_TAIL_SAMPLES, make_longtail
+from facetrain.logging_utils import setup_tool_logging
+from _cli import for_command_line
 
 # Repository layout: where the README's commands put things (paths relative to the current
 # working directory, the repository root there).

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from facetrain.data.align_folder import Aligner, add_align_options  # noqa: E402
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
+from facetrain.data.align_folder import Aligner, add_align_options
+from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
-from facetrain.data.packs import make_pack  # noqa: E402
-from facetrain.logging_utils import setup_tool_logging  # noqa: E402
-from _cli import for_command_line  # noqa: E402
+from facetrain.data.packs import make_pack
+from facetrain.logging_utils import setup_tool_logging
+from _cli import for_command_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,13 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,  # noqa: E402
+from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
-from facetrain.data.merge import merge_datasets  # noqa: E402
-from facetrain.logging_utils import setup_tool_logging  # noqa: E402
-from _cli import for_command_line  # noqa: E402
+from facetrain.data.merge import merge_datasets
+from facetrain.logging_utils import setup_tool_logging
+from _cli import for_command_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:

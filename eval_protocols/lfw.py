@@ -10,10 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):                      # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from eval_protocols import _common  # noqa: E402
+import _common  # the sibling module: this folder is first on the path
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from facetrain import plan  # noqa: E402
+from facetrain import plan
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -27,8 +27,6 @@ def config_sections_help() -> str:
     import textwrap
     import typing
 
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from facetrain.config import Config
 
     out = ["config sections (override any field as section.key=value; nested: "
@@ -134,8 +132,6 @@ def _one_line(err: BaseException) -> str:
 def main(argv=None, after_step: Optional[Callable[[int], None]] = None) -> int:
     """Train from the command line `argv`; after_step is passed to Trainer.fit (a seam for
     programs that wrap this one, e.g. a test's fault injection)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from facetrain.config import ConfigError, load_config
     from facetrain.dist import (SetupFailedError, finish, init_distributed, raise_if_any_failed,
                                 reported)

@@ -16,6 +16,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
+sys.path.insert(0, str(REPO / "eval_protocols"))      # as `python eval_protocols/x.py` has it
 from test_eval_builders import (make_ijbc, make_megaface, make_pack, make_reid,  # noqa: E402
                                 subject_features)
 
@@ -23,8 +24,8 @@ from test_eval_builders import (make_ijbc, make_megaface, make_pack, make_reid, 
 def inproc(name, *args, capsys=None):
     """Run a CLI's main in this process (cheap: torch is already imported); -> (rc, out, err)."""
     import importlib
-    from eval_protocols import _common
-    mod = importlib.import_module(f"eval_protocols.{name}")
+    import _common
+    mod = importlib.import_module(name)
     rc = _common.run(mod.main, [*args, "--quiet"])
     out, err = capsys.readouterr()
     return rc, out, err
@@ -337,3 +338,22 @@ def test_ijbc_missing_1n_csv_is_an_error_not_a_silent_1to1(tmp_path, capsys):
     rc, out, err = inproc("ijbc", *args, capsys=capsys)
     assert rc == 0 and "1:N skipped: no ijbc_1N_*.csv" in err
     assert "1:N" not in json.loads((tmp_path / "r.json").read_text())
+
+
+def test_newest_export_by_mtime(tmp_path, monkeypatch):
+    """The eval CLIs' default model: the newest export under runs/, at any depth."""
+    import _common as eval_common
+    monkeypatch.chdir(tmp_path)
+    assert eval_common.exported_backbones() == []
+    for i, run in enumerate(["b", "a"]):
+        p = tmp_path / "runs" / run / "export" / "backbone.pt"
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+        os.utime(p, (1000 + i, 1000 + i))
+    assert eval_common.exported_backbones()[-1].parts[-3] == "a"
+    deep = tmp_path / "runs" / "main" / "leap_full_seed2" / "export" / "backbone.pt"
+    deep.parent.mkdir(parents=True)                      # the main job's layout, one level deeper
+    deep.write_bytes(b"x")
+    os.utime(deep, (2000, 2000))
+    assert eval_common.exported_backbones()[-1] == Path("runs/main/leap_full_seed2/export/backbone.pt")
+    assert len(eval_common.exported_backbones()) == 3

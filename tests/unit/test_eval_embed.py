@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 import types
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from eval_protocols import _common
 from facetrain.eval import embed
 
 from test_eval_builders import png, rand_image
@@ -98,25 +96,6 @@ def test_load_backbone_errors(tmp_path):
     torch.save({"format": "facetrain-backbone", "version": 9}, tmp_path / "v9.pt")
     with pytest.raises(ValueError, match="version 9"):
         embed.load_backbone(tmp_path / "v9.pt")
-
-
-def test_newest_export_by_mtime(tmp_path, monkeypatch):
-    """The eval CLIs' default model: the newest export under runs/, at any depth."""
-    import os
-    monkeypatch.chdir(tmp_path)
-    assert _common.exported_backbones() == []
-    for i, run in enumerate(["b", "a"]):
-        p = tmp_path / "runs" / run / "export" / "backbone.pt"
-        p.parent.mkdir(parents=True)
-        p.write_bytes(b"x")
-        os.utime(p, (1000 + i, 1000 + i))
-    assert _common.exported_backbones()[-1].parts[-3] == "a"
-    deep = tmp_path / "runs" / "main" / "leap_full_seed2" / "export" / "backbone.pt"
-    deep.parent.mkdir(parents=True)                      # the main job's layout, one level deeper
-    deep.write_bytes(b"x")
-    os.utime(deep, (2000, 2000))
-    assert _common.exported_backbones()[-1] == Path("runs/main/leap_full_seed2/export/backbone.pt")
-    assert len(_common.exported_backbones()) == 3
 
 
 def test_load_features_checks_rows(tmp_path):
