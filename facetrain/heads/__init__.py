@@ -6,8 +6,8 @@ Gaussian angles), margins, feature_cloud (LEAP's perturbation of a logit block),
 kinds (the margin kinds by name, one file each, on top of margins), partial_fc (PartialFC,
 which drives all of them).
 
-Import the public pieces from their modules (nothing heavy happens at import):
-`facetrain.heads.partial_fc.PartialFC`, `facetrain.heads.margins.margin_logits`,
+Importing this package imports PartialFC, and with it torch and every module above; the public
+pieces live in their modules: `facetrain.heads.partial_fc.PartialFC`, `facetrain.heads.margins.margin_logits`,
 `facetrain.heads.feature_cloud.Cloud`,
 `facetrain.heads.dist_softmax.dist_softmax_cross_entropy`, `facetrain.heads.leap.LeapState`,
 `facetrain.heads.partition.class_range`.

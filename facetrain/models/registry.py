@@ -3,10 +3,14 @@
 A backbone factory takes at least `embedding_size`, `dropout` and `image_size` and returns an
 `nn.Module` mapping float images [B, 3, H, W] in [-1, 1] to embeddings [B, embedding_size]
 (not L2-normalised; the classifier normalises). Every built module has an `embedding_size`
-attribute. The trainer calls
+attribute. The trainer (facetrain.trainer.backbone_kwargs) calls
 
     build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
-                   dropout=cfg.model.dropout, image_size=cfg.data.image_size)
+                   dropout=cfg.model.dropout, image_size=side_or_hw, **extras)
+
+where image_size is one side for square inputs, else [H, W] (data.image_size, data.image_width),
+and extras holds the ViT options mask_ratio/drop_path when set and activation_checkpointing=True
+when model.activation_checkpointing is on.
 """
 from __future__ import annotations
 
