@@ -82,8 +82,7 @@ def parse_args(argv: Optional[List[str]] = None,
 def _for_command_line(err: Exception, parser: argparse.ArgumentParser) -> str:
     """The library's message with flags for its settings and commands for its calls."""
     from _cli import for_command_line
-    text = for_command_line(str(err), parser).replace(
-        "facetrain.glyphs.build.build", "`python data_tools/build_glyphs.py`")
+    text = for_command_line(str(err), parser)
     if "apt-get install" in text:
         text += " (or run scripts/setup.sh --fonts as root)"
     return text

@@ -110,3 +110,21 @@ def test_make_longtail_owns_the_layout_and_names_its_flags(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "make_longtail: --head must be in [0, 3] (the dataset's class count); got 9" in err
 
+
+def test_library_advice_becomes_commands_and_flags():
+    """data_tools/_cli.py rewrites the library's calls and setting names, nothing else."""
+    import argparse
+    tool("inspect_rec")                        # puts data_tools/ on the path
+    from _cli import for_command_line
+    from facetrain.data.recordio import rebuild_advice
+    msg = f"x.idx is stale; {rebuild_advice('/d/my data/train.rec')}"
+    assert for_command_line(msg) == ("x.idx is stale; rebuild it with `python "
+                                     "data_tools/rebuild_index.py '/d/my data/train.rec'` or set "
+                                     "data.rebuild_index=true")
+    assert for_command_line("resize them, e.g. facetrain.data.align_folder.align_folder") == \
+        "resize them, e.g. `python data_tools/align_faces.py`"
+    p = argparse.ArgumentParser()
+    p.add_argument("--tail-samples", type=int)
+    assert for_command_line("`tail_samples` must be >= 1, `head` too", p) == \
+        "--tail-samples must be >= 1, `head` too"
+
