@@ -71,7 +71,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
 
     device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". The backend follows the
     device: NCCL on CUDA, gloo on CPU. Without torchrun variables (WORLD_SIZE unset) this
-    returns a single-process context and creates no group.
+    returns a single-process context and creates no group. After a `torchrun --max-restarts`
+    restart the group is built on a store prefix of that attempt's own (_restart_store): the one
+    place where the default group is created.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -89,11 +91,30 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         return DistContext(0, 1, 0, dev, None, None)
     backend = backend_for(device)
     if not dist.is_initialized():
-        kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
-        if use_cuda:
-            kwargs["device_id"] = dev
-        dist.init_process_group(**kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_store(timeout)
+        if store is not None:
+            dist.init_process_group(backend, store=store, timeout=timeout, rank=rank,
+                                    world_size=world_size)
+        else:
+            kwargs = {"backend": backend, "timeout": timeout}
+            if use_cuda:
+                kwargs["device_id"] = dev
+            dist.init_process_group(**kwargs)
     return DistContext(rank, world_size, local_rank, dev, backend, dist.group.WORLD)
+
+
+def _restart_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """After a `torchrun --max-restarts` restart, a store prefix of the attempt's own (None on
+    the first attempt). The restarted workers reuse the agent's store, where the failed
+    attempt's gloo addresses are still published under the same keys; a rank that reads one of
+    those stale entries fails with "connectFullMesh ... Connection refused"."""
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if attempt == 0:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"facetrain_restart_{attempt}", store)
 
 
 def finish(ctx: DistContext) -> None:

@@ -84,30 +84,6 @@ def _data_present(rec: str) -> bool:
             or any(path.parent.glob(path.name + "_*.rec")))      # shards prefix_000.rec, ...
 
 
-def _init_group_after_restart(device: str) -> None:
-    """After a `torchrun --max-restarts` restart, create the default group on a store prefix of
-    its own. The restarted workers reuse the agent's store, where the failed attempt's gloo
-    addresses are still published under the same keys; a rank that reads one of those stale
-    entries fails with "connectFullMesh ... Connection refused". facetrain.dist.init_distributed
-    then finds the group initialised and only builds the context."""
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    from facetrain.dist import backend_for
-
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if attempt == 0 or "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return
-    timeout = datetime.timedelta(seconds=1800)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
-    store = dist.PrefixStore(f"facetrain_restart_{attempt}", store)
-    dist.init_process_group(backend_for(device), store=store, timeout=timeout,
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-
-
 def _say(message: str, every_node: bool = False) -> None:
     """Print an error once per job (rank 0), or once per node for what can differ by node
     (files on local disks). Every rank reaches the same conclusion; only one speaks."""
@@ -157,7 +133,6 @@ def main(argv=None, after_step: Optional[Callable[[int], None]] = None) -> int:
         _say(f"train_face.py: training data {cfg.data.rec!r} (from {args.config}) is missing; "
              f"{DATA_HINT}", every_node=True)
         return 2
-    _init_group_after_restart(cfg.train.device)
     ctx = init_distributed(cfg.train.device)
     interrupt = _Interrupt()
     # One run per output folder: rank 0 takes the lock before any rank reads the folder's
