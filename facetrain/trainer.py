@@ -32,6 +32,7 @@ from facetrain.engines import build_engine, check_engine
 from facetrain.export import export_backbone
 from facetrain.logging_utils import RunLogger, format_eta
 from facetrain.optim import LRSchedule
+from facetrain.threads import apply_threads
 
 # Test-only fault injection: "RANK:STEP" kills that rank (SIGKILL) once, right after STEP; a
 # marker file in the output folder makes the restarted job run through.
@@ -184,11 +185,15 @@ class Trainer:
         releases what it created (DeepSpeed's own process groups), so that a process that
         trained exits cleanly from any entry point."""
         finished = False
+        threads = torch.get_num_threads()
         try:
+            self.log.info(apply_threads(self.cfg.train.num_threads, self.cfg.data.num_workers))
             result = self._fit(stop_after)
             finished = True
             return result
         finally:
+            torch.set_num_threads(threads)
+            self.loader.release_workers()
             self.log.close()
             self.engine.close(finished)
 
