@@ -117,6 +117,42 @@ def side_reference(root: Path, feats_path: Path) -> Tuple[Dict[str, object], Dic
                  "roc": t_end - t_score}
 
 
+def stages(root: Path, feats_path: Path) -> Dict[str, float]:
+    """facetrain's CLI path split into its steps, and the floor the issue names: one float32
+    GEMM of the used templates plus one sort of the scores."""
+    sys.path.insert(0, str(REPO))
+    import torch
+    from facetrain.eval import ijbc
+    from facetrain.eval.embed import load_features
+    from facetrain.eval.metrics import roc_curve, tpr_at_fpr_from_roc
+    t = [time.perf_counter()]
+    meta = ijbc.read_meta(root, "ijbc", need_landmarks=False)
+    t.append(time.perf_counter())
+    feats = load_features(feats_path, len(meta.names), "face_tid_mid")
+    t.append(time.perf_counter())
+    t_ids, tfeat = ijbc.pool_templates(feats, meta.tids, meta.mids)
+    t.append(time.perf_counter())
+    r1 = ijbc.template_rows(t_ids, meta.pair_t1, "pairs")
+    r2 = ijbc.template_rows(t_ids, meta.pair_t2, "pairs")
+    scores = ijbc.score_pairs(tfeat, r1, r2)
+    t.append(time.perf_counter())
+    fpr, tpr, _ = roc_curve(meta.pair_label, scores)
+    tpr_at_fpr_from_roc(fpr, tpr)
+    t.append(time.perf_counter())
+    a = torch.from_numpy(tfeat[np.unique(r1)])
+    b = torch.from_numpy(tfeat[np.unique(r2)])
+    g0 = time.perf_counter()
+    torch.mm(a, b.T)
+    g1 = time.perf_counter()
+    np.sort(scores)
+    g2 = time.perf_counter()
+    names = ("read_meta", "load_features", "pool", "score", "roc")
+    out = {n: t[i + 1] - t[i] for i, n in enumerate(names)}
+    out.update(gemm=g1 - g0, sort=g2 - g1, pairs=float(scores.size),
+               scores_computed=float(a.shape[0] * b.shape[0]))
+    return out
+
+
 def peak_memory(side: str, root: Path, feats_path: Path) -> float:
     """VmHWM in GiB of a fresh process that runs one side once."""
     code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r);"
@@ -161,6 +197,14 @@ def main(argv=None) -> int:
         print(f"{name}: best {min(ts):.2f} s, median {statistics.median(ts):.2f} s")
     print(f"ratio reference/facetrain (best): {min(times['B']) / min(times['A']):.2f}x, "
           f"(median): {statistics.median(times['B']) / statistics.median(times['A']):.2f}x")
+    st = stages(root, feats_path)
+    print("facetrain steps: " + ", ".join(f"{k}={v:.2f}s" for k, v in st.items()
+                                          if k not in ("pairs", "scores_computed")))
+    scoring = st["pool"] + st["score"] + st["roc"]
+    print(f"scoring (pool + scores + ROC) {scoring:.2f} s against the GEMM + sort floor "
+          f"{st['gemm'] + st['sort']:.2f} s ({scoring / (st['gemm'] + st['sort']):.2f}x); CLI best "
+          f"{min(times['A']):.2f} s = {min(times['A']) / scoring:.2f}x scoring; "
+          f"{st['scores_computed'] / 1e6:.0f}M scores computed for {st['pairs'] / 1e6:.1f}M pairs")
     same = tprs["A"] == tprs["B"]
     print(f"TPRs identical: {same}\n  facetrain {tprs['A']}\n  reference {tprs['B']}")
     if not args.no_memory:
