@@ -17,6 +17,7 @@ Prints one table (samples/s over the whole job, peak GPU memory of rank 0) and w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -210,7 +211,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--heads", default="", help="comma-separated margin heads (classifier_bench's "
                    "HEADS, docs/heads.md) to time each row with, against CosFace, in "
                    "interleaved rounds; the median is reported")
-    p.add_argument("--rounds", type=int, default=3, help="--heads: timing rounds")
+    p.add_argument("--rounds", type=int, default=3, help="--heads / --config: timing rounds")
+    p.add_argument("--config", default=None,
+                   help="time this training config with LEAP off against LEAP on (its mode, "
+                        "or full), interleaved; e.g. configs/default.yaml (the main job)")
+    p.add_argument("--set", nargs="*", default=[], help="--config overrides, section.key=value")
+    p.add_argument("--classes", type=int, default=2000, help="--config: synthetic class count")
     args = p.parse_args(argv)
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
@@ -229,6 +235,8 @@ def main(argv: Optional[List[str]] = None) -> List[Result]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ctx = init_distributed(args.device)
+    if args.config:
+        return _leap_ab(args, ctx)
     if args.heads:
         return _main_heads(args, names, table, ctx)
     results = []
@@ -248,6 +256,80 @@ def main(argv: Optional[List[str]] = None) -> List[Result]:
             Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
     finish(ctx)
     return results
+
+
+def _leap_ab(args: argparse.Namespace, ctx: DistContext) -> Dict[str, float]:
+    """LEAP off against LEAP on for any config (--config, overrides in --set): both engines
+    built once from that config (synthetic long-tailed class counts, --classes), LEAP started at
+    epoch 0 and warmed up until its statistics perturb the tail; then rounds of --steps steps
+    alternate which side runs first. Prints best / median ms per step and the ratio."""
+    from facetrain.config import load_config
+    base = load_config(args.config, args.set)
+    sides = {}
+    for name, mode in (("off", "off"), ("leap", base.leap.mode if base.leap.mode != "off"
+                                         else "full")):
+        cfg = dataclasses.replace(base, leap=dataclasses.replace(base.leap, mode=mode,
+                                                                 start_epoch=0))
+        torch.manual_seed(0)
+        side = cfg.data.image_size
+        backbone = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
+                                  dropout=0.0, image_size=side).to(ctx.device)
+        head = PartialFC(cfg.model.embedding_size, synthetic_counts(args.classes), cfg.head,
+                         cfg.leap, ctx, seed=cfg.train.seed).to(ctx.device)
+        engine = build_engine(cfg, ctx, backbone, head)
+        b = cfg.data.batch_size
+        gen = torch.Generator().manual_seed(ctx.rank)
+        batches = [(torch.randn(b, 3, side, side, generator=gen).to(ctx.device),
+                    torch.randint(0, args.classes, (b,), generator=gen).to(ctx.device))
+                   for _ in range(4)]
+        sides[name] = (engine, head, batches, [0])
+
+    cpu_ms: Dict[str, List[float]] = {"off": [], "leap": []}
+
+    def run(name: str, n: int) -> float:
+        """Wall ms per step; also records this process's CPU ms per step, which a machine
+        shared with other jobs disturbs less (1 thread: CPU time = the step's own work)."""
+        engine, _, batches, i = sides[name]
+        _sync(ctx.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            x, y = batches[i[0] % 4]
+            i[0] += 1
+            engine.micro_step(x, y, sync=True)
+            engine.step()
+        _sync(ctx.device)
+        cpu_ms[name].append(1000 * (time.process_time() - c0) / n)
+        return 1000 * (time.perf_counter() - t0) / n
+
+    for name in sides:
+        run(name, args.warmup)
+        cpu_ms[name].clear()
+    head = sides["leap"][1]
+    perturbed = int((head.leap.class_std > 0).sum()) if head.leap is not None else 0
+    ms: Dict[str, List[float]] = {"off": [], "leap": []}
+    for r in range(args.rounds):
+        for name in (("off", "leap") if r % 2 == 0 else ("leap", "off")):
+            ms[name].append(run(name, args.steps))
+    out = {"perturbed_classes": perturbed, "classes": args.classes,
+           "batch": sides["off"][2][0][1].numel(), "threads": torch.get_num_threads()}
+    for name in ms:
+        out[f"{name}_best_ms"] = min(ms[name])
+        out[f"{name}_median_ms"] = float(np.median(ms[name]))
+    out["ratio_best"] = out["off_best_ms"] / out["leap_best_ms"]          # LEAP / off speed
+    out["ratio_median"] = float(np.median([a / b for a, b in zip(ms["off"], ms["leap"])]))
+    out["cpu_off_best_ms"], out["cpu_leap_best_ms"] = min(cpu_ms["off"]), min(cpu_ms["leap"])
+    out["cpu_ratio_best"] = out["cpu_off_best_ms"] / out["cpu_leap_best_ms"]
+    out["cpu_ratio_median"] = float(np.median([a / b for a, b in zip(cpu_ms["off"],
+                                                                     cpu_ms["leap"])]))
+    if ctx.is_main:
+        print(json.dumps(out), flush=True)
+        print(f"LEAP {sides['leap'][1].leap_cfg.mode} at {out['ratio_best']:.3f} (best) / "
+              f"{out['ratio_median']:.3f} (median of rounds) of LEAP off in wall time, "
+              f"{out['cpu_ratio_best']:.3f} / {out['cpu_ratio_median']:.3f} in CPU time; "
+              f"{perturbed} of "
+              f"{args.classes} classes perturbed")
+    finish(ctx)
+    return out
 
 
 def _main_heads(args, names: List[str], table: Dict[str, tuple], ctx: DistContext) -> List[Result]:

@@ -314,9 +314,11 @@ class TrainConfig:
     output_dir: str = "runs/default"
     log_every: int = 20
     tensorboard: bool = True
+    num_threads: int = 0                       # torch threads per rank; 0 = auto (threads.py)
 
     def __post_init__(self) -> None:
         _check_range("train.epochs", self.epochs, 1)
+        _check_range("train.num_threads", self.num_threads, 0)
         _check_range("train.max_steps", self.max_steps, 0)
         _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         _check_choice("train.engine", self.engine, ("ddp", "deepspeed"))

@@ -30,6 +30,7 @@ from facetrain.engines import build_engine, check_engine
 from facetrain.export import export_backbone
 from facetrain.logging_utils import RunLogger, format_eta
 from facetrain.optim import LRSchedule
+from facetrain.threads import apply_threads
 
 # fp16: the grad scaler skips steps with overflowing gradients; only this many consecutive
 # non-finite losses stop the run. fp32/bf16 stop at the first one.
@@ -184,11 +185,15 @@ class Trainer:
         logging and checkpoint; a seam for callers (tests inject faults through it)."""
         self._after_step = after_step
         finished = False
+        threads = torch.get_num_threads()
         try:
+            self.log.info(apply_threads(self.cfg.train.num_threads, self.cfg.data.num_workers))
             result = self._fit(stop_after)
             finished = True
             return result
         finally:
+            torch.set_num_threads(threads)
+            self.loader.release_workers()
             self.log.close()
             self.engine.close(finished)
 

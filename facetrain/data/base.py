@@ -97,5 +97,9 @@ class TrainLoader:
     def _iter_batches(self, start_batch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
+    def release_workers(self) -> None:
+        """Stop worker processes kept between epochs (torch loader); a later iteration starts
+        them again."""
+
     def close(self) -> None:
         self.dataset.close()

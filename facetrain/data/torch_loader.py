@@ -143,27 +143,56 @@ class _BatchPlan:
             yield list(zip(self.idx[sl].tolist(), self.flips[sl].tolist()))
 
 
+class _CurrentPlan:
+    """The DataLoader's batch sampler: iterates the plan set for the coming iteration, so that
+    one DataLoader (and its persistent workers) serves every epoch. The order of each epoch is
+    still made here in the trainer process from (seed, epoch, rank), exactly as before."""
+
+    def __init__(self) -> None:
+        self.plan: "_BatchPlan | None" = None
+
+    def __len__(self) -> int:
+        return len(self.plan) if self.plan is not None else 0
+
+    def __iter__(self) -> Iterator[List[Tuple[int, bool]]]:
+        return iter(self.plan if self.plan is not None else ())
+
+
 class TorchTrainLoader(TrainLoader):
-    """torch.utils.data.DataLoader over `DecodedTrainBatches` with a seeded per-rank batch plan."""
+    """torch.utils.data.DataLoader over `DecodedTrainBatches` with a seeded per-rank batch plan.
+
+    Its workers persist across epochs (a new epoch does not start new processes, each of which
+    imports torch and OpenCV before its first batch); only one iteration of a loader is live at
+    a time: starting another ends the previous one. `release_workers` stops them."""
+
+    _loader: "torch.utils.data.DataLoader | None" = None
 
     def _batch_plan(self, start_batch: int) -> _BatchPlan:
         idx, flips = self.rank_plan()
         return _BatchPlan(idx, flips, self.cfg.batch_size, start_batch)
 
-    def _iter_batches(self, start_batch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        plan = self._batch_plan(start_batch)
+    def _data_loader(self) -> "torch.utils.data.DataLoader":
+        if self._loader is not None:
+            return self._loader
         images = DecodedTrainBatches(self.dataset, self.cfg.hw, self.cfg.skip_bad_images)
         workers = self.cfg.num_workers
         # Workers start from a forkserver, not a fork of this process: a fork copies OpenCV's
         # and OpenMP's thread pools mid-lock once this process has used them (in-training
         # verification, evaluation in the same process) and the workers then hang in decode.
         context = multiprocessing.get_context("forkserver") if workers else None
-        loader = torch.utils.data.DataLoader(
-            images, batch_sampler=plan, num_workers=workers, collate_fn=_identity_collate,
+        self._plan = _CurrentPlan()
+        self._loader = torch.utils.data.DataLoader(
+            images, batch_sampler=self._plan, num_workers=workers, collate_fn=_identity_collate,
             pin_memory=self.ctx.device.type == "cuda",
             worker_init_fn=functools.partial(_worker_init, os.getpid()),
-            prefetch_factor=4 if workers else None, persistent_workers=False,
+            prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
             multiprocessing_context=context)
+        return self._loader
+
+    def _iter_batches(self, start_batch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        plan = self._batch_plan(start_batch)
+        loader = self._data_loader()
+        self._plan.plan = plan
         dev = self.ctx.device
         for imgs, labels, skipped in loader:
             if skipped:
@@ -172,3 +201,14 @@ class TorchTrainLoader(TrainLoader):
             # Normalise on the target device: (x - 127.5) / 127.5 maps [0, 255] to [-1, 1].
             x = imgs.to(dev, non_blocking=True).float().div_(127.5).sub_(1.0)
             yield x, labels.to(dev, non_blocking=True)
+
+    def release_workers(self) -> None:
+        """Stop the persistent workers now (the next iteration starts new ones)."""
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def close(self) -> None:
+        self.release_workers()
+        super().close()

@@ -184,3 +184,33 @@ def test_identify_templates_reads_csvs(tmp_path):
     csv.write_text(csv.read_text() + "100,5,x.jpg\n")
     with pytest.raises(ValueError, match=r"G1\.csv:\d+: template 100 has subject 5"):
         ijbc_1n.identify_templates(tmp_path, "ijbc", t_ids, tf)
+
+
+def test_fast_reader_equals_the_line_reader_and_defers_every_error(tmp_path, monkeypatch):
+    """read_meta's numpy path gives the same arrays as the line-by-line reader (blank lines,
+    tabs, CRLF included), and on a bad line it defers to that reader's message (file:line)."""
+    make_ijbc(tmp_path, np.random.default_rng(4))
+    pairs = tmp_path / "meta" / "ijbc_template_pair_label.txt"
+    lines = pairs.read_text().splitlines()
+    pairs.write_text("\n".join(lines[:3]) + "\n\n  \n" + "\r\n".join(
+        ln.replace(" ", "\t", 1) for ln in lines[3:]) + "\n")
+    fast = ijbc.read_meta(tmp_path)
+    assert ijbc._read_meta_fast(tmp_path, "ijbc", True) is not None
+    with monkeypatch.context() as m:
+        m.setattr(ijbc, "_read_meta_fast", lambda *a: None)
+        slow = ijbc.read_meta(tmp_path)
+    for f in ("names", "tids", "mids", "landmarks", "faceness", "pair_t1", "pair_t2",
+              "pair_label"):
+        a, b = np.asarray(getattr(fast, f)), np.asarray(getattr(slow, f))
+        assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), f
+    assert fast.pair_label.dtype == bool and fast.pair_t1.size == len(lines)
+    _corrupt_line(pairs, 2, "100 107 2")                # a label the numbers parse but is wrong
+    with pytest.raises(ValueError, match=r"template_pair_label\.txt:2: label must be 0 or 1; "
+                                         "got 2"):
+        ijbc.read_meta(tmp_path)
+    _corrupt_line(pairs, 2, "100 107 1 1")
+    with pytest.raises(ValueError, match=r"template_pair_label\.txt:2: expected 3 fields"):
+        ijbc.read_meta(tmp_path)
+    pairs.write_text("\n \n")
+    with pytest.raises(ValueError, match=r"template_pair_label\.txt is empty"):
+        ijbc.read_meta(tmp_path)

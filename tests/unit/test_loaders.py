@@ -186,3 +186,39 @@ def test_non_square_input_size(rec):
         x, y = next(iter(ld))
         assert tuple(x.shape[1:]) == (3, 32, 16), kind
         assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+@pytest.mark.parametrize("repeat", [0.0, 0.3])
+def test_persistent_workers_keep_every_epochs_order(rec, repeat):
+    """One torch loader with 2 workers kept across epochs (partial epochs and a resume in the
+    middle) yields, per epoch, exactly the pixels and labels of a fresh loader per epoch, which
+    is how every epoch was loaded before workers persisted (the fresh one decodes in-process:
+    workers never chose the order). Repeat-factor resampling and flips on; the workers stay the
+    same processes from epoch to epoch."""
+    kw = dict(num_workers=2, random_flip=True, repeat_factor_threshold=repeat)
+    ld = build_train_loader(cfg(rec, "torch", **kw), ctx(1, 2), seed=3)
+    pids = []
+    try:
+        for epoch, start, take in ((0, 0, None), (1, 0, 2), (2, 1, None), (3, 0, None)):
+            ld.set_epoch(epoch)
+            got = []
+            for k, b in enumerate(ld.iter_from(start)):
+                got.append(b)
+                pids.append(sorted(w.pid for w in ld._loader._iterator._workers))
+                if take is not None and k + 1 == take:      # the trainer leaves epochs early
+                    break
+            fresh = build_train_loader(cfg(rec, "torch", **{**kw, "num_workers": 0}), ctx(1, 2),
+                                       seed=3)
+            fresh.set_epoch(epoch)
+            want = list(fresh.iter_from(start))[:take]
+            fresh.close()
+            assert len(got) == len(want) > 0, epoch
+            for (x, y), (wx, wy) in zip(got, want):
+                assert torch.equal(x, wx) and torch.equal(y, wy), epoch
+        assert len({tuple(p) for p in pids}) == 1           # no new worker processes
+        if repeat:
+            ld.release_workers()
+            ld.set_epoch(0)
+            assert len(list(ld)) == len(ld)                 # started again after a release
+    finally:
+        ld.close()

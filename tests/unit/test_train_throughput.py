@@ -44,6 +44,17 @@ def test_heads_are_timed_against_cosface(monkeypatch):
         ("cosface", True), ("curricularface", False)]
 
 
+def test_any_config_is_timed_leap_off_against_on(monkeypatch):
+    """--config: the main job's config (its backbone, embedding size, margin and LEAP mode),
+    LEAP off and on in alternating rounds; the warm-up leaves tail classes perturbed."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = _load().main(["--config", str(REPO / "configs" / "default.yaml"), "--set",
+                        "data.batch_size=16", "--classes", "200", "--warmup", "12",
+                        "--steps", "1", "--rounds", "2"])
+    assert out["classes"] == 200 and out["batch"] == 16 and out["perturbed_classes"] > 0
+    assert out["off_best_ms"] > 0 and out["leap_best_ms"] > 0 and out["ratio_best"] > 0
+
+
 def test_gpu_rows_are_the_anchor_rows():
     rows = _load().GPU_ROWS
     assert rows["r50-b256-c93k"][:4] == ("iresnet50", 256, 93_431, 1.0)
