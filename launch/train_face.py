@@ -84,14 +84,24 @@ def _data_present(rec: str) -> bool:
             or any(path.parent.glob(path.name + "_*.rec")))      # shards prefix_000.rec, ...
 
 
+SILENT_RANK_GRACE_S = 3.0
+
+
 def _say(message: str, every_node: bool = False) -> None:
     """Print an error once per job (rank 0), or once per node for what can differ by node
     (files on local disks). Every rank reaches the same conclusion; only one speaks."""
     import os
 
+    import time
+
     key = "LOCAL_RANK" if every_node else "RANK"
     if int(os.environ.get(key, "0")) == 0:
         print(message, file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun stops the whole job as soon as one rank has failed: a silent rank that
+        # exits first (it has nothing to print) could get the speaking rank killed before its
+        # message is out. There is no process group yet to wait on, so give it a moment.
+        time.sleep(SILENT_RANK_GRACE_S)
 
 
 def _one_line(err: BaseException) -> str:
