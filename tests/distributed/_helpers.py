@@ -21,7 +21,12 @@ from facetrain.config import MarginConfig
 from facetrain.dist import DistContext
 
 
+TIMEOUT = datetime.timedelta(seconds=120)
+
+
 def free_port() -> int:
+    """A port that was free a moment ago, for tests that must hand a port number to torchrun.
+    It can be taken before use; in-process spawns use `run_spawn`, whose store holds its port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -31,8 +36,8 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
     ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo", dist.group.WORLD)
     try:
         fn(ctx, *args)
@@ -41,8 +46,17 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> 
 
 
 def run_spawn(fn: Callable, world_size: int, *args) -> None:
-    """Run fn(ctx, *args) on world_size gloo processes; any exception fails the caller."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    """Run fn(ctx, *args) on world_size gloo processes; any exception fails the caller.
+
+    The rendezvous store is served from this process on a port the OS picks at bind time, so no
+    other process can take the port between choosing and binding it (a port picked free and
+    bound later was a source of rare "address already in use" failures under load)."""
+    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, timeout=TIMEOUT,
+                          wait_for_workers=False)
+    try:
+        mp.spawn(_entry, args=(world_size, store.port, fn, args), nprocs=world_size, join=True)
+    finally:
+        del store
 
 
 def gather_head_classes_and_weight(head, sampled: bool):

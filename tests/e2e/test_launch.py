@@ -66,20 +66,24 @@ def test_torchrun_two_processes_dali_loss_falls(tmp_path):
 
 def test_multinode_path_two_launchers(tmp_path):
     rec = make_tiny_rec(tmp_path / "data")
-    out = tmp_path / "run"
-    port = _port()
-    procs = []
-    for node in range(2):
-        cmd = _torchrun("--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-                        "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                        f"--rdzv_conf=is_host={int(node == 0)}", "--rdzv_id=facetrain-test",
-                        LAUNCH, *tiny_overrides(rec, out, ["train.max_steps=6",
-                                                           "checkpoint.resume=none"]))
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=_env()))
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    for attempt in range(3):       # the endpoint port is chosen before torchrun binds it
+        port, procs, results = _port(), [], []
+        out = tmp_path / f"run{attempt}"
+        for node in range(2):
+            cmd = _torchrun("--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+                            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                            f"--rdzv_conf=is_host={int(node == 0)}", "--rdzv_id=facetrain-test",
+                            LAUNCH, *tiny_overrides(rec, out, ["train.max_steps=6",
+                                                               "checkpoint.resume=none"]))
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=_env()))
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            results.append((p.returncode, stdout, stderr))
+        if not any(rc and "ddress already in use" in err for rc, _, err in results):
+            break
+    for rc, stdout, stderr in results:
+        assert rc == 0, stdout[-3000:] + stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "world 2 (gloo, cpu)" in log and "done: step 6" in log
     assert len(read_metrics(out / "metrics.jsonl")) == 6
