@@ -32,34 +32,27 @@ Pair = Tuple[int, int]
 
 
 class ConvBlock(nn.Module):
-    """conv (no bias) -> BN -> PReLU, held in `layers` as arcface_torch names it."""
+    """conv (no bias) -> BN -> PReLU, held in `layers` as arcface_torch names it (so its
+    published weights load by name); `act=False` drops the PReLU."""
 
     def __init__(self, cin: int, cout: int, kernel: Pair = (1, 1), stride: Pair = (1, 1),
-                 padding: Pair = (0, 0), groups: int = 1) -> None:
+                 padding: Pair = (0, 0), groups: int = 1, act: bool = True) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups,
-                      bias=False),
-            nn.BatchNorm2d(cout),
-            nn.PReLU(cout))
+        parts = [nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups,
+                           bias=False),
+                 nn.BatchNorm2d(cout)]
+        self.layers = nn.Sequential(*parts, *([nn.PReLU(cout)] if act else []))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
-class LinearBlock(nn.Module):
+class LinearBlock(ConvBlock):
     """conv (no bias) -> BN, no activation (the projection of a bottleneck)."""
 
     def __init__(self, cin: int, cout: int, kernel: Pair = (1, 1), stride: Pair = (1, 1),
                  padding: Pair = (0, 0), groups: int = 1) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups,
-                      bias=False),
-            nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        super().__init__(cin, cout, kernel, stride, padding, groups, act=False)
 
 
 class DepthWise(nn.Module):
