@@ -25,7 +25,7 @@ storage every rank sees (the usual shared file system of a cluster).
 Why a hand-made format rather than torch.distributed.checkpoint: the classifier is split in
 contiguous, possibly uneven class blocks whose LEAP state (ring buffers sized by K_i) and optimizer
 rows must move with their classes on a world-size change. That is a row concatenation and a
-re-split (`PartialFC.reshard`, `facetrain.engines.reshard_optimizer_state`) that is easier to
+re-split (`PartialFC.reshard`, `PartialFC.load_optimizer_state`) that is easier to
 read and test than expressing the blocks as DTensor placements.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 from facetrain import checkpoint as ckpt
 from facetrain import export
 from facetrain.dist import single_process
-from facetrain.engines import reshard_optimizer_state
+from facetrain.heads.partition import reshard_optimizer_state
 
 
 def _save(root, step, keep=2):
@@ -121,16 +121,25 @@ def test_optimizer_rows_move_with_their_classes(name):
     shards = [_shard_opt_state(name, 4, 0, 1), _shard_opt_state(name, 3, 4, 2)]   # 7 classes
     keys = ["momentum_buffer"] if name == "sgd" else ["exp_avg", "exp_avg_sq"]
     full = {k: torch.cat([s["head_optim"]["state"][0][k] for s in shards]) for k in keys}
-    for new_range in [(0, 3), (3, 5), (5, 7), (0, 7)]:        # 2 -> 3 ranks, and 2 -> 1
-        out = reshard_optimizer_state(shards[::-1], new_range)   # any order in
-        for k in keys:
-            torch.testing.assert_close(out["state"][0][k], full[k][slice(*new_range)])
-        if name == "adam":                          # the step counter is not a row block
-            assert float(out["state"][0]["step"]) == 2.0
-        w = torch.nn.Parameter(torch.zeros(new_range[1] - new_range[0], 4))
-        opt = torch.optim.SGD([w], lr=0.1, momentum=0.9) if name == "sgd" else \
-            torch.optim.Adam([w], lr=0.1)
-        opt.load_state_dict(out)                    # loadable as is
+    ranges = {3: [(0, 3), (3, 5), (5, 7)], 1: [(0, 7)]}          # 2 -> 3 ranks, and 2 -> 1
+    for world_size, blocks in ranges.items():
+        outs = reshard_optimizer_state(shards[::-1], world_size)  # any order in
+        assert len(outs) == world_size
+        for new_range, out in zip(blocks, outs):
+            _check_resharded(name, keys, full, new_range, out)
+
+
+def _check_resharded(name, keys, full, new_range, out):
+    """One re-split block holds its classes' rows of the whole state, and an optimizer over
+    that block loads it as is."""
+    for k in keys:
+        torch.testing.assert_close(out["state"][0][k], full[k][slice(*new_range)])
+    if name == "adam":                          # the step counter is not a row block
+        assert float(out["state"][0]["step"]) == 2.0
+    w = torch.nn.Parameter(torch.zeros(new_range[1] - new_range[0], 4))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9) if name == "sgd" else \
+        torch.optim.Adam([w], lr=0.1)
+    opt.load_state_dict(out)                    # loadable as is
 
 
 def test_rng_state_roundtrip(tmp_path):
