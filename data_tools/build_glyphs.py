@@ -91,7 +91,7 @@ def _for_command_line(err: Exception, parser: argparse.ArgumentParser) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parse_args(argv, parser)
-    from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises, stopped_message
+    from _interrupt import Terminated, exit_code, sigterm_raises, stopped_message
     from facetrain.glyphs.build import EVAL_DIR, BuildSettings, GlyphBuildError, build
     from facetrain.glyphs.fonts import FONT_ROOTS
     from facetrain.glyphs.large import held_out_chars

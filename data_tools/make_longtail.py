@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from facetrain.data.dataset import resolve_shards
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
+from _interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
-from facetrain.data.longtail import DEFAULT_TAIL_SAMPLES, make_longtail
+from facetrain.build.longtail import DEFAULT_TAIL_SAMPLES, make_longtail
 from facetrain.logging_utils import setup_tool_logging
 from _cli import for_command_line
 

@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "data_tools"))
 import build_glyphs  # noqa: E402
 
+from facetrain.build.longtail import make_longtail  # noqa: E402
 from facetrain.data.dataset import RecordDataset  # noqa: E402
-from facetrain.data.longtail import make_longtail  # noqa: E402
 from facetrain.glyphs.fonts import find_font_files  # noqa: E402
 from facetrain.glyphs.large import CLASSES_ENV, FONT_ROOTS_ENV  # noqa: E402
 
