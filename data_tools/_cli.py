@@ -20,7 +20,7 @@ _REBUILD = re.compile(re.escape(REBUILD_CALL) + r"\(('(?:[^'\\]|\\.)*'|\"(?:[^\"
 _OPTION = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Library functions the messages name, and the program in this folder that runs each.
 COMMANDS = {"facetrain.build.align_folder.align_folder": "`python data_tools/align_faces.py`",
-            "facetrain.glyphs.build.build": "`python data_tools/build_glyphs.py`"}
+            "glyph_benchmark.build.build": "`python data_tools/build_glyphs.py`"}
 
 
 def rebuild_command(rec: str) -> str:

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _ensure_default_input(progress: bool) -> int:
     """Build the default input (the large glyph set) when missing; 0, or an exit code after
     printing why the build failed or stopped."""
-    from facetrain.glyphs.build import GlyphBuildError
-    from facetrain.glyphs.large import ensure_large_set, is_built
+    from glyph_benchmark.build import GlyphBuildError
+    from glyph_benchmark.large import ensure_large_set, is_built
 
     root = Path(DEFAULT_INPUT).parent
     try:

@@ -19,10 +19,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from facetrain.glyphs import eval_sets
-from facetrain.glyphs.fonts import (FONT_PACKAGES, FONT_ROOTS, PROBE_CHARS, DesignChoice,
+from glyph_benchmark import eval_sets
+from glyph_benchmark.fonts import (FONT_PACKAGES, FONT_ROOTS, PROBE_CHARS, DesignChoice,
                                     FontFace, discover_faces, missing_packages, select_designs)
-from facetrain.glyphs.render import render_many
+from glyph_benchmark.render import render_many
 
 log = logging.getLogger(__name__)
 
