@@ -311,7 +311,9 @@ class TrainConfig:
     zero_stage: int = 1                        # deepspeed only: 1 or 2
     device: str = "auto"                       # auto | cpu | cuda
     seed: int = 0
-    output_dir: str = "runs/default"
+    # The run folder (checkpoints, logs, exports); no default: the library knows no repository
+    # path, and two runs must not share one folder by accident (a run resumes what it finds).
+    output_dir: str = ""
     log_every: int = 20
     tensorboard: bool = True
     num_threads: int = 0                       # torch threads per rank; 0 = auto (threads.py)

@@ -101,6 +101,9 @@ class Trainer:
 
         self.cfg, self.ctx = cfg, ctx
         self._resume_rep: Optional[Dict[str, Any]] = None
+        if not cfg.train.output_dir:       # the same on every rank: each raises it, no collective
+            raise ConfigError("train.output_dir is not set: give the run folder "
+                              "(train.output_dir=PATH)")
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         _seed_everything(cfg.train.seed, ctx.rank)
