@@ -235,7 +235,7 @@ class LeapConfig:
     update_interval: int = 5                   # optimizer steps between centre updates
     center_lr: float = 0.1                     # 0.9 = the paper's Eq. 4 read literally
     memory_factor: float = 1.0                 # the paper's P: memory S_i = ceil(K_i * P)
-    head_threshold: int = 20                   # T: head classes have K_i > T (vanilla)
+    head_threshold: int = 20                   # T: frequent ("head") classes have K_i > T (vanilla)
     alpha_granularity: str = "logit"           # logit | sample
     start_epoch: int = 0                       # feature cloud from this epoch on
     # Experiment controls: none | null | uniform | shuffled | uniform_meangap (docs/leap.md).

@@ -301,9 +301,10 @@ class Trainer:
         mean, var, valid, counts = stats
         if not valid.any():                  # leap.mode=off: the classifier tracks no angles
             return
-        head = counts > self.cfg.leap.head_threshold
+        # The frequent classes are the paper's "head" classes; the metric names keep its word.
+        frequent = counts > self.cfg.leap.head_threshold
         row, said = {}, []
-        for name, mask in (("head", head & valid), ("tail", ~head & valid)):
+        for name, mask in (("head", frequent & valid), ("tail", ~frequent & valid)):
             if mask.any():
                 row[f"angular_var_{name}"] = float(var[mask].mean())
                 said.append(f"{name} {row[f'angular_var_{name}']:.4g}")

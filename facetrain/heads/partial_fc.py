@@ -36,7 +36,7 @@ from facetrain.heads.margins import StepInputs, margin_logits
 from facetrain.heads.noise import noise_keys
 from facetrain.heads.partition import (check_contiguous, class_range, logit_column,
                                         partition_bounds, reshard_optimizer_state, reshard_tree,
-                                        route_to_shard)
+                                        route_to_block)
 
 FORMAT = "facetrain.partial_fc/1"
 _INIT_CHUNK = 1 << 16
@@ -199,7 +199,7 @@ class PartialFC(torch.nn.Module):
     def shard_logits(self, emb: torch.Tensor, lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scaled logits of this rank's block for the gathered batch: ([N, C_s] fp32, target
         column [N], is_local [N]). C_s = C_local, or k sampled rows in training with sampling."""
-        row, local = route_to_shard(lab, self.start, self.num_local)
+        row, local = route_to_block(lab, self.start, self.num_local)
         col = logit_column(row, local)
         weight = self.weight
         sampled = self.training and self.head_cfg.sample_rate < 1.0
@@ -299,7 +299,7 @@ class PartialFC(torch.nn.Module):
                  # The margin kind's running statistics: replicated, copied as is by reshard.
                  "margin_kind": self.head_cfg.margin.kind, "margin": self.margin.state_dict()}
         if self.leap is not None:
-            state["leap"] = self.leap.export()
+            state["leap"] = self.leap.snapshot()
             state["leap_globals"] = self.leap.globals.cpu().clone()
         return state
 

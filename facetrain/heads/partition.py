@@ -29,12 +29,12 @@ def class_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]
     return b[rank], b[rank + 1]
 
 
-def route_to_shard(labels: torch.Tensor, start: int, num_local: int
+def route_to_block(labels: torch.Tensor, start: int, num_local: int
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(row [N], is_local [N]) of global class ids `labels` [N] in the block [start, start +
     num_local): the row of each local class, and for a class owned elsewhere ("not mine") always
     num_local, one past the block: the scratch row the per-class buffers keep for it. Fixed
-    shapes, no host sync: samples of other shards are routed, not filtered out; every reader
+    shapes, no host sync: samples of other blocks are routed, not filtered out; every reader
     masks them with is_local."""
     local = (labels >= start) & (labels < start + num_local)
     return torch.where(local, labels - start, torch.full_like(labels, num_local)), local

@@ -38,7 +38,7 @@ def test_save_publishes_atomically_and_keeps_last(tmp_path):
         data = (path / name).read_bytes()
         assert meta["digests"][name] == {"bytes": len(data), "crc32": zlib.crc32(data)}
     assert ckpt.load_replicated(path)["step"] == 15
-    assert ckpt.load_shard(path, 0)["x"].item() == 15
+    assert ckpt.load_rank_file(path, 0)["x"].item() == 15
     # A crash mid-write leaves a temp folder and maybe a folder without meta.json: both ignored.
     (root / ".tmp_ckpt_step20").mkdir()
     (root / "ckpt_step25").mkdir()
@@ -60,7 +60,7 @@ def test_resolve_resume(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint.*resume=none"):
         ckpt.resolve_resume(str(tmp_path / "nothing"), root)
     with pytest.raises(ckpt.CheckpointError, match="lacks rank00001.pt"):
-        ckpt.load_shard(path, 1)
+        ckpt.load_rank_file(path, 1)
 
 
 @pytest.mark.parametrize("damage", ["truncate_replicated", "truncate_rank", "flip_rank_byte",
@@ -205,7 +205,7 @@ def test_crafted_checkpoint_runs_nothing_and_is_refused(tmp_path, target):
     _reseal(path)
     assert ckpt.resolve_resume("auto", root) == path       # sizes and CRCs are valid
     loader = ckpt.load_replicated if target == "replicated.pt" else \
-        (lambda p: ckpt.load_shard(p, 0))
+        (lambda p: ckpt.load_rank_file(p, 0))
     with pytest.raises(ckpt.CheckpointError) as info:
         loader(path)
     assert not marker.exists()
