@@ -44,7 +44,7 @@ class Engine(Protocol):
         normally (a collective release is then safe); False after an error on this rank."""
 
 
-class ClassifierShard(Protocol):
+class Classifier(Protocol):
     """What the engines need from the model-parallel classifier (PartialFC) besides being a
     module called as `head(embeddings [B, D], labels [B]) -> loss`: the layout of its rows'
     optimizer state, which it saves and re-splits by class itself."""

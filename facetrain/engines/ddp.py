@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facetrain.config import Config
 from facetrain.dist import DistContext
-from facetrain.engines.base import (PRECISION_DTYPES, ClassifierShard, Entries,
+from facetrain.engines.base import (PRECISION_DTYPES, Classifier, Entries,
                                     undo_gradient_averaging)
 from facetrain.optim import build_head_optimizer, build_optimizer
 
@@ -30,7 +30,7 @@ class DDPEngine:
     name = "ddp"
 
     def __init__(self, cfg: Config, ctx: DistContext, backbone: torch.nn.Module,
-                 head: ClassifierShard) -> None:
+                 head: Classifier) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.backbone, self.head = backbone, head
         self._ddp: DistributedDataParallel | None = None

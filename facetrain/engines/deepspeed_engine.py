@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from facetrain.config import Config, ConfigError
 from facetrain.dist import DistContext
-from facetrain.engines.base import (PRECISION_DTYPES, ClassifierShard, Entries,
+from facetrain.engines.base import (PRECISION_DTYPES, Classifier, Entries,
                                     undo_gradient_averaging)
 from facetrain.optim import build_head_optimizer, build_optimizer
 
@@ -141,7 +141,7 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, cfg: Config, ctx: DistContext, backbone: torch.nn.Module,
-                 head: ClassifierShard) -> None:
+                 head: Classifier) -> None:
         if not ctx.distributed or ctx.group is not dist.group.WORLD:
             raise ConfigError("train.engine=deepspeed needs torchrun (a world process group; "
                               "DeepSpeed's data-parallel group is the world); use train.engine=ddp "
