@@ -24,9 +24,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def _rss_mb() -> float:
     """Current resident set of this process, MB (Linux /proc)."""

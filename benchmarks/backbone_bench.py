@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,11 +29,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-if __package__ in (None, ""):
-    # Run as a script from a checkout: make `facetrain` importable without installing.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from facetrain.models.registry import build_backbone  # noqa: E402
+from facetrain.models.registry import build_backbone
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

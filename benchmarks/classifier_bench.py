@@ -29,10 +29,6 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    # Run as a script from a checkout: make `facetrain` importable without installing.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from facetrain.config import HeadConfig, LeapConfig, MarginConfig  # noqa: E402
 from facetrain.dist import single_process  # noqa: E402
 from facetrain.heads.partial_fc import PartialFC  # noqa: E402

@@ -25,8 +25,6 @@ from typing import Dict
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def rss_gib() -> float:
     with open("/proc/self/status") as fh:

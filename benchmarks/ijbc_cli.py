@@ -27,6 +27,26 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_script(path: Path, name: str):
+    """A script of this repository as a module, as `python path` would run it, its folder's
+    sibling modules (eval_protocols/_common.py) included, without editing sys.path."""
+    import importlib.util
+
+    for sibling in sorted(path.parent.glob("_*.py")):
+        if sibling.stem != "__init__" and sibling.stem not in sys.modules:
+            _exec(importlib.util.spec_from_file_location(sibling.stem, sibling))
+    return _exec(importlib.util.spec_from_file_location(name, path))
+
+
+def _exec(spec):
+    import importlib.util
+
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def write_synthetic(root: Path, scale: float, dim: int, seed: int = 0) -> Path:
     """IJB-C-shaped meta/ + features.npy under root (skipped when already there)."""
     feats_path = root / f"features_{scale}_{dim}.npy"
@@ -64,8 +84,7 @@ def write_synthetic(root: Path, scale: float, dim: int, seed: int = 0) -> Path:
 
 
 def side_facetrain(root: Path, feats_path: Path, out: Path) -> Tuple[Dict[str, object], Dict]:
-    sys.path.insert(0, str(REPO))
-    from eval_protocols import ijbc as cli
+    cli = load_script(REPO / "eval_protocols" / "ijbc.py", "_ijbc_cli")
     import json
     t0 = time.perf_counter()
     rc = cli.main(["--root", str(root), "--features", str(feats_path), "--no-1n", "--no-plot",
@@ -120,7 +139,6 @@ def side_reference(root: Path, feats_path: Path) -> Tuple[Dict[str, object], Dic
 def stages(root: Path, feats_path: Path) -> Dict[str, float]:
     """facetrain's CLI path split into its steps, and the floor the issue names: one float32
     GEMM of the used templates plus one sort of the scores."""
-    sys.path.insert(0, str(REPO))
     import torch
     from facetrain.eval import ijbc
     from facetrain.eval.embed import load_features
@@ -155,13 +173,14 @@ def stages(root: Path, feats_path: Path) -> Dict[str, float]:
 
 def peak_memory(side: str, root: Path, feats_path: Path) -> float:
     """VmHWM in GiB of a fresh process that runs one side once."""
-    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r);"
-            "import ijbc_cli as b; from pathlib import Path; import tempfile;"
+    code = ("import importlib.util as u; s = u.spec_from_file_location('ijbc_cli', %r);"
+            "b = u.module_from_spec(s); s.loader.exec_module(b);"
+            "from pathlib import Path; import tempfile;"
             "r, f = Path(%r), Path(%r);"
             "b.side_facetrain(r, f, Path(tempfile.mkdtemp()) / 'o.json') if %r == 'A' "
             "else b.side_reference(r, f);"
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-            % (str(REPO), str(REPO / "benchmarks"), str(root), str(feats_path), side))
+            % (str(Path(__file__).resolve()), str(root), str(feats_path), side))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("VmHWM")][0]
     return int(line.split()[1]) / 2**20

@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def make_jpegs(n_unique: int, size: int, seed: int):
     import cv2
@@ -35,7 +33,7 @@ def make_jpegs(n_unique: int, size: int, seed: int):
 
 
 def build_rec(folder: Path, n_images: int, n_classes: int, jpegs) -> str:
-    from facetrain.data.dataset import write_insightface_dataset
+    from facetrain.build.writer import write_insightface_dataset
 
     per = [n_images // n_classes + (1 if c < n_images % n_classes else 0)
            for c in range(n_classes)]
@@ -74,7 +72,7 @@ def time_loader(kind: str, rec: str, args) -> float:
 
 
 def time_longtail(folder: Path, jpegs, n_records: int) -> float:
-    from facetrain.data.longtail import make_longtail
+    from facetrain.build.longtail import make_longtail
 
     n_classes = max(2, n_records // 50)
     src = build_rec(folder / "lt_src", n_records, n_classes, jpegs)

@@ -26,10 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from facetrain import plan  # noqa: E402
+from facetrain import plan
 
 MB = 2 ** 20
 

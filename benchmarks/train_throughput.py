@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,16 +28,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    # Run as a script from a checkout: make `facetrain` importable without installing.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.classifier_bench import HEADS, _peak_gib, _sync  # noqa: E402
-from facetrain.config import config_from_dict  # noqa: E402
-from facetrain.dist import DistContext, finish, init_distributed  # noqa: E402
-from facetrain.engines import build_engine  # noqa: E402
-from facetrain.heads.partial_fc import PartialFC  # noqa: E402
-from facetrain.models.registry import build_backbone  # noqa: E402
+from classifier_bench import HEADS, _peak_gib, _sync  # the sibling script: its folder is on the path
+from facetrain.config import config_from_dict
+from facetrain.dist import DistContext, finish, init_distributed
+from facetrain.engines import build_engine
+from facetrain.heads.partial_fc import PartialFC
+from facetrain.models.registry import build_backbone
 
 # name -> (backbone, batch per rank, classes, sample_rate, image side, leap[, head.update_rows])
 # Rows ending in -rows update only the sampled classifier rows (head.update_rows=sampled).

@@ -2,7 +2,7 @@
 
 The library (facetrain) names its own functions and options in its errors: "rebuild it with
 facetrain.data.shards.rebuild_indexes('x.rec')", "`min_designs` must be >= 2", "align them first,
-e.g. facetrain.data.align_folder.align_folder". A user of these programs needs the command to
+e.g. facetrain.build.align_folder.align_folder". A user of these programs needs the command to
 run and the flag to pass instead; `for_command_line` rewrites exactly those forms and leaves
 every other word of the message alone.
 """
@@ -19,8 +19,8 @@ from facetrain.data.recordio import REBUILD_CALL
 _REBUILD = re.compile(re.escape(REBUILD_CALL) + r"\(('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\)")
 _OPTION = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Library functions the messages name, and the program in this folder that runs each.
-COMMANDS = {"facetrain.data.align_folder.align_folder": "`python data_tools/align_faces.py`",
-            "facetrain.glyphs.build.build": "`python data_tools/build_glyphs.py`"}
+COMMANDS = {"facetrain.build.align_folder.align_folder": "`python data_tools/align_faces.py`",
+            "glyph_benchmark.build.build": "`python data_tools/build_glyphs.py`"}
 
 
 def rebuild_command(rec: str) -> str:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facetrain.data.align_folder import (add_align_options, align_folder,
+from facetrain.build.align_folder import (add_align_options, align_folder,
                                          summary_lines)
-from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises
+from _interrupt import Terminated, exit_code, sigterm_raises
 from facetrain.logging_utils import setup_tool_logging
 from _cli import for_command_line
 

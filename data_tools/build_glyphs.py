@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None,
                parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
     args = (parser or build_parser()).parse_args(argv)
-    from facetrain.glyphs import large as lg
+    from glyph_benchmark import large as lg
 
     large = {"out": LARGE_ROOT, "train_classes": lg.LARGE_TRAIN_CLASSES,
              "min_designs": lg.LARGE_MIN_DESIGNS}
@@ -91,10 +91,10 @@ def _for_command_line(err: Exception, parser: argparse.ArgumentParser) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parse_args(argv, parser)
-    from facetrain.data.interrupt import Terminated, exit_code, sigterm_raises, stopped_message
-    from facetrain.glyphs.build import EVAL_DIR, BuildSettings, GlyphBuildError, build
-    from facetrain.glyphs.fonts import FONT_ROOTS
-    from facetrain.glyphs.large import held_out_chars
+    from _interrupt import Terminated, exit_code, sigterm_raises, stopped_message
+    from glyph_benchmark.build import EVAL_DIR, BuildSettings, GlyphBuildError, build
+    from glyph_benchmark.fonts import FONT_ROOTS
+    from glyph_benchmark.large import held_out_chars
     from facetrain.logging_utils import setup_tool_logging
 
     try:

@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from facetrain.data.align_folder import (add_align_options, align_folder,
+from facetrain.build.align_folder import (add_align_options, align_folder,
                                          summary_lines)
-from facetrain.data.folders import folders_to_rec
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
+from facetrain.build.folders import folders_to_rec
+from _interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
 from facetrain.logging_utils import setup_tool_logging
 from _cli import for_command_line

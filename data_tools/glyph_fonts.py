@@ -20,7 +20,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="folders searched for font files (default: /usr/share/fonts)")
     args = parser.parse_args(argv)
 
-    from facetrain.glyphs import fonts
+    from glyph_benchmark import fonts
     from facetrain.logging_utils import setup_tool_logging
     setup_tool_logging()
     if args.missing_packages:

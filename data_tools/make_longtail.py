@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from facetrain.data.dataset import resolve_shards
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
+from _interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
-from facetrain.data.longtail import DEFAULT_TAIL_SAMPLES, make_longtail
+from facetrain.build.longtail import DEFAULT_TAIL_SAMPLES, make_longtail
 from facetrain.logging_utils import setup_tool_logging
 from _cli import for_command_line
 
@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _ensure_default_input(progress: bool) -> int:
     """Build the default input (the large glyph set) when missing; 0, or an exit code after
     printing why the build failed or stopped."""
-    from facetrain.glyphs.build import GlyphBuildError
-    from facetrain.glyphs.large import ensure_large_set, is_built
+    from glyph_benchmark.build import GlyphBuildError
+    from glyph_benchmark.large import ensure_large_set, is_built
 
     root = Path(DEFAULT_INPUT).parent
     try:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facetrain.data.align_folder import Aligner, add_align_options
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
+from facetrain.build.align_folder import Aligner, add_align_options
+from _interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
-from facetrain.data.packs import make_pack
+from facetrain.build.packs import make_pack
 from facetrain.logging_utils import setup_tool_logging
 from _cli import for_command_line
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     try:
         transform = None
         if args.align or args.landmarks:
-            from facetrain.data.landmarks import read_landmarks_file
+            from facetrain.build.landmarks import read_landmarks_file
 
             lmk = read_landmarks_file(args.landmarks) if args.landmarks else None
             transform = Aligner(lmk, None, args.multiple, args.align_size).encoded

@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
+from _interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
-from facetrain.data.merge import merge_datasets
+from facetrain.build.merge import merge_datasets
 from facetrain.logging_utils import setup_tool_logging
 from _cli import for_command_line
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from facetrain.data.dataset import rebuild_indexes, resolve_shards
-from facetrain.data.interrupt import (Terminated, exit_code, sigterm_raises,
+from _interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
 from facetrain.logging_utils import setup_tool_logging
 from _cli import for_command_line

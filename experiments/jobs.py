@@ -128,8 +128,8 @@ def _run(cmd: List[str], env: Optional[Mapping[str, str]] = None) -> None:
 
 def ensure_data(s: JobSettings) -> Path:
     """Build the glyph benchmark and its long-tailed split if they are not there yet."""
-    from facetrain.glyphs.build import MANIFEST
-    from facetrain.glyphs.large import is_built
+    from glyph_benchmark.build import MANIFEST
+    from glyph_benchmark.large import is_built
     # The manifest is written last: a build stopped halfway has none and is built again.
     if not is_built(REPO / s.glyphs):
         if (REPO / s.glyphs).is_dir() and any((REPO / s.glyphs).iterdir()):

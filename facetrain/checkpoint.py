@@ -25,7 +25,7 @@ storage every rank sees (the usual shared file system of a cluster).
 Why a hand-made format rather than torch.distributed.checkpoint: the classifier is split in
 contiguous, possibly uneven class blocks whose LEAP state (ring buffers sized by K_i) and optimizer
 rows must move with their classes on a world-size change. That is a row concatenation and a
-re-split (`PartialFC.reshard`, `facetrain.engines.reshard_optimizer_state`) that is easier to
+re-split (`PartialFC.reshard`, `PartialFC.load_optimizer_state`) that is easier to
 read and test than expressing the blocks as DTensor placements.
 """
 from __future__ import annotations
@@ -370,7 +370,9 @@ def load_replicated(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
     return load_file(Path(path) / "replicated.pt", map_location)
 
 
-def load_shard(path: Path, rank: int, map_location: Any = "cpu") -> Dict[str, Any]:
+def load_rank_file(path: Path, rank: int, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Rank `rank`'s own part of the checkpoint at `path` (rankNNNNN.pt: its classifier block,
+    the engine's per-rank state)."""
     f = Path(path) / f"rank{rank:05d}.pt"
     if not f.is_file():
         raise CheckpointError(f"checkpoint {path} lacks {f.name}; it is incomplete or corrupt: "
@@ -405,7 +407,7 @@ class SavedStates(Sequence):
             raise IndexError(f"checkpoint {self.path} was saved by {self.world_size} ranks; "
                              f"there is no rank {rank}")
         if rank not in self._files:
-            self._files[rank] = load_shard(self.path, rank, self.map_location)
+            self._files[rank] = load_rank_file(self.path, rank, self.map_location)
         return self.part(self._files[rank])
 
 

@@ -235,7 +235,7 @@ class LeapConfig:
     update_interval: int = 5                   # optimizer steps between centre updates
     center_lr: float = 0.1                     # 0.9 = the paper's Eq. 4 read literally
     memory_factor: float = 1.0                 # the paper's P: memory S_i = ceil(K_i * P)
-    head_threshold: int = 20                   # T: head classes have K_i > T (vanilla)
+    head_threshold: int = 20                   # T: frequent ("head") classes have K_i > T (vanilla)
     alpha_granularity: str = "logit"           # logit | sample
     start_epoch: int = 0                       # feature cloud from this epoch on
     # Experiment controls: none | null | uniform | shuffled | uniform_meangap (docs/leap.md).
@@ -311,7 +311,9 @@ class TrainConfig:
     zero_stage: int = 1                        # deepspeed only: 1 or 2
     device: str = "auto"                       # auto | cpu | cuda
     seed: int = 0
-    output_dir: str = "runs/default"
+    # The run folder (checkpoints, logs, exports); no default: the library knows no repository
+    # path, and two runs must not share one folder by accident (a run resumes what it finds).
+    output_dir: str = ""
     log_every: int = 20
     tensorboard: bool = True
     num_threads: int = 0                       # torch threads per rank; 0 = auto (threads.py)

@@ -101,6 +101,9 @@ class Trainer:
 
         self.cfg, self.ctx = cfg, ctx
         self._resume_rep: Optional[Dict[str, Any]] = None
+        if not cfg.train.output_dir:       # the same on every rank: each raises it, no collective
+            raise ConfigError("train.output_dir is not set: give the run folder "
+                              "(train.output_dir=PATH)")
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         _seed_everything(cfg.train.seed, ctx.rank)
@@ -298,9 +301,10 @@ class Trainer:
         mean, var, valid, counts = stats
         if not valid.any():                  # leap.mode=off: the classifier tracks no angles
             return
-        head = counts > self.cfg.leap.head_threshold
+        # The frequent classes are the paper's "head" classes; the metric names keep its word.
+        frequent = counts > self.cfg.leap.head_threshold
         row, said = {}, []
-        for name, mask in (("head", head & valid), ("tail", ~head & valid)):
+        for name, mask in (("head", frequent & valid), ("tail", ~frequent & valid)):
             if mask.any():
                 row[f"angular_var_{name}"] = float(var[mask].mean())
                 said.append(f"{name} {row[f'angular_var_{name}']:.4g}")

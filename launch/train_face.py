@@ -139,6 +139,11 @@ def main(argv=None, after_step: Optional[Callable[[int], None]] = None) -> int:
         _say(f"train_face.py: data.rec is not set (in {args.config} or an override); {DATA_HINT}",
              every_node=True)
         return 2
+    if not cfg.train.output_dir:
+        _say(f"train_face.py: train.output_dir is not set (in {args.config} or an override); "
+             "give the run folder with --output-dir PATH or train.output_dir=PATH",
+             every_node=True)
+        return 2
     if not _data_present(cfg.data.rec):
         _say(f"train_face.py: training data {cfg.data.rec!r} (from {args.config}) is missing; "
              f"{DATA_HINT}", every_node=True)

@@ -1,6 +1,8 @@
-"""facetrain.data: RecordIO codec, datasets, loaders (torch and DALI) and long-tail subsets.
+"""facetrain.data: reading training data: the RecordIO codec, dataset files and their index
+checks, image decoding, the training loaders (torch and DALI) and their epoch plans.
 
-Public entry point for the trainer: `build_train_loader(cfg.data, ctx, seed)`.
+Public entry point for the trainer: `build_train_loader(cfg.data, ctx, seed)`. Writing datasets
+(from folders, subsets, merges, packs, alignment) is `facetrain.build`'s.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def __getattr__(name: str):
         from facetrain.data.base import TrainLoader
 
         return TrainLoader
-    if name in ("RecordDataset", "write_insightface_dataset"):
+    if name == "RecordDataset":
         from facetrain.data import dataset
 
         return getattr(dataset, name)

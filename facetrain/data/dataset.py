@@ -317,5 +317,3 @@ def check_label_range(labels: np.ndarray, stated: Optional[int], shards: Sequenc
             f"number the classes 0..{distinct - 1}; if that many classes are meant, state the "
             f"class count in {prop} as `{largest + 1},HEIGHT,WIDTH`")
 
-
-from facetrain.data.writer import write_insightface_dataset  # noqa: E402,F401  (public API)

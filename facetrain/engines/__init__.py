@@ -11,11 +11,11 @@ import torch
 
 from facetrain.config import Config
 from facetrain.dist import DistContext
-from facetrain.engines.base import (PRECISION_DTYPES, Engine, reshard_optimizer_state,
+from facetrain.engines.base import (PRECISION_DTYPES, Classifier, Engine,
                                     undo_gradient_averaging)
 
-__all__ = ["Engine", "PRECISION_DTYPES", "build_engine", "check_engine",
-           "reshard_optimizer_state", "undo_gradient_averaging"]
+__all__ = ["Classifier", "Engine", "PRECISION_DTYPES", "build_engine", "check_engine",
+           "undo_gradient_averaging"]
 
 
 def check_engine(cfg: Config, ctx: DistContext) -> None:
@@ -28,7 +28,7 @@ def check_engine(cfg: Config, ctx: DistContext) -> None:
 
 
 def build_engine(cfg: Config, ctx: DistContext, backbone: torch.nn.Module,
-                 head: torch.nn.Module) -> Engine:
+                 head: Classifier) -> Engine:
     """The engine named by `cfg.train.engine` (deepspeed is imported only when asked for)."""
     if cfg.train.engine == "deepspeed":
         from facetrain.engines.deepspeed_engine import DeepSpeedEngine

@@ -1,10 +1,10 @@
 """What every engine shares: the `Engine` protocol the trainer uses, the embedding-gradient
-scaling, the precision dtypes, and the classifier optimizer's checkpoint state (saved per rank,
-re-split with its classes on a world-size change)."""
+scaling and the precision dtypes. (The classifier optimizer's checkpoint state is laid out and
+re-split by the classifier: `PartialFC.optimizer_state` / `load_optimizer_state`.)"""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Dict, List, Protocol, Tuple
+from typing import Any, Dict, List, Protocol
 
 import torch
 
@@ -44,6 +44,22 @@ class Engine(Protocol):
         normally (a collective release is then safe); False after an error on this rank."""
 
 
+class Classifier(Protocol):
+    """What the engines need from the model-parallel classifier (PartialFC) besides being a
+    module called as `head(embeddings [B, D], labels [B]) -> loss`: the layout of its rows'
+    optimizer state, which it saves and re-splits by class itself."""
+
+    def parameters(self) -> Any:
+        """The rows (and any other parameters) its optimizer steps."""
+
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> Dict[str, Any]:
+        """`opt`'s state for this rank's checkpoint part."""
+
+    def load_optimizer_state(self, opt: torch.optim.Optimizer, parts: Sequence[Dict[str, Any]],
+                             world_size: int) -> None:
+        """Load the parts saved by len(parts) ranks into `opt`, for `world_size` ranks now."""
+
+
 class Entries(Sequence):
     """`states[r][key]` for every r of a (possibly lazy) sequence, each read on access."""
 
@@ -55,66 +71,6 @@ class Entries(Sequence):
 
     def __getitem__(self, r):  # type: ignore[override]
         return self.states[r][self.key]
-
-
-def head_optimizer_state(opt: torch.optim.Optimizer, head: torch.nn.Module) -> Dict[str, Any]:
-    """The classifier shard's optimizer state with what resharding it needs: the dim-0 size of
-    each head parameter and the shard's class block (keys as in every checkpoint so far)."""
-    return {"head_optim": opt.state_dict(),
-            "head_param_rows": [p.shape[0] for p in head.parameters()],
-            "class_range": (int(head.start), int(head.end))}
-
-
-def load_head_optimizer_state(opt: torch.optim.Optimizer, head: torch.nn.Module,
-                              shards: Sequence[Dict[str, Any]], rank: int,
-                              world_size: int) -> None:
-    """Load `head_optimizer_state` parts saved by len(shards) ranks into this rank's optimizer:
-    its own part when the world size is unchanged, else every part re-split by class."""
-    if len(shards) == world_size:
-        opt.load_state_dict(shards[rank]["head_optim"])
-    else:
-        opt.load_state_dict(reshard_optimizer_state(list(shards),
-                                                    (int(head.start), int(head.end))))
-
-
-def reshard_optimizer_state(shards: Sequence[Dict[str, Any]], new_range: Tuple[int, int]
-                            ) -> Dict[str, Any]:
-    """Re-split the classifier shards' optimizer states for the class block `new_range`.
-
-    Each shard holds `head_optim` (a torch optimizer state_dict), `head_param_rows` (dim-0 size
-    of each head parameter) and `class_range` (start, end). A state tensor whose dim 0 equals its
-    parameter's class count is a per-class row block (SGD momentum, Adam moments): the blocks
-    are concatenated in class order and sliced, so each momentum row moves with its class.
-    Anything else (Adam's step counter) is taken from shard 0.
-    """
-    shards = sorted(shards, key=lambda s: s["class_range"][0])
-    start, end = new_range
-    base = shards[0]["head_optim"]
-    out_state: Dict[int, Dict[str, Any]] = {}
-    for idx in range(len(shards[0]["head_param_rows"])):
-        names = set()
-        for s in shards:
-            names.update(s["head_optim"]["state"].get(idx, {}).keys())
-        entry: Dict[str, Any] = {}
-        for name in sorted(names):
-            parts, row_sharded = [], True
-            for s in shards:
-                rows = s["head_param_rows"][idx]
-                val = s["head_optim"]["state"].get(idx, {}).get(name)
-                if not (torch.is_tensor(val) and val.dim() >= 1 and val.shape[0] == rows
-                        and rows == s["class_range"][1] - s["class_range"][0]):
-                    row_sharded = False
-                    break
-                parts.append(val)
-            if row_sharded:
-                entry[name] = torch.cat(parts, 0)[start:end].clone()
-            else:
-                entry[name] = base["state"].get(idx, {}).get(name)
-        if entry:
-            out_state[idx] = entry
-    return {"state": out_state, "param_groups": base["param_groups"]}
-
-
 
 
 class _ScaleGrad(torch.autograd.Function):

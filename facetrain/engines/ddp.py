@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facetrain.config import Config
 from facetrain.dist import DistContext
-from facetrain.engines.base import (PRECISION_DTYPES, Entries, head_optimizer_state,
-                                    load_head_optimizer_state, undo_gradient_averaging)
+from facetrain.engines.base import (PRECISION_DTYPES, Classifier, Entries,
+                                    undo_gradient_averaging)
 from facetrain.optim import build_head_optimizer, build_optimizer
 
 class DDPEngine:
@@ -30,7 +30,7 @@ class DDPEngine:
     name = "ddp"
 
     def __init__(self, cfg: Config, ctx: DistContext, backbone: torch.nn.Module,
-                 head: torch.nn.Module) -> None:
+                 head: Classifier) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.backbone, self.head = backbone, head
         self._ddp: DistributedDataParallel | None = None
@@ -127,7 +127,7 @@ class DDPEngine:
         return {"replicated": {"backbone": self.backbone.state_dict(),
                                "backbone_optim": self.backbone_opt.state_dict(),
                                "scaler": self.scaler.state_dict()},
-                "shard": head_optimizer_state(self.head_opt, self.head)}
+                "shard": self.head.optimizer_state(self.head_opt)}
 
     def load_state_dict(self, states: Sequence[Dict[str, Dict[str, Any]]],
                         world_size: int) -> None:
@@ -139,6 +139,5 @@ class DDPEngine:
             self.backbone_opt.load_state_dict(rep["backbone_optim"])
         if rep.get("scaler"):
             self.scaler.load_state_dict(rep["scaler"])
-        load_head_optimizer_state(self.head_opt, self.head, Entries(states, "shard"),
-                                  self.ctx.rank, world_size)
+        self.head.load_optimizer_state(self.head_opt, Entries(states, "shard"), world_size)
 

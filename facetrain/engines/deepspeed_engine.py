@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from facetrain.config import Config, ConfigError
 from facetrain.dist import DistContext
-from facetrain.engines.base import (PRECISION_DTYPES, Entries, head_optimizer_state,
-                                    load_head_optimizer_state, undo_gradient_averaging)
+from facetrain.engines.base import (PRECISION_DTYPES, Classifier, Entries,
+                                    undo_gradient_averaging)
 from facetrain.optim import build_head_optimizer, build_optimizer
 
 def supported_precisions(device: torch.device) -> List[str]:
@@ -141,7 +141,7 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, cfg: Config, ctx: DistContext, backbone: torch.nn.Module,
-                 head: torch.nn.Module) -> None:
+                 head: Classifier) -> None:
         if not ctx.distributed or ctx.group is not dist.group.WORLD:
             raise ConfigError("train.engine=deepspeed needs torchrun (a world process group; "
                               "DeepSpeed's data-parallel group is the world); use train.engine=ddp "
@@ -238,7 +238,7 @@ class DeepSpeedEngine:
         classifier shard's optimizer and this rank's ZeRO partition."""
         return {"replicated": {"backbone": self.backbone.state_dict(), "engine": "deepspeed",
                                "zero_stage": self.cfg.train.zero_stage},
-                "shard": {**head_optimizer_state(self.head_opt, self.head),
+                "shard": {**self.head.optimizer_state(self.head_opt),
                           "zero_optim": plain_zero_state(self.zero_opt.state_dict())}}
 
     def load_state_dict(self, states: Sequence[Dict[str, Dict[str, Any]]],
@@ -251,7 +251,7 @@ class DeepSpeedEngine:
                               "train.engine=ddp (optimizer states of the two engines differ)")
         self.backbone.load_state_dict(rep["backbone"])
         shards = Entries(states, "shard")
-        load_head_optimizer_state(self.head_opt, self.head, shards, self.ctx.rank, world_size)
+        self.head.load_optimizer_state(self.head_opt, shards, world_size)
         # Weights were loaded into the module above; the fp32 partitions are refreshed from it.
         parts = [dict(shards[r]["zero_optim"]) for r in range(len(shards))]
         scalers = [p.pop(SCALER_STATE, None) for p in parts]

@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from facetrain.data import align as _align
-from facetrain.data.align import ARCFACE_TEMPLATE_112  # noqa: F401  (re-exported: one template)
+from facetrain.build import align as _align
+from facetrain.build.align import ARCFACE_TEMPLATE_112  # noqa: F401  (re-exported: one template)
 from facetrain.eval.embed import l2_normalize
 from facetrain.eval.metrics import DEFAULT_FPRS, roc_curve, tpr_at_fpr_from_roc
 
@@ -185,7 +185,7 @@ def read_meta(root: str | Path, prefix: str = "ijbc", need_landmarks: bool = Tru
 
 def align_face(img: np.ndarray, landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
     """Warp a BGR image so its 5 points [5, 2] land on the ArcFace template scaled to
-    `image_size`: the project's one alignment (facetrain.data.align: least-squares similarity,
+    `image_size`: the project's one alignment (facetrain.build.align: least-squares similarity,
     cv2.warpAffine), the same that aligns training and pack images."""
     return _align.align_face(img, landmarks, image_size)
 

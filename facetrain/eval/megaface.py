@@ -100,9 +100,9 @@ def write_feature_file(path: str | Path, feature: np.ndarray) -> None:
 def devkit_paths(out_dir: str | Path, entries: Sequence[str], algo: str,
                  list_path: str | Path) -> List[Path]:
     """`<out_dir>/<entry>_<algo>.bin` per entry of `list_path` (entry i on line i + 1), each
-    checked to stay inside out_dir (facetrain.data.output.path_inside): check them all before a
+    checked to stay inside out_dir (facetrain.build.output.path_inside): check them all before a
     long extraction, so a bad entry stops the run before anything is written."""
-    from facetrain.data.output import path_inside
+    from facetrain.build.output import path_inside
     if "/" in algo or "\\" in algo or algo in ("", ".", ".."):
         raise ValueError(f"--algo {algo!r}: the algorithm name goes into file names; use "
                          "letters, digits, '-' or '_'")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from facetrain.config import LeapConfig
 from facetrain.heads import leap_controls
-from facetrain.heads.partition import route_to_shard
+from facetrain.heads.partition import route_to_block
 
 
 def memory_sizes(counts: torch.Tensor, memory_factor: float) -> torch.Tensor:
@@ -41,7 +41,7 @@ def memory_sizes(counts: torch.Tensor, memory_factor: float) -> torch.Tensor:
     return s.clamp(min=1)
 
 
-# The per-class state LeapState.export writes and PartialFC.reshard re-splits: one row per owned
+# The per-class state LeapState.snapshot writes and PartialFC.reshard re-splits: one row per owned
 # class each (ROW_KEYS and SIZE_KEY), and the ring buffers (RAGGED_KEY), flat, SIZE_KEY per class.
 ROW_KEYS = ("centers", "seen", "count", "sum", "sumsq", "class_std")
 SIZE_KEY = "memory_size"
@@ -118,9 +118,10 @@ class LeapState(torch.nn.Module):
         the shuffled control), next to the O(B * C_local) logit block of every step."""
         _, var, valid = self._stats64()
         k = self.counts.to(torch.float64)
-        head = self.counts > self.cfg.head_threshold
+        # The frequent classes (the paper's "head" classes; here "head" is the classifier).
+        frequent = self.counts > self.cfg.head_threshold
         if self.cfg.mode == "vanilla":
-            w = (head & valid).to(torch.float64)          # Eq. 6: plain mean over head classes
+            w = (frequent & valid).to(torch.float64)      # Eq. 6: plain mean over frequent classes
         else:
             w = (k - 1).clamp(min=0) * valid              # Eq. 9: (K_i - 1) weights
         part = torch.stack([(w * var).sum(), w.sum(), valid.sum().to(torch.float64)])
@@ -130,7 +131,7 @@ class LeapState(torch.nn.Module):
         pooled = torch.where(part[1] > 0, part[0] / part[1].clamp(min=1e-300), torch.zeros_like(part[0]))
         perturb = valid & (pooled - var > 0)
         if self.cfg.mode == "vanilla":
-            perturb = perturb & ~head                     # head classes are never perturbed
+            perturb = perturb & ~frequent                 # frequent classes are never perturbed
         gap = (pooled - var).clamp(min=0) * perturb       # LEAP's variance per class
         part2 = torch.stack([(k * gap).sum(), (k * valid).sum(), gap.sum(),
                              perturb.sum().to(torch.float64)])
@@ -164,7 +165,7 @@ class LeapState(torch.nn.Module):
     def _segments(self, labels: torch.Tensor):
         """Sort the batch by local class (others to the scratch row): (cls, order, seg, seg_cnt,
         is_local) with one segment per class, fixed shapes (segment ids bounded by N)."""
-        cls, local = route_to_shard(labels, self.start, self.num_local)
+        cls, local = route_to_block(labels, self.start, self.num_local)
         cls, order = torch.sort(cls, stable=True)         # stable: batch order inside a class
         new = torch.ones_like(cls, dtype=torch.bool)
         new[1:] = cls[1:] != cls[:-1]
@@ -231,7 +232,7 @@ class LeapState(torch.nn.Module):
     def batch_std(self, labels: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         """std of every sample's feature cloud, [N] replicated: the owner fills its rows, zeros
         elsewhere, and one all-reduce (sum) of this global-batch vector completes it."""
-        cls, local = route_to_shard(labels, self.start, self.num_local)
+        cls, local = route_to_block(labels, self.start, self.num_local)
         std = self.class_std[cls] * local
         if group is not None and dist.get_world_size(group) > 1:    # a 1-rank sum is a no-op
             dist.all_reduce(std, op=dist.ReduceOp.SUM, group=group)
@@ -269,15 +270,16 @@ class LeapState(torch.nn.Module):
         return out
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def export(self) -> Dict[str, torch.Tensor]:
-        """Per-class tensors without the scratch slot (rows = owned classes), on CPU."""
+    def snapshot(self) -> Dict[str, torch.Tensor]:
+        """Per-class tensors without the scratch slot (rows = owned classes), on CPU, for the
+        classifier's checkpoint state (not an export: that word is the backbone file's)."""
         out = {key: getattr(self, key)[:-1].cpu().clone() for key in ROW_KEYS}
         out[RAGGED_KEY] = self.memory[:-1].cpu().clone()
         out[SIZE_KEY] = self.mem_size[:-1].cpu().clone()
         return out
 
     def load(self, state: Dict[str, torch.Tensor], globals_: torch.Tensor, where: str) -> None:
-        """Inverse of export; `where` names the checkpoint in errors."""
+        """Inverse of snapshot; `where` names the checkpoint in errors."""
         size = state[SIZE_KEY].to(self.mem_size.device)
         if size.shape != self.mem_size[:-1].shape or not torch.equal(size, self.mem_size[:-1]):
             raise ValueError(f"{where}: LEAP memory sizes differ from this run's (class counts or "

@@ -19,7 +19,7 @@ and `facetrain.optim.SampledRowSGD` updates only them.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from facetrain.heads.leap import GLOBALS, RAGGED_KEY, ROW_KEYS, SIZE_KEY, LeapSt
 from facetrain.heads.margins import StepInputs, margin_logits
 from facetrain.heads.noise import noise_keys
 from facetrain.heads.partition import (check_contiguous, class_range, logit_column,
-                                        partition_bounds, reshard_tree, route_to_shard)
+                                        partition_bounds, reshard_optimizer_state, reshard_tree,
+                                        route_to_block)
 
 FORMAT = "facetrain.partial_fc/1"
 _INIT_CHUNK = 1 << 16
@@ -198,7 +199,7 @@ class PartialFC(torch.nn.Module):
     def shard_logits(self, emb: torch.Tensor, lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scaled logits of this rank's block for the gathered batch: ([N, C_s] fp32, target
         column [N], is_local [N]). C_s = C_local, or k sampled rows in training with sampling."""
-        row, local = route_to_shard(lab, self.start, self.num_local)
+        row, local = route_to_block(lab, self.start, self.num_local)
         col = logit_column(row, local)
         weight = self.weight
         sampled = self.training and self.head_cfg.sample_rate < 1.0
@@ -298,7 +299,7 @@ class PartialFC(torch.nn.Module):
                  # The margin kind's running statistics: replicated, copied as is by reshard.
                  "margin_kind": self.head_cfg.margin.kind, "margin": self.margin.state_dict()}
         if self.leap is not None:
-            state["leap"] = self.leap.export()
+            state["leap"] = self.leap.snapshot()
             state["leap_globals"] = self.leap.globals.cpu().clone()
         return state
 
@@ -339,6 +340,28 @@ class PartialFC(torch.nn.Module):
                  "leap": leap[r], "leap_globals": states[0]["leap_globals"].clone(),
                  "world_size": world_size, "rng": states[r].get("rng") if same else None}
                 for r in range(world_size)]
+
+    # The optimizer over this shard's rows is the engine's, but its state's layout is the
+    # head's: a per-class row block of each parameter, re-split by class like the rows.
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> Dict[str, Any]:
+        """`opt`'s state with what re-splitting it needs: each parameter's dim-0 size and this
+        shard's class block (the keys every checkpoint has had)."""
+        return {"head_optim": opt.state_dict(),
+                "head_param_rows": [p.shape[0] for p in self.parameters()],
+                "class_range": (int(self.start), int(self.end))}
+
+    def load_optimizer_state(self, opt: torch.optim.Optimizer, parts: Sequence[Dict[str, Any]],
+                             world_size: int) -> None:
+        """Load into `opt` the `optimizer_state` parts saved by len(parts) ranks: this rank's
+        own part on the same world size (`parts` may be lazy), else every part re-split by
+        class (`partition.reshard_optimizer_state`)."""
+        if world_size != self.ctx.world_size:
+            raise ValueError(f"PartialFC.load_optimizer_state: world_size={world_size} but this "
+                             f"head is one of {self.ctx.world_size} shards")
+        if len(parts) == world_size:
+            opt.load_state_dict(parts[self.ctx.rank]["head_optim"])
+        else:
+            opt.load_state_dict(reshard_optimizer_state(list(parts), world_size)[self.ctx.rank])
 
     def _load_own_state(self, state: Dict) -> None:
         """Load a state made for this rank's class range."""

@@ -6,7 +6,7 @@ checkpoints, which is what lets `reshard` move any N shards to M shards.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -29,12 +29,12 @@ def class_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]
     return b[rank], b[rank + 1]
 
 
-def route_to_shard(labels: torch.Tensor, start: int, num_local: int
+def route_to_block(labels: torch.Tensor, start: int, num_local: int
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(row [N], is_local [N]) of global class ids `labels` [N] in the block [start, start +
     num_local): the row of each local class, and for a class owned elsewhere ("not mine") always
     num_local, one past the block: the scratch row the per-class buffers keep for it. Fixed
-    shapes, no host sync: samples of other shards are routed, not filtered out; every reader
+    shapes, no host sync: samples of other blocks are routed, not filtered out; every reader
     masks them with is_local."""
     local = (labels >= start) & (labels < start + num_local)
     return torch.where(local, labels - start, torch.full_like(labels, num_local)), local
@@ -96,3 +96,54 @@ def reshard_tree(states: Sequence[Dict], bounds: Sequence[int], keys_rows: Seque
         for r, t in enumerate(split_ragged(flat, sizes, bounds)):
             outs[r][key] = t
     return outs
+
+
+def reshard_optimizer_state(parts: Sequence[Dict[str, Any]], world_size: int
+                            ) -> List[Dict[str, Any]]:
+    """Re-split a classifier optimizer's state, saved per rank, into `world_size` class blocks.
+
+    Each part is what `PartialFC.optimizer_state` saved: `head_optim` (a torch optimizer
+    state_dict), `head_param_rows` (dim-0 size of each head parameter) and `class_range`
+    (start, end). A state tensor whose dim 0 is its parameter's class count in every part is a
+    per-class row block (SGD momentum, Adam moments) and moves with its classes through
+    `reshard_tree`, as the rows and the LEAP state do; anything else (Adam's step counter) is
+    taken from the part of the first class block. Parts may come in any order.
+    """
+    if not parts:
+        raise ValueError("reshard_optimizer_state: no optimizer states given; pass every rank's "
+                         "saved classifier optimizer state")
+    parts = sorted(parts, key=lambda s: s["class_range"][0])
+    ranges = [tuple(s["class_range"]) for s in parts]
+    check_contiguous(ranges, ranges[-1][1])
+    bounds = partition_bounds(ranges[-1][1], world_size)
+    first = parts[0]["head_optim"]
+    flat: List[Dict[str, torch.Tensor]] = [{} for _ in parts]
+    rest: Dict[Tuple[int, str], Any] = {}
+    for idx in range(len(parts[0]["head_param_rows"])):
+        names = sorted({n for s in parts for n in s["head_optim"]["state"].get(idx, {})})
+        for name in names:
+            vals = [s["head_optim"]["state"].get(idx, {}).get(name) for s in parts]
+            if all(_is_row_block(v, s["head_param_rows"][idx], s["class_range"])
+                   for v, s in zip(vals, parts)):
+                for f, v in zip(flat, vals):
+                    f[f"{idx}/{name}"] = v
+            else:
+                rest[(idx, name)] = first["state"].get(idx, {}).get(name)
+    blocks = reshard_tree(flat, bounds, list(flat[0]), {})
+    outs = []
+    for block in blocks:
+        state: Dict[int, Dict[str, Any]] = {}
+        for key, val in block.items():
+            idx, name = key.split("/", 1)
+            state.setdefault(int(idx), {})[name] = val
+        for (idx, name), val in rest.items():
+            state.setdefault(idx, {})[name] = val
+        outs.append({"state": {i: dict(sorted(e.items())) for i, e in sorted(state.items())},
+                     "param_groups": first["param_groups"]})
+    return outs
+
+
+def _is_row_block(value: Any, rows: int, block: Tuple[int, int]) -> bool:
+    """True for a tensor with one row per class of its parameter's class block."""
+    return (torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows
+            and rows == block[1] - block[0])

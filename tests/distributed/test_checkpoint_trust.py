@@ -44,7 +44,7 @@ def test_resume_from_a_crafted_checkpoint_runs_nothing(tmp_path):
     path = ckpt.find_latest(out / "checkpoints")
     # A checkpoint of the previous format (numpy's RNG state as a pickled tuple with a uint32
     # array, the only non-plain value it held) still resumes, with the same numpy stream.
-    shard = ckpt.load_shard(path, 0)
+    shard = ckpt.load_rank_file(path, 0)
     new = shard["rng"]["numpy"]
     shard["rng"]["numpy"] = ("MT19937", new["key"].numpy().astype(np.uint32), new["pos"],
                              new["has_gauss"], new["gauss"])
@@ -98,7 +98,7 @@ def _rank1_disk_full(ctx, root: str) -> None:
     if ctx.is_main:
         assert sorted(p.name for p in root.iterdir()) == ["ckpt_step5", "latest"]
         assert ckpt.resolve_resume("auto", root) == root / "ckpt_step5"
-        assert ckpt.load_shard(root / "ckpt_step5", 1)["w"].tolist() == [1.0, 1.0, 1.0]
+        assert ckpt.load_rank_file(root / "ckpt_step5", 1)["w"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_disk_full_on_one_rank_abandons_the_checkpoint_everywhere(tmp_path):

@@ -28,7 +28,7 @@ def test_init_from_checkpoint_then_resume(tmp_path):
         assert torch.equal(v, saved["backbone"][k]), k
     fresh = Trainer(tiny_config(rec, tmp_path / "fresh", base), one)
     assert torch.equal(t.head.weight, fresh.head.weight)     # a fresh classifier, as a new run
-    assert not torch.equal(t.head.weight, ckpt.load_shard(src, 0)["head"]["weight"])
+    assert not torch.equal(t.head.weight, ckpt.load_rank_file(src, 0)["head"]["weight"])
     fresh.fit(stop_after=0)
 
     t.fit(stop_after=2)

@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 
 from _helpers import run_spawn
+from facetrain.build.writer import write_insightface_dataset
 from facetrain.config import DataConfig
 from facetrain.data import build_train_loader
 from facetrain.data.base import epoch_indices
-from facetrain.data.dataset import write_insightface_dataset
 
 N_IMAGES = 27            # uneven: 13.5 per rank -> 13 -> 4 batches of 3
 

@@ -58,7 +58,7 @@ def _assert_same_model(backbone, head, ref_backbone, ref_head):
 def _check_saved_shards_loaded(trainer: Trainer, src: Path) -> None:
     """After a resume on another world size, this rank holds the saved rows of its classes:
     classifier weights, LEAP centres and optimizer momentum."""
-    shards = [ckpt.load_shard(src, r) for r in range(ckpt.read_meta(src)["world_size"])]
+    shards = [ckpt.load_rank_file(src, r) for r in range(ckpt.read_meta(src)["world_size"])]
     a, b = trainer.head.start, trainer.head.end
     full_w = torch.cat([s["head"]["weight"] for s in shards])
     torch.testing.assert_close(trainer.head.weight.detach(), full_w[a:b])

@@ -19,7 +19,7 @@ def make_tiny_rec(folder: Path, counts: Sequence[int] = COUNTS, seed: int = 0) -
     """Write `folder/train.rec/.idx/property` (InsightFace layout) with the project's writer:
     each class is a fixed random 4x4 colour pattern, upscaled, plus per-image noise. Returns the
     prefix to put in data.rec."""
-    from facetrain.data.dataset import write_insightface_dataset
+    from facetrain.build.writer import write_insightface_dataset
 
     rng = np.random.RandomState(seed)
     items = []

@@ -22,8 +22,8 @@ from facetrain.data.dataset import RecordDataset  # noqa: E402
 from facetrain.eval.ijbc import read_meta  # noqa: E402
 from facetrain.eval.megaface import read_list  # noqa: E402
 from facetrain.eval.verification import load_pack  # noqa: E402
-from facetrain.glyphs import build  # noqa: E402
-from facetrain.glyphs.fonts import FONT_PACKAGES, find_font_files  # noqa: E402
+from glyph_benchmark import build  # noqa: E402
+from glyph_benchmark.fonts import FONT_PACKAGES, find_font_files  # noqa: E402
 from test_data_tools_faults import run_and_terminate  # noqa: E402
 
 # 11 designs plus twins: ipagp (proportional) and the extra faces of the .ttc collections.
@@ -182,7 +182,7 @@ STOPPED_CHILD = """
 import sys, time
 sys.path.insert(0, "data_tools")
 import build_glyphs
-from facetrain.glyphs import eval_sets
+from glyph_benchmark import eval_sets
 
 def stalled(*args, **kwargs):
     print("WRITING", flush=True)      # train.rec is written, eval.partial is half written
@@ -196,7 +196,7 @@ def test_sigterm_leaves_no_partial_set_and_no_manifest(font_root, built, tmp_pat
     """A rebuild stopped by SIGTERM: exit 143 with one line, its scratch folder gone, and no
     manifest, so the set is not taken for finished (the main job rebuilds it); the next run
     writes the same bytes as an uninterrupted build."""
-    from facetrain.glyphs.large import is_built
+    from glyph_benchmark.large import is_built
     out = tmp_path / "g"
     args = ["--out", str(out), "--font-roots", str(font_root), *ARGS, "--jobs", "1"]
     assert build_glyphs.main(args) == 0 and is_built(out)

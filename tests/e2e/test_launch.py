@@ -110,6 +110,18 @@ def test_config_errors_and_missing_data(tmp_path):
     proc = _launch(["data.rec="], cwd=tmp_path)
     assert proc.returncode == 2 and "data.rec is not set" in proc.stderr
     assert "build_glyphs.py" in proc.stderr
+    # Nor has train.output_dir: the program names the field and its flag; the library the field.
+    proc = _launch(["train.output_dir="], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "train.output_dir is not set" in proc.stderr and "--output-dir PATH" in proc.stderr
+    from facetrain.config import Config
+    from facetrain.dist import single_process
+    from facetrain.trainer import Trainer
+
+    assert Config().train.output_dir == ""
+    with pytest.raises(ConfigError, match=r"^train\.output_dir is not set: give the run folder "
+                                          r"\(train\.output_dir=PATH\)$"):
+        Trainer(Config(), single_process())
 
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))

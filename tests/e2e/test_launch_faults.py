@@ -102,7 +102,7 @@ def test_corrupt_record_is_one_message_before_training(tmp_path):
 def test_skipped_images_are_in_the_run_log(tmp_path):
     """With data.skip_bad_images=true an undecodable image is replaced, and the warning reaches
     log.txt (not only the console)."""
-    from facetrain.data.writer import write_insightface_dataset
+    from facetrain.build.writer import write_insightface_dataset
     import cv2
     import numpy as np
 
@@ -157,7 +157,7 @@ def test_fewer_classes_than_ranks_is_one_message(tmp_path):
 
 
 def test_warnings_of_every_rank_reach_the_run_log(tmp_path):
-    from facetrain.data.writer import write_insightface_dataset
+    from facetrain.build.writer import write_insightface_dataset
 
     (tmp_path / "data").mkdir()
     write_insightface_dataset(tmp_path / "data" / "train",
@@ -180,7 +180,7 @@ def test_warnings_of_every_rank_reach_the_run_log(tmp_path):
 def test_bad_image_during_training_is_one_message_without_a_peer_traceback(tmp_path):
     """An undecodable image found mid-training (not skipped) stops the run: the rank that read
     it names the record; its peer's "Connection closed by peer" is not shown."""
-    from facetrain.data.writer import write_insightface_dataset
+    from facetrain.build.writer import write_insightface_dataset
 
     (tmp_path / "data").mkdir()
     write_insightface_dataset(tmp_path / "data" / "train",

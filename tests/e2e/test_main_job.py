@@ -22,8 +22,9 @@ TRAIN = ["train.epochs=2", "schedule.cycle_epochs=1", "leap.start_epoch=1", "dat
 
 def test_reduced_main_job_end_to_end(tmp_path):
     out, glyphs = tmp_path / "runs", tmp_path / "data" / "glyphs"
-    cmd = [sys.executable, "launch/main_job.py", "--out", str(out), "--glyphs", str(glyphs),
-           "--build-args", BUILD, "--methods", "cosface,leap_full,uniform_control", "--head", "10",
+    cmd = [sys.executable, "-m", "experiments.main_job", "--out", str(out),
+           "--glyphs", str(glyphs), "--build-args", BUILD,
+           "--methods", "cosface,leap_full,uniform_control", "--head", "10",
            "--tail-samples", "3", *TRAIN]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -78,8 +79,8 @@ def test_reduced_main_job_end_to_end(tmp_path):
     # the study tables tool reads the same folder: paired differences and the variance table
     plot = tmp_path / "paired.png"
     strength = tmp_path / "strength.png"
-    tables = subprocess.run([sys.executable, "launch/study_tables.py", str(out), "--plot",
-                             str(plot), "--plot-strength", str(strength)], cwd=REPO,
+    tables = subprocess.run([sys.executable, "-m", "experiments.study_tables", str(out),
+                             "--plot", str(plot), "--plot-strength", str(strength)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0, tables.stderr[-2000:]
     assert "Paired difference to cosface" in tables.stdout

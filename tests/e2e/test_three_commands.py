@@ -21,10 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "data_tools"))
 import build_glyphs  # noqa: E402
 
+from facetrain.build.longtail import make_longtail  # noqa: E402
 from facetrain.data.dataset import RecordDataset  # noqa: E402
-from facetrain.data.longtail import make_longtail  # noqa: E402
-from facetrain.glyphs.fonts import find_font_files  # noqa: E402
-from facetrain.glyphs.large import CLASSES_ENV, FONT_ROOTS_ENV  # noqa: E402
+from glyph_benchmark.fonts import find_font_files  # noqa: E402
+from glyph_benchmark.large import CLASSES_ENV, FONT_ROOTS_ENV  # noqa: E402
 
 # Eight distinct designs among the smaller installed CJK fonts (scripts/setup.sh --fonts).
 FONTS = ["ipag.ttf", "ipam.ttf", "VL-Gothic-Regular.ttf", "umeplus-gothic.ttf", "Konatu.ttf",

@@ -41,8 +41,8 @@ def _folders(root: Path, counts, seed: int):
 
 
 def test_mxnet_reads_merge_rec_output(tmp_path):
-    from facetrain.data.folders import folders_to_rec
-    from facetrain.data.merge import merge_datasets
+    from facetrain.build.folders import folders_to_rec
+    from facetrain.build.merge import merge_datasets
 
     a = _folders(tmp_path / "fa", [2, 3], 0)
     b = _folders(tmp_path / "fb", [1, 2], 1)
@@ -63,7 +63,7 @@ def test_mxnet_reads_merge_rec_output(tmp_path):
 
 
 def test_insightface_loader_reads_make_pack_output(tmp_path):
-    from facetrain.data.packs import make_pack
+    from facetrain.build.packs import make_pack
 
     rng = np.random.default_rng(0)
     rows = []

@@ -209,8 +209,8 @@ def facetrain_outputs(tmp_path_factory):
     """A folders_to_rec dataset from PNG folders and a make_longtail subset of it, each read by
     mxnet once. -> (tmp dir, source arrays per class, mxnet's dump of both)."""
     import cv2
-    from facetrain.data.folders import folders_to_rec
-    from facetrain.data.longtail import make_longtail
+    from facetrain.build.folders import folders_to_rec
+    from facetrain.build.longtail import make_longtail
 
     tmp = tmp_path_factory.mktemp("ft")
     rng = np.random.default_rng(0)

@@ -10,10 +10,10 @@ import matplotlib
 import numpy as np
 import pytest
 
-from facetrain.data import align
-from facetrain.data.align import ARCFACE_TEMPLATE_112, align_face, similarity_transform
-from facetrain.data.align_folder import REPORT, align_folder
-from facetrain.data.landmarks import read_landmarks_file
+from facetrain.build import align
+from facetrain.build.align import ARCFACE_TEMPLATE_112, align_face, similarity_transform
+from facetrain.build.align_folder import REPORT, align_folder
+from facetrain.build.landmarks import read_landmarks_file
 from facetrain.eval import ijbc
 from test_data_tools import tool
 
@@ -161,7 +161,7 @@ def test_help_has_an_example(capsys):
 
 @pytest.fixture(scope="module")
 def detector():
-    from facetrain.data.landmarks import DlibDetector
+    from facetrain.build.landmarks import DlibDetector
     return DlibDetector()
 
 
@@ -192,7 +192,7 @@ def test_detector_on_a_real_photograph(detector, tmp_path):
 
 
 def test_align_faces_with_the_detector(detector, tmp_path):
-    from facetrain.data.align_folder import Aligner
+    from facetrain.build.align_folder import Aligner
 
     photo = cv2.imread(str(PHOTO))
     src = tmp_path / "photos"

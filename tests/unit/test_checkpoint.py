@@ -17,7 +17,7 @@ import torch
 from facetrain import checkpoint as ckpt
 from facetrain import export
 from facetrain.dist import single_process
-from facetrain.engines import reshard_optimizer_state
+from facetrain.heads.partition import reshard_optimizer_state
 
 
 def _save(root, step, keep=2):
@@ -38,7 +38,7 @@ def test_save_publishes_atomically_and_keeps_last(tmp_path):
         data = (path / name).read_bytes()
         assert meta["digests"][name] == {"bytes": len(data), "crc32": zlib.crc32(data)}
     assert ckpt.load_replicated(path)["step"] == 15
-    assert ckpt.load_shard(path, 0)["x"].item() == 15
+    assert ckpt.load_rank_file(path, 0)["x"].item() == 15
     # A crash mid-write leaves a temp folder and maybe a folder without meta.json: both ignored.
     (root / ".tmp_ckpt_step20").mkdir()
     (root / "ckpt_step25").mkdir()
@@ -60,7 +60,7 @@ def test_resolve_resume(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint.*resume=none"):
         ckpt.resolve_resume(str(tmp_path / "nothing"), root)
     with pytest.raises(ckpt.CheckpointError, match="lacks rank00001.pt"):
-        ckpt.load_shard(path, 1)
+        ckpt.load_rank_file(path, 1)
 
 
 @pytest.mark.parametrize("damage", ["truncate_replicated", "truncate_rank", "flip_rank_byte",
@@ -121,16 +121,25 @@ def test_optimizer_rows_move_with_their_classes(name):
     shards = [_shard_opt_state(name, 4, 0, 1), _shard_opt_state(name, 3, 4, 2)]   # 7 classes
     keys = ["momentum_buffer"] if name == "sgd" else ["exp_avg", "exp_avg_sq"]
     full = {k: torch.cat([s["head_optim"]["state"][0][k] for s in shards]) for k in keys}
-    for new_range in [(0, 3), (3, 5), (5, 7), (0, 7)]:        # 2 -> 3 ranks, and 2 -> 1
-        out = reshard_optimizer_state(shards[::-1], new_range)   # any order in
-        for k in keys:
-            torch.testing.assert_close(out["state"][0][k], full[k][slice(*new_range)])
-        if name == "adam":                          # the step counter is not a row block
-            assert float(out["state"][0]["step"]) == 2.0
-        w = torch.nn.Parameter(torch.zeros(new_range[1] - new_range[0], 4))
-        opt = torch.optim.SGD([w], lr=0.1, momentum=0.9) if name == "sgd" else \
-            torch.optim.Adam([w], lr=0.1)
-        opt.load_state_dict(out)                    # loadable as is
+    ranges = {3: [(0, 3), (3, 5), (5, 7)], 1: [(0, 7)]}          # 2 -> 3 ranks, and 2 -> 1
+    for world_size, blocks in ranges.items():
+        outs = reshard_optimizer_state(shards[::-1], world_size)  # any order in
+        assert len(outs) == world_size
+        for new_range, out in zip(blocks, outs):
+            _check_resharded(name, keys, full, new_range, out)
+
+
+def _check_resharded(name, keys, full, new_range, out):
+    """One re-split block holds its classes' rows of the whole state, and an optimizer over
+    that block loads it as is."""
+    for k in keys:
+        torch.testing.assert_close(out["state"][0][k], full[k][slice(*new_range)])
+    if name == "adam":                          # the step counter is not a row block
+        assert float(out["state"][0]["step"]) == 2.0
+    w = torch.nn.Parameter(torch.zeros(new_range[1] - new_range[0], 4))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9) if name == "sgd" else \
+        torch.optim.Adam([w], lr=0.1)
+    opt.load_state_dict(out)                    # loadable as is
 
 
 def test_rng_state_roundtrip(tmp_path):
@@ -196,7 +205,7 @@ def test_crafted_checkpoint_runs_nothing_and_is_refused(tmp_path, target):
     _reseal(path)
     assert ckpt.resolve_resume("auto", root) == path       # sizes and CRCs are valid
     loader = ckpt.load_replicated if target == "replicated.pt" else \
-        (lambda p: ckpt.load_shard(p, 0))
+        (lambda p: ckpt.load_rank_file(p, 0))
     with pytest.raises(ckpt.CheckpointError) as info:
         loader(path)
     assert not marker.exists()

@@ -121,7 +121,7 @@ def test_library_advice_becomes_commands_and_flags():
     assert for_command_line(msg) == ("x.idx is stale; rebuild it with `python "
                                      "data_tools/rebuild_index.py '/d/my data/train.rec'` or set "
                                      "data.rebuild_index=true")
-    assert for_command_line("resize them, e.g. facetrain.data.align_folder.align_folder") == \
+    assert for_command_line("resize them, e.g. facetrain.build.align_folder.align_folder") == \
         "resize them, e.g. `python data_tools/align_faces.py`"
     p = argparse.ArgumentParser()
     p.add_argument("--tail-samples", type=int)

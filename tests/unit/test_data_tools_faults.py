@@ -85,7 +85,7 @@ def test_make_longtail_refuses_a_non_empty_output_without_overwrite(tmp_path, ca
 
 
 def test_overwrite_says_what_it_replaces(tmp_path, caplog):
-    from facetrain.data.longtail import make_longtail
+    from facetrain.build.longtail import make_longtail
 
     src, _ = make_dataset(tmp_path / "src", COUNTS)
     out = tmp_path / "out"
@@ -207,7 +207,7 @@ def test_folders_to_rec_and_rebuild_index_disk_full(tmp_path, capsys, monkeypatc
     assert f"cannot write the dataset {prefix}: No space left on device" in msg
     assert not (tmp_path / "out").exists()
     monkeypatch.undo()
-    from facetrain.data import output
+    from facetrain.build import output
 
     budget = [10]                                   # labels.csv, written before the dataset
     monkeypatch.setattr(output, "open", lambda *a, **k: FullDisk(open(*a, **k), budget),
@@ -230,7 +230,13 @@ def test_folders_to_rec_and_rebuild_index_disk_full(tmp_path, capsys, monkeypatc
 # --- SIGTERM mid-write ----------------------------------------------------------------------
 
 def test_sigterm_during_a_commit_waits_for_its_end():
-    from facetrain.data.interrupt import Terminated, signals_deferred, sigterm_raises
+    from test_data_tools import TOOLS
+
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    from _interrupt import Terminated, sigterm_raises
+
+    from facetrain.build.writer import signals_deferred
 
     done = []
     with pytest.raises(Terminated) as ei:

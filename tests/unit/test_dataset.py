@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
+from facetrain.build.writer import write_insightface_dataset
 from facetrain.data import dataset as dsmod
 from facetrain.data import recordio as rio
-from facetrain.data.dataset import RecordDataset, write_insightface_dataset
+from facetrain.data.dataset import RecordDataset
 from facetrain.data.errors import DatasetError
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"

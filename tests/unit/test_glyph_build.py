@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from facetrain.glyphs.build import (BuildSettings, GlyphBuildError, candidate_order, class_name,
+from glyph_benchmark.build import (BuildSettings, GlyphBuildError, candidate_order, class_name,
                                     training_designs)
-from facetrain.glyphs.fonts import FontFace
+from glyph_benchmark.fonts import FontFace
 
 
 TOOLS = Path(__file__).resolve().parents[2] / "data_tools"
@@ -83,7 +83,7 @@ def test_settings_errors_name_the_setting_and_the_cli_the_flag(kw, msg, flag_msg
 @pytest.mark.parametrize("enumerate_up_to", [10 ** 9, 0])   # list all pairs / rejection sampling
 def test_template_pairs(monkeypatch, enumerate_up_to):
     import numpy as np
-    from facetrain.glyphs import eval_sets
+    from glyph_benchmark import eval_sets
     monkeypatch.setattr(eval_sets, "ENUMERATE_PAIRS_UP_TO", enumerate_up_to)
     cls = np.repeat(np.arange(6), 3)                       # 6 classes x 3 templates
     pairs = eval_sets._template_pairs(cls, 40, np.random.default_rng(0))
@@ -103,7 +103,7 @@ def test_train_only_settings():
 
 
 def test_large_settings_and_environment_overrides(tmp_path):
-    from facetrain.glyphs import large
+    from glyph_benchmark import large
     s = large.large_settings(tmp_path / "big", environ={})
     assert (s.train_classes, s.min_designs, s.train_only) == (16000, 5, True)
     assert s.out == str(tmp_path / "big") and s.font_roots == ("/usr/share/fonts",)
@@ -116,7 +116,7 @@ def test_large_settings_and_environment_overrides(tmp_path):
 
 
 def test_ensure_large_set_skips_built_and_refuses_foreign_folder(tmp_path):
-    from facetrain.glyphs import large
+    from glyph_benchmark import large
     root = tmp_path / "glyphs_large"
     root.mkdir()
     (root / "notes.txt").write_text("mine")
@@ -129,7 +129,7 @@ def test_ensure_large_set_skips_built_and_refuses_foreign_folder(tmp_path):
 
 
 def test_failed_large_build_leaves_nothing(tmp_path):
-    from facetrain.glyphs import large
+    from glyph_benchmark import large
     (tmp_path / "nofonts").mkdir()
     env = {large.FONT_ROOTS_ENV: str(tmp_path / "nofonts")}
     with pytest.raises(GlyphBuildError, match="found 0 distinct CJK font designs"):
@@ -138,7 +138,7 @@ def test_failed_large_build_leaves_nothing(tmp_path):
 
 
 def test_excluded_chars_are_never_candidates(monkeypatch):
-    from facetrain.glyphs import build
+    from glyph_benchmark import build
     monkeypatch.setattr(build, "render_chars", lambda designs, chars, *a: {
         c: [(d, None) for d, f in enumerate(designs) if ord(c) in f.coverage] for c in chars})
     s = BuildSettings(out="unused", train_classes=4, eval_classes=0, distractor_classes=0, min_designs=2,
@@ -150,7 +150,7 @@ def test_excluded_chars_are_never_candidates(monkeypatch):
 
 def test_held_out_chars_read_from_the_manifest(tmp_path):
     import json
-    from facetrain.glyphs.large import held_out_chars
+    from glyph_benchmark.large import held_out_chars
     assert held_out_chars(tmp_path) == ""
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"eval": {"classes": "\u4e00\u4e01"}, "distractors": {"classes": "\u4e02"}}))

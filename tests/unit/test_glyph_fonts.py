@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from facetrain.glyphs import fonts
-from facetrain.glyphs.fonts import PROBE_CHARS, discover_faces, read_faces, select_designs
+from glyph_benchmark import fonts
+from glyph_benchmark.fonts import PROBE_CHARS, discover_faces, read_faces, select_designs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glyph_fonts_synth import design, make_font  # noqa: E402

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from facetrain.glyphs import render
-from facetrain.glyphs.eval_sets import ARCFACE_TEMPLATE_112, encode_jpeg, loose_crop
-from facetrain.glyphs.fonts import PROBE_CHARS, find_font_files, read_faces
+from glyph_benchmark import render
+from glyph_benchmark.eval_sets import ARCFACE_TEMPLATE_112, encode_jpeg, loose_crop
+from glyph_benchmark.fonts import PROBE_CHARS, find_font_files, read_faces
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glyph_fonts_synth import design, make_font  # noqa: E402

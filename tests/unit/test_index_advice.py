@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from facetrain.build.writer import write_insightface_dataset
 from facetrain.config import load_config
 from facetrain.data import recordio as rio
-from facetrain.data.dataset import RecordDataset, write_insightface_dataset
+from facetrain.data.dataset import RecordDataset
 from facetrain.data.errors import DatasetError
 from test_data_tools import tool
 from test_dataset import image_bytes, make_dataset

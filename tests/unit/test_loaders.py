@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from facetrain.build.writer import write_insightface_dataset
 from facetrain.config import DataConfig
 from facetrain.data import build_train_loader
-from facetrain.data.dataset import write_insightface_dataset
 from facetrain.data.errors import DatasetError
 from facetrain.dist import DistContext
 

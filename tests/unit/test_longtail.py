@@ -3,9 +3,9 @@ import csv
 import numpy as np
 import pytest
 
+from facetrain.build.longtail import make_longtail, rank_classes, select_classes
 from facetrain.data import recordio as rio
 from facetrain.data.dataset import RecordDataset
-from facetrain.data.longtail import make_longtail, rank_classes, select_classes
 from test_dataset import make_dataset, make_im2rec
 
 COUNTS = [3, 8, 5, 8, 2, 6, 4, 1]     # classes 1 and 3 tie at 8

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from facetrain.build.longtail import make_longtail
+from facetrain.build.merge import merge_datasets
 from facetrain.data.dataset import RecordDataset
-from facetrain.data.longtail import make_longtail
-from facetrain.data.merge import merge_datasets
 from test_dataset import image_bytes, make_dataset, make_im2rec
 from test_data_tools import tool
 

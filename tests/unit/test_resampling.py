@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from facetrain.build.writer import write_insightface_dataset
 from facetrain.config import ConfigError, DataConfig, load_config
 from facetrain.data import build_train_loader
-from facetrain.data.dataset import write_insightface_dataset
 from facetrain.data.resampling import (class_repeat_factors, plan_size, repeat_factor_epoch,
                                        repeat_factor_rank_indices)
 from facetrain.dist import DistContext

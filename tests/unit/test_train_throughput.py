@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _load():
+    if str(REPO / "benchmarks") not in sys.path:     # as `python benchmarks/x.py` runs it: its
+        sys.path.insert(0, str(REPO / "benchmarks"))  # folder first, for classifier_bench
     spec = importlib.util.spec_from_file_location("train_throughput",
                                                   REPO / "benchmarks" / "train_throughput.py")
     mod = importlib.util.module_from_spec(spec)

@@ -3,7 +3,7 @@ files a package installs (never downloaded at run time).
 
 Landmarks file (InsightFace's layout, e.g. IJB-C's name_5pts_score.txt): one line per image,
 `name x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 [score]`, name relative to the image folder, points in the
-template's order (facetrain.data.align).
+template's order (facetrain.build.align).
 
 Detector: dlib's HOG frontal face detector (built into dlib) and its 68-point shape predictor
 from the `face-recognition-models` package (`pip install 'facetrain[align]'`, which pins

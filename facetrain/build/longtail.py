@@ -20,6 +20,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from facetrain.build.output import check_output_folder, removed_if_failed, write_text_tmp
+from facetrain.build.writer import relabel_framed, write_insightface_dataset
 from facetrain.data import recordio as rio
 from facetrain.data.cache import cache_path_for, commit_memmap, load_cached_mmap, \
     memmap_for_writing
@@ -28,8 +30,6 @@ from facetrain.data.dataset import (PROPERTY, ShardFiles, label_cache_stamp,
                                     resolve_shards)
 from facetrain.data.errors import DatasetError
 from facetrain.data.framing import check_framing_streaming
-from facetrain.data.output import check_output_folder, removed_if_failed, write_text_tmp
-from facetrain.data.writer import relabel_framed, write_insightface_dataset
 
 log = logging.getLogger(__name__)
 DEFAULT_TAIL_SAMPLES = 5     # the paper's S

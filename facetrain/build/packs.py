@@ -183,7 +183,7 @@ def _load_images(pairs: List[Pair], root: Path, source: Path,
         elif arr.shape[:2] != shape:
             raise PairsError(f"{root / q} is {arr.shape[0]}x{arr.shape[1]} but {root / shape_of} "
                              f"is {shape[0]}x{shape[1]}; a pack holds images of one size (align "
-                             "or resize them first, e.g. facetrain.data.align_folder.align_folder)")
+                             "or resize them first, e.g. facetrain.build.align_folder.align_folder)")
         data[q] = raw
     return data, tuple(shape)
 

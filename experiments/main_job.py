@@ -2,8 +2,8 @@
 LEAP with torchrun (classifier sharded over the processes), evaluate every run on every
 protocol, and write one report with plots. Finished runs are reused when started again.
 
-    python launch/main_job.py                 # CosFace, LEAP full, matched uniform and shuffled controls, seed 0
-    python launch/main_job.py --methods cosface,leap_full,leap_vanilla,uniform_control,shuffled_control \
+    python -m experiments.main_job                 # CosFace, LEAP full, matched uniform and shuffled controls, seed 0
+    python -m experiments.main_job --methods cosface,leap_full,leap_vanilla,uniform_control,shuffled_control \
         --seeds 0,1,2 --out runs/study                          # the study in the README
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if not __package__:     # run as a file: the harness package is not importable that way
+    sys.exit("run it from the repository root as: python -m experiments.main_job ...")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from experiments.jobs import BASELINE, JobSettings, ensure_data, train
     from experiments.evaluation import evaluate_run, write_job_report
 

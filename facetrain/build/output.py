@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence
 
+from facetrain.build.writer import dataset_files
 from facetrain.data import recordio as rio
-from facetrain.data.writer import dataset_files
 
 
 class OutputError(ValueError):

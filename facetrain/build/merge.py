@@ -16,13 +16,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from facetrain.build.longtail import StreamingSource, probe_shape
+from facetrain.build.output import OutputError, check_output_folder, removed_if_failed, \
+    write_text_tmp
+from facetrain.build.writer import relabel_framed, write_insightface_dataset
 from facetrain.data import recordio as rio
 from facetrain.data.dataset import resolve_shards
 from facetrain.data.errors import DatasetError
-from facetrain.data.longtail import StreamingSource, probe_shape
-from facetrain.data.output import OutputError, check_output_folder, removed_if_failed, \
-    write_text_tmp
-from facetrain.data.writer import relabel_framed, write_insightface_dataset
 
 log = logging.getLogger(__name__)
 OUTPUT_EXTRAS = ("property", "manifest.csv")

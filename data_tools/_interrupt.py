@@ -1,15 +1,16 @@
-"""SIGTERM as an exception, so `finally` blocks and writers' abort paths run.
+"""SIGTERM as an exception for the programs in this folder, so `finally` blocks and the
+library writers' abort paths run, and the one line and exit code a stopped program reports.
 
 Why: by default SIGTERM ends Python at once, and a tool killed mid-write left its hidden
 temporary .rec (possibly GBs) behind. Inside `sigterm_raises()` a SIGTERM raises `Terminated`
-(a SystemExit, so `except Exception` does not swallow it); the tool can then report it.
+(a SystemExit, so `except Exception` does not swallow it); the tool can then report it. (The
+library holds signals only around a commit's renames: `facetrain.build.writer.signals_deferred`.)
 """
 from __future__ import annotations
 
 import signal
-import threading
 from contextlib import contextmanager
-from typing import Iterator, List
+from typing import Iterator
 
 
 class Terminated(SystemExit):
@@ -32,27 +33,6 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGTERM and SIGINT until the block ends (a commit of several renames runs whole);
-    a signal that came meanwhile is then re-raised to the handler that was in place. Handlers
-    (not a signal mask) so that a signal delivered to another thread, e.g. a progress bar's,
-    waits too. Outside the main thread, where handlers cannot be set, nothing is held."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: List[int] = []
-    held = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if pending:
-            signal.raise_signal(pending[0])
 
 
 def stopped_message(tool: str, exc: BaseException, target: object) -> str:

@@ -1,10 +1,10 @@
 """Tables of a glyph study: every method against the baseline, LEAP against the uniform control,
 and head-vs-tail angular variance at equal sample counts, from finished main-job folders.
 
-    python launch/study_tables.py runs/study_B                  # one setting
-    python launch/study_tables.py runs/study_B runs/study_C --md docs/tables.md
+    python -m experiments.study_tables runs/study_B                  # one setting
+    python -m experiments.study_tables runs/study_B runs/study_C --md docs/tables.md
 
-Reads `<method>_seed<k>/eval.json` and `angular_variance.npz` (written by launch/main_job.py);
+Reads `<method>_seed<k>/eval.json` and `angular_variance.npz` (written by experiments/main_job.py);
 differences are paired by seed, in points, mean ± sample std [per seed].
 """
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if not __package__:     # run as a file: the harness package is not importable that way
+    sys.exit("run it from the repository root as: python -m experiments.study_tables ...")
 
 from experiments import evaluation, report  # noqa: E402
 

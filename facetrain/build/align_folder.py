@@ -16,10 +16,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from facetrain.data.align import align_face
-from facetrain.data.folders import IMAGE_EXTS
+from facetrain.build.align import align_face
+from facetrain.build.folders import IMAGE_EXTS
+from facetrain.build.landmarks import DlibDetector, read_landmarks_file
 from facetrain.data.images import decode_bgr
-from facetrain.data.landmarks import DlibDetector, read_landmarks_file
 
 REPORT = "align_report.csv"
 MULTIPLE = ("largest", "skip")

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
-from facetrain.glyphs.build import (MANIFEST, TRAIN_PREFIX, BuildSettings,
+from glyph_benchmark.build import (MANIFEST, TRAIN_PREFIX, BuildSettings,
                                     GlyphBuildError, build)
-from facetrain.glyphs.fonts import FONT_ROOTS
+from glyph_benchmark.fonts import FONT_ROOTS
 
 LARGE_TRAIN_CLASSES = 16000
 LARGE_MIN_DESIGNS = 5
@@ -42,7 +42,7 @@ def held_out_chars(glyphs_root: Path) -> str:
         return "".join(m[part]["classes"] for part in ("eval", "distractors") if m.get(part))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise GlyphBuildError(f"{path} is not a glyph build manifest ({err}); rebuild "
-                              f"{glyphs_root} with facetrain.glyphs.build.build") from None
+                              f"{glyphs_root} with glyph_benchmark.build.build") from None
 
 
 def large_settings(root: Path, environ: Optional[Mapping[str, str]] = None,

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 
-from facetrain.glyphs.render import to_bgr
+from glyph_benchmark.render import to_bgr
 
 ClassImages = Tuple[str, List[Tuple[int, np.ndarray]]]
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import struct
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -16,10 +18,30 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from facetrain.data import recordio as rio
-from facetrain.data.interrupt import signals_deferred
 
 PROPERTY = "property"
 _MAX_FLOAT_KEY = 1 << 24  # InsightFace stores record keys as float32 labels: exact up to 2^24
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block ends (a commit of several renames runs whole);
+    a signal that came meanwhile is then re-raised to the handler that was in place. Handlers
+    (not a signal mask) so that a signal delivered to another thread, e.g. a progress bar's,
+    waits too. Outside the main thread, where handlers cannot be set, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: List[int] = []
+    held = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 class _ShardedWriter:

@@ -18,7 +18,7 @@ from typing import Dict, FrozenSet, Iterable, List, Sequence, Set, Tuple
 import cv2
 import numpy as np
 
-from facetrain.glyphs.render import DesignRenderer
+from glyph_benchmark.render import DesignRenderer
 
 log = logging.getLogger(__name__)
 

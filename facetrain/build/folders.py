@@ -15,9 +15,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from facetrain.build.output import removed_if_failed, write_text_tmp
+from facetrain.build.writer import write_insightface_dataset
 from facetrain.data.images import decode_bgr
-from facetrain.data.output import removed_if_failed, write_text_tmp
-from facetrain.data.writer import write_insightface_dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 FLAT_ID = re.compile(r"^(-?\d+)_")   # Market-1501 / DukeMTMC-reID: PPPP_cCsS_FFFFFF_NN.jpg

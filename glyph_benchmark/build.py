@@ -19,10 +19,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from facetrain.glyphs import eval_sets
-from facetrain.glyphs.fonts import (FONT_PACKAGES, FONT_ROOTS, PROBE_CHARS, DesignChoice,
+from glyph_benchmark import eval_sets
+from glyph_benchmark.fonts import (FONT_PACKAGES, FONT_ROOTS, PROBE_CHARS, DesignChoice,
                                     FontFace, discover_faces, missing_packages, select_designs)
-from facetrain.glyphs.render import render_many
+from glyph_benchmark.render import render_many
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +250,7 @@ def choose_classes(designs: Sequence[FontFace], settings: BuildSettings,
 def write_train(prefix: Path, train: Sequence[Tuple[str, List[Tuple[int, np.ndarray]]]],
                 size: int, progress: bool) -> int:
     """InsightFace-layout RecordIO via the data layer's writer; label = index in `train`."""
-    try:
-        from facetrain.data.dataset import write_insightface_dataset
-    except ImportError:     # the data layer keeps its writer in writer.py
-        from facetrain.data.writer import write_insightface_dataset
+    from facetrain.build.writer import write_insightface_dataset
 
     def items():
         for label, (_ch, images) in enumerate(train):
