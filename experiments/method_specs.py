@@ -7,7 +7,9 @@ hyper-parameter moved off its default, as `--methods` entries and run-folder nam
   last, so its `leap.mode` wins over the head's `leap.mode=off`. At most one of each kind.
 - `-<knob><value>` sets one tuned hyper-parameter, e.g. `class_balanced-beta0.999`,
   `repeat_factor-t0.001`, `logit_adjust-tau1.5`, `elasticface_cos-sigma0.1`,
-  `leap_full-width20`, `uniform_control-width20`. A knob must belong to the method.
+  `leap_full-width20`, `uniform_control-width20`, `repeat_factor-t0.001-cycle3` (3 cycles of
+  3 epochs: `-cycle` sets the schedule of a repeat-factor variant). A knob must belong to the
+  method.
 
 Plain names resolve to exactly their METHODS overrides, so existing runs and folder names keep
 their meaning.
@@ -25,8 +27,11 @@ KNOBS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "sigma": ("head.margin.sigma", ("elasticface_cos", "elasticface_arc")),
     "width": ("leap.width_scale", ("leap_full", "leap_vanilla", "uniform_control",
                                    "shuffled_control")),
+    # Epochs per LR cycle, 3 cycles: train.epochs = 3 * cycle. Repeat-factor sampling
+    # lengthens the epoch by a factor set by t; this keeps a t variant near equal compute.
+    "cycle": ("schedule.cycle_epochs", ("repeat_factor",)),
 }
-_KNOB = re.compile(r"^(beta|tau|sigma|width|t)(\d+(?:\.\d+)?(?:e-?\d+)?)$")
+_KNOB = re.compile(r"^(beta|tau|sigma|width|cycle|t)(\d+(?:\.\d+)?(?:e-?\d+)?)$")
 
 
 def _is_leap(name: str) -> bool:
@@ -69,4 +74,11 @@ def overrides(spec: str, methods: Mapping[str, Sequence[str]]) -> Tuple[str, ...
     bases, knobs = parse(spec, methods)
     ordered = sorted(bases, key=_is_leap)              # head or remedy first, LEAP last
     out = tuple(o for b in ordered for o in methods[b])
-    return out + tuple(f"{KNOBS[k][0]}={v}" for k, v in knobs.items())
+    extra = []
+    for k, v in knobs.items():
+        if k == "cycle":
+            if not v.isdigit() or int(v) < 1:
+                raise ValueError(f"method {spec!r}: -cycle takes a whole number of epochs >= 1")
+            extra.append(f"train.epochs={3 * int(v)}")
+        extra.append(f"{KNOBS[k][0]}={v}")
+    return out + tuple(extra)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -33,8 +33,6 @@ VALIDATION_DIR = "validation"
 # from the test sets' [seed, 1] and [seed, 2].
 VERIFICATION_STREAM = 101
 IJBC_STREAM = 102
-DEFAULT_CLASSES = 500          # as many as the test sets, so the metrics are as noisy
-DEFAULT_DISTRACTORS = 500
 
 Rendered = List[Tuple[str, List[Tuple[int, np.ndarray]]]]
 
@@ -104,14 +102,17 @@ def choose_validation_chars(designs, settings: BuildSettings, used: Set[str], co
     return good
 
 
-def build_validation(glyphs_root: Path, classes: int = DEFAULT_CLASSES,
-                     distractors: int = DEFAULT_DISTRACTORS, progress: bool = True,
+def build_validation(glyphs_root: Path, classes: Optional[int] = None,
+                     distractors: Optional[int] = None, progress: bool = True,
                      say: Callable[[str], None] = print) -> Dict[str, object]:
     """Write `<glyphs_root>/validation/` (verification.bin, IJBC/, megaface/, manifest.json)
-    for `classes` probe classes and `distractors` distractor classes; returns its manifest.
+    for `classes` probe classes and `distractors` distractor classes (default: as many as the
+    build's test sets, so validation metrics are as noisy as test ones); returns its manifest.
     Built in a scratch folder renamed at the end: a stopped build leaves no half set."""
     root = Path(glyphs_root)
     settings, manifest = read_build(root)
+    classes = settings.eval_classes if classes is None else classes
+    distractors = settings.distractor_classes if distractors is None else distractors
     if classes < 2 * eval_sets.VERIFICATION_FOLDS or distractors < 1:
         raise GlyphBuildError(f"validation needs >= {2 * eval_sets.VERIFICATION_FOLDS} classes "
                               f"and >= 1 distractor class; got {classes} and {distractors}")
@@ -160,9 +161,10 @@ def build_validation(glyphs_root: Path, classes: int = DEFAULT_CLASSES,
     return info
 
 
-def validation_is_current(glyphs_root: Path, classes: int = DEFAULT_CLASSES,
-                          distractors: int = DEFAULT_DISTRACTORS) -> bool:
-    """True when `<glyphs_root>/validation` is whole, made from this very build, at these sizes."""
+def validation_is_current(glyphs_root: Path, classes: Optional[int] = None,
+                          distractors: Optional[int] = None) -> bool:
+    """True when `<glyphs_root>/validation` is whole, made from this very build, at these sizes
+    (default: the build's test-set sizes)."""
     path = Path(glyphs_root) / VALIDATION_DIR / MANIFEST
     if not path.is_file():
         return False
@@ -170,13 +172,17 @@ def validation_is_current(glyphs_root: Path, classes: int = DEFAULT_CLASSES,
         info = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         return False
-    return (info.get("build_manifest_sha256") == manifest_sha256(glyphs_root)
-            and len(info.get("classes", "")) == classes
+    if info.get("build_manifest_sha256") != manifest_sha256(glyphs_root):
+        return False
+    settings, _ = read_build(Path(glyphs_root))
+    classes = settings.eval_classes if classes is None else classes
+    distractors = settings.distractor_classes if distractors is None else distractors
+    return (len(info.get("classes", "")) == classes
             and len(info.get("distractors", "")) == distractors)
 
 
-def ensure_validation(glyphs_root: Path, classes: int = DEFAULT_CLASSES,
-                      distractors: int = DEFAULT_DISTRACTORS, progress: bool = True,
+def ensure_validation(glyphs_root: Path, classes: Optional[int] = None,
+                      distractors: Optional[int] = None, progress: bool = True,
                       say: Callable[[str], None] = print) -> Path:
     """The validation folder of `glyphs_root`, built (again) unless current; returns its path."""
     root = Path(glyphs_root)

@@ -53,6 +53,15 @@ def test_bad_specs_fail_with_a_message(spec, msg):
         JobSettings(methods=("cosface", spec))
 
 
+def test_cycle_sets_three_cycles_of_a_repeat_factor_variant():
+    assert method_overrides("repeat_factor-t0.001-cycle3") == tuple(METHODS["repeat_factor"]) + (
+        "data.repeat_factor_threshold=0.001", "train.epochs=9", "schedule.cycle_epochs=3")
+    with pytest.raises(ValueError, match="whole number"):
+        method_overrides("repeat_factor-cycle1.5")
+    with pytest.raises(ValueError, match="applies to repeat_factor only"):
+        method_overrides("cosface-cycle3")
+
+
 def test_job_settings_accept_specs():
     s = JobSettings(methods=("cosface", "leap_full+elasticface_cos", "class_balanced-beta0.9"))
     assert s.methods[1] == "leap_full+elasticface_cos"

@@ -88,3 +88,9 @@ def test_validation_refuses_too_few_classes_and_a_missing_build(tiny, tmp_path):
         validation.build_validation(tiny, classes=10, distractors=5, say=lambda s: None)
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
         validation.manifest_sha256(tmp_path)
+
+
+def test_validation_defaults_to_the_test_sets_sizes(tiny):
+    info = validation.build_validation(tiny, progress=False, say=lambda s: None)
+    assert (len(info["classes"]), len(info["distractors"])) == (20, 6)
+    assert validation.validation_is_current(tiny)
