@@ -128,3 +128,23 @@ def test_choice_and_test_entries():
     from experiments.jobs import method_overrides
     for spec in entries + round4.tuning_specs(scores):
         method_overrides(spec)                            # every entry is a valid --methods
+
+
+def test_pick_is_frozen_and_test_waits_for_it(tmp_path, monkeypatch, capsys):
+    b, h = tmp_path / "round4_B", tmp_path / "round4_H50"
+    monkeypatch.setattr(round4, "SETTINGS", {"B": ("--out", str(b)),
+                                             "H50": ("--out", str(h), "--head", "50")})
+    with pytest.raises(SystemExit, match="run `tune` and `pick` first"):
+        round4.run_test(dry=True)
+    specs = round4.tuning_specs({})
+    for i, spec in enumerate(specs):
+        write_eval(b / f"{spec}_seed0", 0.50 - 0.001 * i, name="eval_validation.json")
+    choice = round4.run_pick()
+    assert json.loads((b / "tuning.json").read_text()) == choice
+    # better scores arriving later do not change a written choice
+    write_eval(b / "class_balanced-beta0.5_seed0", 0.99, name="eval_validation.json")
+    assert round4.run_pick() == choice and "the choice is frozen" in capsys.readouterr().out
+    round4.run_test(dry=True)
+    out = capsys.readouterr().out
+    assert out.count("--eval-on test") == 2 and f"--out {h} --head 50" in out
+    assert "," + choice["leap_on_top"] + " " in out and "--seeds 0,1,2" in out
