@@ -190,6 +190,7 @@ def ensure_validation(glyphs_root: Path, classes: Optional[int] = None,
         if (root / VALIDATION_DIR).exists():
             say(f"{root / VALIDATION_DIR} was made from another build or size: building it again")
         build_validation(root, classes, distractors, progress, say)
+    check_disjoint(root)             # manifests only; an error names the two sets that overlap
     return root / VALIDATION_DIR
 
 
