@@ -49,10 +49,12 @@ class _Concat:
 
 
 def evaluate_run(run: Path, eval_root: Path, rec: Path, tail_samples: int,
-                 batch_size: int = 256, threads: int = 2) -> Dict[str, object]:
+                 batch_size: int = 256, threads: int = 2, cache_name: str = "eval.json",
+                 train_stats: bool = True) -> Dict[str, object]:
     """Metrics of one run (cached in run/eval.json; ROC in run/roc.npz; variances in
-    run/angular_variance.npz)."""
-    cache = run / "eval.json"
+    run/angular_variance.npz). Another `eval_root` (the validation characters) takes its own
+    `cache_name` and `train_stats=False`: only its protocol metrics are written."""
+    cache = run / cache_name
     if cache.is_file():
         return json.loads(cache.read_text())
     from facetrain.data.dataset import RecordDataset
@@ -84,6 +86,10 @@ def evaluate_run(run: Path, eval_root: Path, rec: Path, tail_samples: int,
     pf, df = mf_feats[:len(probes)], mf_feats[len(probes):]
     mf = megaface.evaluate(pf[keep_p], ids[keep_p], df[keep_d])
     mf.pop("cmc", None)
+    out = report.jsonable({"verification": ver, "ijbc": ij, "megaface": mf})
+    if not train_stats:
+        cache.write_text(json.dumps(out, indent=1))
+        return out
 
     ds = RecordDataset.open(str(rec))
     train_feats = feats(_EncodedImages(ds), "train classes")
@@ -96,7 +102,6 @@ def evaluate_run(run: Path, eval_root: Path, rec: Path, tail_samples: int,
     np.savez(run / "angular_variance.npz", variance=variance, head_equal=head_equal,
              counts=counts, head_mask=counts > tail_samples)
     np.savez(run / "roc.npz", fpr=fpr, tpr=tpr)
-    out = report.jsonable({"verification": ver, "ijbc": ij, "megaface": mf})
     cache.write_text(json.dumps(out, indent=1))
     return out
 

@@ -37,9 +37,10 @@ METHODS: Dict[str, Tuple[str, ...]] = {
     "shuffled_control": ("leap.mode=full", "leap.control=shuffled"),
     "uniform_meangap_control": ("leap.mode=full", "leap.control=uniform_meangap"),
     # Long-tail remedies a user would try instead of LEAP (docs/long_tail_remedies.md), on the
-    # CosFace baseline. beta = 0.99: a 3-image tail class weighs (1 - .99^22) / (1 - .99^3)
-    # ~ 6.7x a 22-image head class. t = 0.002: a 3-image class of the default split (f ~ 3/7,950)
-    # gets r ~ 2.3, every head class (f >= 20/7,950 > t) r = 1, so an epoch is ~1.9x longer;
+    # CosFace baseline. beta = 0.99: a 3-image tail class weighs (1 - .99^25) / (1 - .99^3)
+    # ~ 7.48x a head class (all 100 head classes of the built split have 25 images).
+    # t = 0.002: a 3-image class of the default split (f = 3/8,200) gets r ~ 2.3, every head
+    # class (f = 25/8,200 > t) r = 1, so an epoch is ~1.9x longer;
     # 6 epochs of 3 cycles keep the number of steps near the baseline's 12 (equal compute, as
     # LVIS trains repeat-factor sampling on the baseline's iteration budget).
     "class_balanced": ("leap.mode=off", "head.class_balance_beta=0.99"),
@@ -88,9 +89,9 @@ class JobSettings:
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+        from experiments import method_specs
+        for m in self.methods:       # plain names, `a+b` and `-knob<value>` (method_specs.py)
+            method_specs.parse(m, METHODS)
         if BASELINE not in self.methods:
             raise ValueError(f"methods must include the baseline {BASELINE!r} (paired differences "
                              "are taken against it)")
@@ -177,6 +178,13 @@ def write_design_exclusion(designs_csv: Path, out: Path, names: Sequence[str]) -
     return len(kept)
 
 
+def method_overrides(method: str) -> Tuple[str, ...]:
+    """Config overrides of a `--methods` entry: METHODS[name], or a combination or tuned
+    variant (experiments/method_specs.py)."""
+    from experiments import method_specs
+    return method_specs.overrides(method, METHODS)
+
+
 def run_dir(s: JobSettings, method: str, seed: int) -> Path:
     return s.out / f"{method}_seed{seed}"
 
@@ -190,7 +198,7 @@ def train(s: JobSettings, method: str, seed: int, rec: Path) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={s.nproc}", "launch/train_face.py", "--config", str(s.config),
            f"data.rec={rec}", f"train.seed={seed}", f"train.output_dir={out}",
-           *METHODS[method], *s.overrides]
+           *method_overrides(method), *s.overrides]
     env = {"OMP_NUM_THREADS": str(max(1, s.threads // s.nproc)), **s.extra_env}
     _run(cmd, env)
     return out

@@ -26,7 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"),
                    help="training config every run starts from")
     p.add_argument("--methods", default="cosface,leap_full,uniform_control,shuffled_control",
-                   help=f"comma-separated, from: {', '.join(METHODS)} (cosface is required)")
+                   help=f"comma-separated, from: {', '.join(METHODS)} (cosface is required); "
+                        "also `a+b` (a head with LEAP on top, e.g. leap_full+elasticface_cos) "
+                        "and tuned variants `name-<knob><value>` (knobs beta, t, tau, sigma, "
+                        "width, e.g. class_balanced-beta0.999): experiments/method_specs.py")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--glyphs", default="data/glyphs",
                    help="glyph benchmark folder (built there when missing); the long-tailed "
@@ -42,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="design name substrings (space-separated, e.g. \"Kouzan Soseki kiloji "
                         "Seto\") that tail classes never keep; head classes keep every design")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for training and eval")
+    p.add_argument("--eval-on", choices=("test", "validation", "both"), default="test",
+                   help="test: the held-out evaluation characters (default, the report); "
+                        "validation: only the validation characters (<glyphs>/validation, built "
+                        "on first use, disjoint from every set), for tuning, written to "
+                        "<out>/validation.md; both: each")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides for every run, e.g. train.epochs=6")
     return p.parse_args(argv)
@@ -62,6 +70,16 @@ def main(argv=None) -> int:
     t0 = time.time()
     rec = ensure_data(s)
     runs = {m: {seed: train(s, m, seed, rec) for seed in s.seeds} for m in s.methods}
+    if args.eval_on != "test":
+        from experiments.validation import ensure_validation, evaluate_on_validation
+        val = ensure_validation(REPO / s.glyphs)
+        md = evaluate_on_validation({m: {k: REPO / v for k, v in per.items()}
+                                     for m, per in runs.items()}, val, REPO / rec,
+                                    s.tail_samples, REPO / s.out, BASELINE, threads=s.threads)
+        print(Path(md).read_text())
+        if args.eval_on == "validation":
+            print(f"[main-job] done in {time.time() - t0:.0f} s: {md} (no test evaluation)")
+            return 0
     evals = {m: {seed: evaluate_run(REPO / r, REPO / s.glyphs / "eval", REPO / rec,
                                     s.tail_samples, threads=s.threads)
                  for seed, r in per.items()} for m, per in runs.items()}

@@ -1,0 +1,266 @@
+"""Round 4 of the glyph study as code: docs/study/round4_plan.md, step by step, resumable.
+
+    python -m experiments.round4 status     # what is done, what is left, the time it needs
+    python -m experiments.round4 tune       # grid runs, setting B seed 0, validation only
+    python -m experiments.round4 pick       # the written rule -> runs/round4_B/tuning.json
+    python -m experiments.round4 test       # every reported entry, B and H50, seeds 0-2, test
+    python -m experiments.round4 report     # tables and the one plot into docs/study/
+
+Every step calls the main job, which reuses finished runs and resumes a stopped training from
+its last checkpoint, so any step can be stopped and started again. `tune` never evaluates on
+the test characters; `pick` writes its choice once and refuses to change it afterwards (the
+test numbers cannot feed back into it); `test` refuses to run before `pick`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINE = "cosface"
+TUNE_SETTING = "B"
+TUNE_SEEDS = (0,)
+TEST_SEEDS = (0, 1, 2)
+METRIC = "megaface_rank1"          # the one tuning metric, on the validation characters
+TIE_POINTS = 0.2                   # validation rank-1 points within which values count as tied
+SETTINGS: Dict[str, Tuple[str, ...]] = {       # name -> main-job flags
+    "B": ("--out", "runs/round4_B"),
+    "H50": ("--out", "runs/round4_H50", "--head", "50"),
+}
+# Reported untuned, in both settings (the paper defaults; see the plan for each).
+DEFAULT_METHODS = ("cosface", "leap_full", "uniform_control", "shuffled_control",
+                   "elasticface_arc", "elasticface_cos", "adaface", "curricularface",
+                   "logit_adjust", "ldam_drw", "class_balanced", "repeat_factor")
+# Candidates for "LEAP on top of the best margin head" (face-recognition margins; LDAM-DRW is
+# a long-tail remedy with re-weighting and is not among them).
+MARGIN_HEADS = ("elasticface_arc", "elasticface_cos", "adaface", "curricularface")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A tuned hyper-parameter: the method specs of its values in order, the default's index,
+    and whether the grid grows upward while the best value is at its top (LEAP's width)."""
+
+    method: str
+    specs: Tuple[str, ...]
+    default: int
+    open_ended: bool = False
+
+
+def _width(method: str, w: str) -> str:
+    return method if w == "1" else f"{method}-width{w}"
+
+
+WIDTHS = ("1", "3", "10", "20", "40")
+WIDTH_MAX = 640
+GRIDS: Tuple[Grid, ...] = (
+    Grid("class_balanced", ("class_balanced-beta0.5", "class_balanced-beta0.9", "class_balanced",
+                            "class_balanced-beta0.999"), 2),
+    # Each t with the schedule that keeps compute near the baseline's 12 epochs (plan).
+    Grid("repeat_factor", ("repeat_factor-t0.0005-cycle4", "repeat_factor-t0.001-cycle3",
+                           "repeat_factor"), 2),
+    Grid("logit_adjust", ("logit_adjust-tau0.25", "logit_adjust-tau0.5", "logit_adjust",
+                          "logit_adjust-tau2"), 2),
+    Grid("elasticface_cos", ("elasticface_cos-sigma0.025", "elasticface_cos",
+                             "elasticface_cos-sigma0.1", "elasticface_cos-sigma0.2"), 1),
+    Grid("elasticface_arc", ("elasticface_arc-sigma0.025", "elasticface_arc",
+                             "elasticface_arc-sigma0.1", "elasticface_arc-sigma0.2"), 1),
+    Grid("leap_full", tuple(_width("leap_full", w) for w in WIDTHS), 0, open_ended=True),
+    Grid("uniform_control", tuple(_width("uniform_control", w) for w in WIDTHS), 0,
+         open_ended=True),
+)
+
+
+def validation_scores(folder: Path, seeds: Sequence[int] = TUNE_SEEDS) -> Dict[str, float]:
+    """method spec -> mean validation rank-1 (points) over `seeds`, for specs with every seed."""
+    from experiments.study_report import VALIDATION_EVAL, load_results
+    res = load_results(folder, VALIDATION_EVAL)
+    return {m: 100.0 * sum(per[s][METRIC] for s in seeds) / len(seeds)
+            for m, per in res.items() if all(s in per and METRIC in per[s] for s in seeds)}
+
+
+def choose(specs: Sequence[str], default: int, scores: Mapping[str, float]) -> str:
+    """The plan's rule: the highest validation rank-1; values within TIE_POINTS of the best
+    are tied, and among them the one nearest the default in grid position wins (the smaller
+    change); equal distance goes to the smaller position. Every value must have a score."""
+    missing = [s for s in specs if s not in scores]
+    if missing:
+        raise ValueError(f"no validation score yet for {missing}: run `tune` to the end")
+    best = max(scores[s] for s in specs)
+    tied = [i for i, s in enumerate(specs) if scores[s] >= best - TIE_POINTS]
+    return specs[min(tied, key=lambda i: (abs(i - default), i))]
+
+
+def extend_open_grid(grid: Grid, scores: Mapping[str, float]) -> Tuple[str, ...]:
+    """LEAP's and uniform's widths: while the best of the values tried is one of the two
+    largest, add the next doubling (up to WIDTH_MAX). The sweep stops once two larger widths
+    have both scored below the best, i.e. the peak is inside the grid."""
+    specs = list(grid.specs)
+    while all(s in scores for s in specs):
+        best = max(range(len(specs)), key=lambda i: scores[specs[i]])
+        if best < len(specs) - 2:
+            break
+        top = float(specs[-1].rsplit("-width", 1)[1]) if "-width" in specs[-1] else 1.0
+        if top * 2 > WIDTH_MAX:
+            break
+        specs.append(_width(grid.method, f"{int(top * 2)}"))
+    return tuple(specs)
+
+
+def tuning_specs(scores: Mapping[str, float]) -> List[str]:
+    """Every grid value to train for tuning now (open grids extended by what scored so far),
+    plus the margin heads for the LEAP-on-top choice and the baseline."""
+    out = [BASELINE]
+    for g in GRIDS:
+        specs = extend_open_grid(g, scores) if g.open_ended else g.specs
+        out += [s for s in specs if s not in out]
+    out += [m for m in MARGIN_HEADS if m not in out]
+    return out
+
+
+def make_choice(scores: Mapping[str, float]) -> Dict[str, object]:
+    """The tuned spec of every grid, and the best margin head (each ElasticFace at its tuned
+    sigma) with LEAP full on top, from validation scores of the finished tuning runs."""
+    tuned = {}
+    for g in GRIDS:
+        specs = extend_open_grid(g, scores) if g.open_ended else g.specs
+        tuned[g.method] = choose(specs, g.default, scores)
+    heads = [tuned.get(h, h) for h in MARGIN_HEADS]
+    missing = [h for h in heads if h not in scores]
+    if missing:
+        raise ValueError(f"no validation score yet for {missing}: run `tune` to the end")
+    head = max(heads, key=lambda h: (scores[h], -heads.index(h)))
+    return {"rule": f"max validation {METRIC} over seeds {list(TUNE_SEEDS)} of setting "
+                    f"{TUNE_SETTING}; ties within {TIE_POINTS} points go to the value nearest "
+                    "the default in grid position",
+            "tuned": tuned, "best_margin_head": head,
+            "leap_on_top": leap_on_top(head),
+            "scores": {k: round(v, 4) for k, v in sorted(scores.items())}}
+
+
+def leap_on_top(head_spec: str) -> str:
+    """`leap_full+<head>` with the head's knobs kept: 'elasticface_cos-sigma0.1' ->
+    'leap_full+elasticface_cos-sigma0.1'."""
+    return f"leap_full+{head_spec}"
+
+
+def test_specs(choice: Mapping[str, object]) -> List[str]:
+    """The reported entries: every untuned default, every tuned value that differs, and the
+    best margin head with LEAP on top."""
+    out = list(DEFAULT_METHODS)
+    out += [s for s in choice["tuned"].values() if s not in out]
+    head = choice["best_margin_head"]
+    if head not in out:
+        out.append(head)
+    out.append(leap_on_top(head))
+    return out
+
+
+def _main_job(setting: str, methods: Sequence[str], seeds: Sequence[int], eval_on: str,
+              dry: bool) -> None:
+    cmd = [sys.executable, "-m", "experiments.main_job", *SETTINGS[setting],
+           "--methods", ",".join(methods), "--seeds", ",".join(str(s) for s in seeds),
+           "--eval-on", eval_on]
+    print("$ python " + " ".join(cmd[1:]), flush=True)
+    if not dry:
+        subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def _folder(setting: str) -> Path:
+    return REPO / SETTINGS[setting][1]
+
+
+def _choice_path() -> Path:
+    return _folder(TUNE_SETTING) / "tuning.json"
+
+
+def run_tune(dry: bool = False) -> None:
+    """Train and validate until every grid, open ones included, is complete."""
+    while True:
+        scores = validation_scores(_folder(TUNE_SETTING))
+        specs = tuning_specs(scores)
+        if all(s in scores for s in specs) or dry:
+            if dry:
+                _main_job(TUNE_SETTING, specs, TUNE_SEEDS, "validation", True)
+            return
+        _main_job(TUNE_SETTING, specs, TUNE_SEEDS, "validation", False)
+
+
+def run_pick() -> Dict[str, object]:
+    """Write tuning.json once; a later call returns the written choice unchanged."""
+    path = _choice_path()
+    if path.is_file():
+        print(f"{path} exists: the choice is frozen")
+        return json.loads(path.read_text())
+    choice = make_choice(validation_scores(_folder(TUNE_SETTING)))
+    path.write_text(json.dumps(choice, indent=1) + "\n")
+    print(json.dumps({k: choice[k] for k in ("tuned", "best_margin_head")}, indent=1))
+    return choice
+
+
+def run_test(dry: bool = False) -> None:
+    path = _choice_path()
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `tune` and `pick` first (no test evaluation "
+                         "before the choice is written)")
+    specs = test_specs(json.loads(path.read_text()))
+    for setting in SETTINGS:
+        _main_job(setting, specs, TEST_SEEDS, "test", dry)
+
+
+def status(minutes_per_run: float) -> str:
+    """Runs done and left per step, and the time left at `minutes_per_run`."""
+    lines = []
+    scores = validation_scores(_folder(TUNE_SETTING))
+    tune = tuning_specs(scores)
+    left_tune = [s for s in tune if s not in scores]
+    lines.append(f"tune: {len(tune) - len(left_tune)}/{len(tune)} validated (open grids grow "
+                 f"while their best is at the top); left: {', '.join(left_tune) or 'none'}")
+    left = len(left_tune)
+    if _choice_path().is_file():
+        specs = test_specs(json.loads(_choice_path().read_text()))
+        for setting in SETTINGS:
+            done = [(m, s) for m in specs for s in TEST_SEEDS
+                    if (_folder(setting) / f"{m}_seed{s}" / "eval.json").is_file()]
+            todo = len(specs) * len(TEST_SEEDS) - len(done)
+            left += todo
+            lines.append(f"test {setting}: {len(done)}/{len(specs) * len(TEST_SEEDS)} evaluated")
+    else:
+        lines.append("pick: not yet; test: after pick (at least "
+                     f"{len(DEFAULT_METHODS) * len(TEST_SEEDS) * len(SETTINGS)} runs)")
+    lines.append(f"about {left} runs left that are known now, "
+                 f"~{left * minutes_per_run / 60:.1f} h at {minutes_per_run} min each")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("step", choices=("status", "tune", "pick", "test", "report"))
+    p.add_argument("--dry-run", action="store_true", help="print the main-job commands only")
+    p.add_argument("--minutes-per-run", type=float, default=7.5,
+                   help="for `status`: training plus one evaluation (measured 7.5 on the loaded "
+                        "2-core machine, about 2.5 when it is idle)")
+    args = p.parse_args(argv)
+    if args.step == "status":
+        print(status(args.minutes_per_run))
+    elif args.step == "tune":
+        run_tune(args.dry_run)
+    elif args.step == "pick":
+        run_pick()
+    elif args.step == "test":
+        run_test(args.dry_run)
+    else:
+        from experiments import study_report
+        folders = [str(_folder(s)) for s in SETTINGS]
+        study_report.main([*folders, "--md", str(REPO / "docs/study/round4_tables.md"),
+                           "--plot", str(REPO / "docs/study/img/round4_gains.png")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
