@@ -334,9 +334,12 @@ def _template_positions(template_ids: np.ndarray, query: np.ndarray, what: str
     if not (template_ids.size and 0 <= template_ids[0] and template_ids[-1] < 64 * 2**20):
         return _compact(template_rows(template_ids, q, what), template_ids.size)
     hi = int(template_ids[-1])
-    qc = np.clip(q, -1, hi + 1)                     # -1 and beyond land on slot hi + 1
+    step = 1 << 20                  # chunks through one cached buffer, no [P] int64 temporary
+    buf = np.empty(min(step, q.size), dtype=np.int64)
     used = np.zeros(hi + 2, dtype=bool)
-    used[qc] = True
+    for s in range(0, q.size, step):
+        qc = np.clip(q[s:s + step], -1, hi + 1, out=buf[:q[s:s + step].size])
+        used[qc] = True                             # -1 and beyond land on slot hi + 1
     exists = np.zeros(hi + 2, dtype=bool)
     exists[template_ids] = True
     if np.any(used & ~exists):
@@ -344,7 +347,11 @@ def _template_positions(template_ids: np.ndarray, query: np.ndarray, what: str
     used_ids = np.flatnonzero(used)
     lut = np.zeros(hi + 2, dtype=np.int32)
     lut[used_ids] = np.arange(used_ids.size, dtype=np.int32)
-    return np.searchsorted(template_ids, used_ids), lut[qc]
+    inv = np.empty(q.size, dtype=np.int32)
+    for s in range(0, q.size, step):
+        qc = np.clip(q[s:s + step], -1, hi + 1, out=buf[:q[s:s + step].size])
+        np.take(lut, qc, out=inv[s:s + step])
+    return np.searchsorted(template_ids, used_ids), inv
 
 
 def _score_compact(tfeat: np.ndarray, a_rows: np.ndarray, a_inv: np.ndarray,
