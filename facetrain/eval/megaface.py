@@ -156,15 +156,29 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
     tile = n_p if device.type != "cpu" else max(1, min(n_p, tile_bytes // (4 * bl)))
     stage = np.empty((bl, distractors.shape[1]), dtype=np.float32)
     prod = torch.empty(tile * bl, device=device)
+    # a writable float32 array is read in place (normalised into the staging buffer)
+    direct = (device.type == "cpu" and normalize and isinstance(distractors, np.ndarray)
+              and not isinstance(distractors, np.memmap) and distractors.dtype == np.float32
+              and distractors.flags.c_contiguous and distractors.flags.writeable)
     for s in range(0, m, block):
         n = min(s + block, m) - s
-        np.copyto(stage[:n], distractors[s:s + n], casting="unsafe")
-        d = torch.from_numpy(stage[:n])
-        _check_finite_block(d, s)
-        if device.type == "cpu":
-            if normalize:                               # torch: threaded, unlike numpy's norm
-                d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if direct:
+            src = torch.from_numpy(distractors[s:s + n])
         else:
+            np.copyto(stage[:n], distractors[s:s + n], casting="unsafe")
+            src = torch.from_numpy(stage[:n])
+        if device.type == "cpu":
+            # one pass gives both the norms and the finiteness check: a NaN/inf row has a
+            # non-finite norm (the exact row check runs only then, and raises)
+            norm = src.norm(dim=1, keepdim=True) if normalize else src.sum(1)
+            if not bool(torch.isfinite(norm).all()):
+                _check_finite_block(src, s)
+            d = src
+            if normalize:                               # torch: threaded, unlike numpy's norm
+                d = torch.div(src, norm.clamp_min(1e-12), out=torch.from_numpy(stage[:n]))
+        else:
+            d = src
+            _check_finite_block(d, s)
             d = d.to(device)
             if normalize:
                 d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -206,7 +220,25 @@ def _grouped(sc: torch.Tensor) -> torch.Tensor:
 
 def _row_topk(top: torch.Tensor, groups: torch.Tensor, gmax: torch.Tensor, k: int
               ) -> torch.Tensor:
-    """Merge each row's k best of this block into `top` [P, k] (kept sorted, decreasing)."""
+    """Merge each row's k best of this block into `top` [P, k] (kept sorted, decreasing).
+    Only rows with a group max above their current k-th best can change (a value not above it
+    cannot displace anything, and an equal one leaves the same values), so after the first
+    blocks only those few rows are merged."""
+    live = torch.nonzero((gmax > top[:, -1:]).any(1)).squeeze(1)
+    if live.numel() == 0:
+        return top
+    if live.numel() == top.shape[0]:
+        return _merge_topk(top, groups, gmax, k)
+    kg = min(k, gmax.shape[1])
+    gi = torch.topk(gmax[live], kg, dim=1).indices                # [L, kg]
+    cand = groups[live.unsqueeze(1), gi].flatten(1)             # only those groups, no copy
+    out = top.clone()
+    out[live] = torch.topk(torch.cat([top[live], cand], 1), k, dim=1).values
+    return out
+
+
+def _merge_topk(top: torch.Tensor, groups: torch.Tensor, gmax: torch.Tensor, k: int
+                ) -> torch.Tensor:
     kg = min(k, gmax.shape[1])
     gi = torch.topk(gmax, kg, dim=1).indices                    # [P, kg]
     cand = groups.gather(1, gi.unsqueeze(2).expand(-1, -1, GROUP)).flatten(1)
