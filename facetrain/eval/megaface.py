@@ -125,11 +125,12 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
              n_distractors: Optional[int] = None, ranks: Sequence[int] = (1, 5, 10),
              fprs: Sequence[float] = (1e-6,), block: int = 16384, normalize: bool = True,
              device: torch.device | str = "cpu", fpr_rule: str = "le",
-             tile_bytes: int = 16 * 2**20) -> Dict[str, object]:
+             tile_bytes: Optional[int] = None) -> Dict[str, object]:
     """Identification (CMC) and verification of probes[P, D] (identity probe_ids[P]) against the
     first `n_distractors` rows of distractors[M, D] (may be a np.memmap), streamed by block to
     `device` (a GPU turns the 3.6 TFLOP of a 1M-distractor run into seconds). fpr_rule: "le"
-    or "nearest" (metrics.tpr_at_fpr_split); TPR at an unresolvable FPR is None."""
+    or "nearest" (metrics.tpr_at_fpr_split); TPR at an unresolvable FPR is None. tile_bytes:
+    optional size of probe-row tiles of each block's product (None: one product per block)."""
     m = distractors.shape[0] if n_distractors is None else int(n_distractors)
     if m > distractors.shape[0] or m < 1:
         raise ValueError(f"n_distractors={m} but {distractors.shape[0]} distractor features exist")
@@ -149,11 +150,11 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
     neg_top = TopScores(k_neg)
     # Buffers reused across blocks: at 1M distractors a fresh [P, block] product per block is
     # 61 x 231 MB of new pages, whose faults cost about as much as a tenth of the products.
-    # On CPU the product is also cut into probe-row tiles of ~16 MB, so the max-reduction reads
-    # it back from cache instead of memory (each element's dot product is unchanged).
+    # tile_bytes cuts the product into probe-row tiles of that size (each element's dot product
+    # is unchanged). Off by default: on the 2-core dev machine 16 MB tiles were not faster.
     bl = min(block, m)
     n_p = p.shape[0]
-    tile = n_p if device.type != "cpu" else max(1, min(n_p, tile_bytes // (4 * bl)))
+    tile = n_p if tile_bytes is None else max(1, min(n_p, tile_bytes // (4 * bl)))
     stage = np.empty((bl, distractors.shape[1]), dtype=np.float32)
     prod = torch.empty(tile * bl, device=device)
     # a writable float32 array is read in place (normalised into the staging buffer)

@@ -115,8 +115,8 @@ def _brute(probes, ids, dis, fpr):
     return np.mean(hits[1]), np.mean(hits[3]), tpr
 
 
-@pytest.mark.parametrize("block,tile_bytes", [(7, 16 * 2**20), (130, 16 * 2**20),
-                                              (1000, 16 * 2**20), (130, 5 * 130 * 4),
+@pytest.mark.parametrize("block,tile_bytes", [(7, None), (130, 16 * 2**20),
+                                              (1000, None), (130, 5 * 130 * 4),
                                               (7, 1)])
 def test_evaluate_matches_brute_force(block, tile_bytes):
     """Any distractor block and probe-row tile (5 rows; 1 row) gives the brute-force numbers."""
