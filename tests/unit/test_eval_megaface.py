@@ -167,3 +167,21 @@ def test_cuda_scoring_matches_cpu():
     gpu = megaface.evaluate(probes, ids, dis, fprs=(1e-3,), block=250, device="cuda")
     assert gpu["rank1"] == pytest.approx(cpu["rank1"], abs=0.02)
     assert gpu["tpr_at_fpr"]["1e-03"] == pytest.approx(cpu["tpr_at_fpr"]["1e-03"], abs=0.02)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_non_finite_distractor_rows_are_named(normalize):
+    """A NaN or inf distractor row stops the run naming it (the norms double as the check), and
+    finite rows whose norm overflows float32 do not."""
+    rng = np.random.default_rng(5)
+    ids = np.repeat(np.arange(3), 2)
+    probes = subject_features(rng, ids, dim=4)
+    dis = rng.normal(size=(40, 4)).astype(np.float32)
+    dis[3, 0] = 3e38                                  # finite, its squared norm overflows
+    megaface.evaluate(probes, ids, dis, fprs=(1e-2,), block=16, normalize=normalize)
+    for bad in (np.nan, np.inf):
+        d = dis.copy()
+        d[21, 2] = bad
+        with pytest.raises(ValueError, match=r"1 rows in this block hold NaN or inf \(first: "
+                                             r"distractor row 21\)"):
+            megaface.evaluate(probes, ids, d, fprs=(1e-2,), block=16, normalize=normalize)
