@@ -200,39 +200,29 @@ def same_as_full_roc(meta, feats: np.ndarray) -> bool:
 
 
 def stages(root: Path, feats_path: Path) -> Dict[str, float]:
-    """facetrain's CLI path split into its steps, and the floor the issue names: one float32
-    GEMM of the used templates plus one sort of the scores."""
+    """facetrain's CLI path split into its steps (the steps of `verify_features`)."""
     sys.path.insert(0, str(REPO))
-    import torch
     from facetrain.eval import ijbc
     from facetrain.eval.embed import load_features
-    from facetrain.eval.metrics import roc_curve, tpr_at_fpr_from_roc
     t = [time.perf_counter()]
-    meta = ijbc.read_meta(root, "ijbc", need_landmarks=False)
+    meta = ijbc.read_meta(root, "ijbc", need_landmarks=False, skip_landmarks=True)
     t.append(time.perf_counter())
     feats = load_features(feats_path, len(meta.names), "face_tid_mid")
     t.append(time.perf_counter())
     t_ids, tfeat = ijbc.pool_templates(feats, meta.tids, meta.mids)
     t.append(time.perf_counter())
-    r1 = ijbc.template_rows(t_ids, meta.pair_t1, "pairs")
-    r2 = ijbc.template_rows(t_ids, meta.pair_t2, "pairs")
-    scores = ijbc.score_pairs(tfeat, r1, r2)
+    a = ijbc._template_positions(t_ids, meta.pair_t1, "pairs")
+    b = ijbc._template_positions(t_ids, meta.pair_t2, "pairs")
     t.append(time.perf_counter())
-    fpr, tpr, _ = roc_curve(meta.pair_label, scores)
-    tpr_at_fpr_from_roc(fpr, tpr)
+    scores = ijbc._score_compact(tfeat, *a, *b, 512 * 2**20)
     t.append(time.perf_counter())
-    a = torch.from_numpy(tfeat[np.unique(r1)])
-    b = torch.from_numpy(tfeat[np.unique(r2)])
-    g0 = time.perf_counter()
-    torch.mm(a, b.T)
-    g1 = time.perf_counter()
-    np.sort(scores)
-    g2 = time.perf_counter()
-    names = ("read_meta", "load_features", "pool", "score", "roc")
-    out = {n: t[i + 1] - t[i] for i, n in enumerate(names)}
-    out.update(gemm=g1 - g0, sort=g2 - g1, pairs=float(scores.size),
-               scores_computed=float(a.shape[0] * b.shape[0]))
-    return out
+    pos, neg = np.sort(scores[meta.pair_label]), scores[~meta.pair_label]
+    neg.sort()
+    t.append(time.perf_counter())
+    ijbc.roc_from_sorted(pos, neg)
+    t.append(time.perf_counter())
+    names = ("read_meta", "load_features", "pool", "positions", "scores", "sort", "roc")
+    return {n: t[i + 1] - t[i] for i, n in enumerate(names)}
 
 
 def _insight_from_files(root: Path, feats_path: Path) -> None:
@@ -268,6 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-insight", action="store_true", help="skip the InsightFace-style side")
     p.add_argument("--numpy", action="store_true", help="also run the plain-numpy reference")
+    p.add_argument("--stages", action="store_true", help="also time the CLI's steps once")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from facetrain.eval import ijbc
@@ -316,6 +307,9 @@ def main(argv=None) -> int:
           f"median {med['scoring'] / med['floor']:.2f}x (target <= 1.5)")
     print(f"cli / scoring: best {best['cli'] / best['scoring']:.2f}x, "
           f"median {med['cli'] / med['scoring']:.2f}x (target <= 1.5)")
+    if args.stages:
+        st = stages(root, feats_path)
+        print("facetrain steps: " + ", ".join(f"{k}={v:.2f}s" for k, v in st.items()))
     if "insight" in times:
         print(f"insight / scoring: best {best['insight'] / best['scoring']:.1f}x, "
               f"median {med['insight'] / med['scoring']:.1f}x (target >= 10)")
