@@ -149,7 +149,7 @@ def evaluate(probes: np.ndarray, probe_ids: np.ndarray, distractors: np.ndarray,
         k_neg += 64
     neg_top = TopScores(k_neg)
     # Buffers reused across blocks: at 1M distractors a fresh [P, block] product per block is
-    # 61 x 231 MB of new pages, whose faults cost about as much as a tenth of the products.
+    # 61 x 231 MB of new pages (reusing them: 16.6 -> 13.2 s at 250K distractors, one thread).
     # tile_bytes cuts the product into probe-row tiles of that size (each element's dot product
     # is unchanged). Off by default: on the 2-core dev machine 16 MB tiles were not faster.
     bl = min(block, m)
