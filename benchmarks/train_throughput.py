@@ -212,6 +212,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "or full), interleaved; e.g. configs/default.yaml (the main job)")
     p.add_argument("--set", nargs="*", default=[], help="--config overrides, section.key=value")
     p.add_argument("--classes", type=int, default=2000, help="--config: synthetic class count")
+    p.add_argument("--plain", action="store_true",
+                   help="--config: also time a plain PyTorch loop (same backbone, a cosine "
+                        "classifier with the config's CosFace/ArcFace margin, cross-entropy, "
+                        "SGD) against facetrain with LEAP off plus the trainer's per-step work")
     args = p.parse_args(argv)
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
@@ -279,19 +283,28 @@ def _leap_ab(args: argparse.Namespace, ctx: DistContext) -> Dict[str, float]:
                    for _ in range(4)]
         sides[name] = (engine, head, batches, [0])
 
-    cpu_ms: Dict[str, List[float]] = {"off": [], "leap": []}
+    names = ["off", "leap"] + (["plain"] if args.plain else [])
+    if args.plain:
+        sides["plain"] = _plain_side(base, ctx, args.classes, sides["off"][2])
+        sides["off"] = sides["off"] + (_trainer_extras(base, sides["off"][0], ctx),)
+    cpu_ms: Dict[str, List[float]] = {k: [] for k in names}
 
     def run(name: str, n: int) -> float:
         """Wall ms per step; also records this process's CPU ms per step, which a machine
         shared with other jobs disturbs less (1 thread: CPU time = the step's own work)."""
-        engine, _, batches, i = sides[name]
+        engine, _, batches, i = sides[name][:4]
+        extras = sides[name][4] if len(sides[name]) > 4 else None
         _sync(ctx.device)
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             x, y = batches[i[0] % 4]
             i[0] += 1
-            engine.micro_step(x, y, sync=True)
+            if extras is not None:
+                extras.before(i[0])
+            loss = engine.micro_step(x, y, sync=True)
             engine.step()
+            if extras is not None:
+                extras.after(loss, i[0])
         _sync(ctx.device)
         cpu_ms[name].append(1000 * (time.process_time() - c0) / n)
         return 1000 * (time.perf_counter() - t0) / n
@@ -301,9 +314,9 @@ def _leap_ab(args: argparse.Namespace, ctx: DistContext) -> Dict[str, float]:
         cpu_ms[name].clear()
     head = sides["leap"][1]
     perturbed = int((head.leap.class_std > 0).sum()) if head.leap is not None else 0
-    ms: Dict[str, List[float]] = {"off": [], "leap": []}
+    ms: Dict[str, List[float]] = {k: [] for k in names}
     for r in range(args.rounds):
-        for name in (("off", "leap") if r % 2 == 0 else ("leap", "off")):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             ms[name].append(run(name, args.steps))
     out = {"perturbed_classes": perturbed, "classes": args.classes,
            "batch": sides["off"][2][0][1].numel(), "threads": torch.get_num_threads()}
@@ -316,6 +329,21 @@ def _leap_ab(args: argparse.Namespace, ctx: DistContext) -> Dict[str, float]:
     out["cpu_ratio_best"] = out["cpu_off_best_ms"] / out["cpu_leap_best_ms"]
     out["cpu_ratio_median"] = float(np.median([a / b for a, b in zip(cpu_ms["off"],
                                                                      cpu_ms["leap"])]))
+    if args.plain:
+        out["plain_best_ms"] = min(ms["plain"])
+        out["plain_median_ms"] = float(np.median(ms["plain"]))
+        out["off_vs_plain_best"] = out["plain_best_ms"] / out["off_best_ms"]
+        out["off_vs_plain_median"] = float(np.median([a / b for a, b in zip(ms["plain"],
+                                                                            ms["off"])]))
+        out["cpu_plain_best_ms"] = min(cpu_ms["plain"])
+        out["cpu_off_vs_plain_best"] = out["cpu_plain_best_ms"] / out["cpu_off_best_ms"]
+        out["cpu_off_vs_plain_median"] = float(np.median([a / b for a, b in zip(
+            cpu_ms["plain"], cpu_ms["off"])]))
+        if ctx.is_main:
+            print(f"facetrain LEAP off at {out['off_vs_plain_best']:.3f} (best) / "
+                  f"{out['off_vs_plain_median']:.3f} (median of rounds) of the plain loop in "
+                  f"wall time, {out['cpu_off_vs_plain_best']:.3f} / "
+                  f"{out['cpu_off_vs_plain_median']:.3f} in CPU time", flush=True)
     if ctx.is_main:
         print(json.dumps(out), flush=True)
         print(f"LEAP {sides['leap'][1].leap_cfg.mode} at {out['ratio_best']:.3f} (best) / "
@@ -325,6 +353,78 @@ def _leap_ab(args: argparse.Namespace, ctx: DistContext) -> Dict[str, float]:
               f"{args.classes} classes perturbed")
     finish(ctx)
     return out
+
+
+class _TrainerExtras:
+    """What `Trainer._run_epoch` adds around each engine step: the LR schedule and the on-device
+    loss monitor (its host sync happens only every train.log_every steps, also here)."""
+
+    def __init__(self, cfg, engine, ctx: DistContext) -> None:
+        from facetrain.optim import LRSchedule
+        from facetrain.trainer import LossMonitor
+        self.cfg, self.engine = cfg, engine
+        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, 1000, 10**6)
+        self.monitor = LossMonitor(ctx.device, 1)
+
+    def before(self, step: int) -> None:
+        self.schedule.apply(self.engine.optimizers, step,
+                            scales=(self.cfg.optim.backbone_lr_scale, 1.0))
+
+    def after(self, loss: torch.Tensor, step: int) -> None:
+        step_loss = torch.zeros((), device=loss.device) + loss
+        self.monitor.update(step_loss / 1, step)
+        if step % self.cfg.train.log_every == 0:
+            self.monitor.check()
+            self.monitor.mean_and_reset()
+
+
+def _trainer_extras(cfg, engine, ctx: DistContext) -> _TrainerExtras:
+    return _TrainerExtras(cfg, engine, ctx)
+
+
+class _PlainLoop:
+    """A plain PyTorch training step with the same backbone and loss as the config: normalised
+    embeddings against normalised class weights, the margin on the target logit (CosFace
+    cos - m_cos; ArcFace cos(theta + m_arc)), scale, cross-entropy, backbone gradient clipping,
+    one SGD with the config's momentum and weight decay. No sharding, no sampling, no LEAP."""
+
+    def __init__(self, cfg, ctx: DistContext, classes: int) -> None:
+        torch.manual_seed(0)
+        side = cfg.data.image_size
+        self.backbone = build_backbone(cfg.model.backbone,
+                                       embedding_size=cfg.model.embedding_size, dropout=0.0,
+                                       image_size=side).to(ctx.device)
+        self.weight = torch.nn.Parameter(
+            torch.randn(classes, cfg.model.embedding_size, device=ctx.device) * 0.01)
+        o = cfg.optim
+        self.opt = torch.optim.SGD([{"params": self.backbone.parameters()},
+                                    {"params": [self.weight]}], lr=o.lr, momentum=o.momentum,
+                                   weight_decay=o.weight_decay)
+        self.m = cfg.head.margin
+        self.clip = o.grad_clip
+        self.optimizers = [self.opt]
+
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
+        import torch.nn.functional as F
+        cos = F.linear(F.normalize(self.backbone(x)), F.normalize(self.weight))
+        rows = torch.arange(y.numel(), device=y.device)
+        target = cos[rows, y]
+        if self.m.m_arc:
+            target = torch.cos(torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7)) + self.m.m_arc)
+        logits = cos.index_put((rows, y), target - self.m.m_cos) * self.m.scale
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        return loss.detach()
+
+    def step(self) -> None:
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _plain_side(cfg, ctx: DistContext, classes: int, batches) -> tuple:
+    return (_PlainLoop(cfg, ctx, classes), None, batches, [0])
 
 
 def _main_heads(args, names: List[str], table: Dict[str, tuple], ctx: DistContext) -> List[Result]:

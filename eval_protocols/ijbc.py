@@ -36,7 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _common.parse_args(build_parser(), argv)
     root = _common.require(Path(args.root), "IJB folder", "--root DIR")
     _common.require(root / "meta", "IJB meta folder", "--root DIR (the folder above meta/)")
-    meta = ijbc.read_meta(root, args.prefix, need_landmarks=not args.features or args.faceness)
+    need = not args.features or args.faceness      # to align images, or to weight by faceness
+    meta = ijbc.read_meta(root, args.prefix, need_landmarks=need, skip_landmarks=not need)
     do_1n = not args.no_1n and _check_1n(root, args.prefix)
     feats = _common.features_or_extract(
         args, len(meta.names), str(ijbc.meta_path(root, args.prefix, "face_tid_mid")),

@@ -214,3 +214,101 @@ def test_fast_reader_equals_the_line_reader_and_defers_every_error(tmp_path, mon
     pairs.write_text("\n \n")
     with pytest.raises(ValueError, match=r"template_pair_label\.txt is empty"):
         ijbc.read_meta(tmp_path)
+
+
+def _full_roc_points(labels, scores):
+    """Independent full ROC (one point per distinct score, (0, 0) first) from sklearn."""
+    fpr, tpr, _ = sk_roc(labels, scores, drop_intermediate=False)
+    return fpr, tpr
+
+
+@pytest.mark.parametrize("levels", [7, 50, 0])
+def test_roc_corners_are_the_full_roc_polyline(levels):
+    """The corner ROC keeps only points of the full ROC, drops only inner points of horizontal
+    runs, and gives the full ROC's TPR at every FPR ("le"), with heavy score ties (levels) and
+    without (0)."""
+    from facetrain.eval.metrics import tpr_at_fpr_from_roc
+    rng = np.random.default_rng(5)
+    labels = rng.random(3000) < 0.2
+    scores = rng.normal(size=3000) + 1.2 * labels
+    if levels:
+        scores = np.round(scores * levels / 4) / levels
+    scores = scores.astype(np.float32)
+    f_all, t_all = _full_roc_points(labels, scores)
+    fpr, tpr = ijbc.roc_from_sorted(np.sort(scores[labels]), np.sort(scores[~labels]))
+    full = {(a, b): i for i, (a, b) in enumerate(zip(f_all, t_all))}
+    kept = [full[(a, b)] for a, b in zip(fpr, tpr)]                # every corner is a full point
+    assert kept == sorted(kept) and kept[0] == 0 and kept[-1] == f_all.size - 1
+    dropped = np.setdiff1d(np.arange(f_all.size), kept)
+    assert np.all(t_all[dropped] == t_all[dropped - 1])            # horizontal: same TPR ...
+    assert np.all(t_all[dropped] == t_all[np.minimum(dropped + 1, f_all.size - 1)])
+    targets = np.r_[np.unique(f_all), 1e-4, 3e-3, 0.05, 0.5]
+    n_neg = int((~labels).sum())
+    assert (tpr_at_fpr_from_roc(fpr, tpr, targets, n_neg)
+            == tpr_at_fpr_from_roc(f_all, t_all, targets, n_neg))
+
+
+@pytest.mark.parametrize("rule", ["le", "nearest"])
+def test_verify_features_equals_the_one_point_per_score_roc(tmp_path, rule):
+    """verify_features (sorted impostors, corner ROC) reports exactly what the full ROC of all
+    pair scores reports, with many tied scores (features on a coarse grid)."""
+    from facetrain.eval.metrics import roc_curve, tpr_at_fpr_from_roc
+    rng = np.random.default_rng(6)
+    make_ijbc(tmp_path, rng, n_subjects=14, templates_per=4)
+    meta = ijbc.read_meta(tmp_path)
+    feats = np.round(subject_features(rng, info_subjects(meta, rng), noise=2.0) * 2) / 2
+    res = ijbc.verify_features(meta, feats.astype(np.float32), fpr_rule=rule)
+    t_ids, tf = res["template_ids"], res["template_features"]
+    r1 = np.searchsorted(t_ids, meta.pair_t1)
+    r2 = np.searchsorted(t_ids, meta.pair_t2)
+    scores = ijbc.score_pairs(tf, r1, r2)          # the pair scores (tested above)
+    np.testing.assert_allclose(scores, np.einsum("ij,ij->i", tf[r1], tf[r2]), atol=1e-5)
+    fpr, tpr, _ = roc_curve(meta.pair_label, scores)
+    n_neg = int((~meta.pair_label).sum())
+    assert res["tpr_at_fpr"] == tpr_at_fpr_from_roc(fpr, tpr, n_neg=n_neg, rule=rule)
+    targets = np.unique(fpr)
+    assert (tpr_at_fpr_from_roc(*res["roc"], targets, rule="le")
+            == tpr_at_fpr_from_roc(fpr, tpr, targets, rule="le"))
+
+
+def info_subjects(meta, rng):
+    """One subject per 4 consecutive templates (make_ijbc's layout), per image."""
+    t_rank = np.unique(meta.tids, return_inverse=True)[1]
+    return t_rank // 4
+
+
+def test_pool_templates_same_bits_for_every_input_kind(tmp_path):
+    """A writable float32 array (used in place), a read-only memmap, float64 input and any chunk
+    size give bit-identical templates."""
+    rng = np.random.default_rng(7)
+    info = make_ijbc(tmp_path, rng, n_subjects=10)
+    feats = subject_features(rng, info["subjects"]).astype(np.float32)
+    np.save(tmp_path / "f.npy", feats)
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    ref = ijbc.pool_templates(feats, info["tids"], info["mids"], info["faceness"])[1]
+    for x, chunk in ((mm, 4096), (mm, 3), (feats, 1), (feats.astype(np.float64), 5)):
+        got = ijbc.pool_templates(x, info["tids"], info["mids"], info["faceness"], chunk=chunk)
+        np.testing.assert_array_equal(got[1], ref)
+
+
+def test_template_positions_equal_rows_then_compact_and_same_error():
+    t_ids = np.array([3, 8, 9, 40, 41])
+    q = np.array([40, 3, 3, 9, 41, 40])
+    got = ijbc._template_positions(t_ids, q, "pairs")
+    ref = ijbc._compact(ijbc.template_rows(t_ids, q, "pairs"), t_ids.size)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+    for bad in (7, -1, 42, 2**40):
+        with pytest.raises(ValueError, match=f"pairs entry 3 uses template {bad},"):
+            ijbc._template_positions(t_ids, np.array([3, 8, bad, 9]), "pairs")
+
+
+def test_skip_landmarks_leaves_the_landmark_file_unread(tmp_path):
+    make_ijbc(tmp_path, np.random.default_rng(8))
+    _corrupt_line(tmp_path / "meta" / "ijbc_name_5pts_score.txt", 2, "broken")
+    meta = ijbc.read_meta(tmp_path, need_landmarks=False, skip_landmarks=True)
+    assert meta.landmarks is None and meta.faceness is None and len(meta.names) > 2
+    with pytest.raises(ValueError, match=r"name_5pts_score\.txt:2: expected 12 fields"):
+        ijbc.read_meta(tmp_path, need_landmarks=False)
+    with pytest.raises(ValueError, match=r"name_5pts_score\.txt:2: expected 12 fields"):
+        ijbc.read_meta(tmp_path, need_landmarks=True, skip_landmarks=True)

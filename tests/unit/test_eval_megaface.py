@@ -115,23 +115,46 @@ def _brute(probes, ids, dis, fpr):
     return np.mean(hits[1]), np.mean(hits[3]), tpr
 
 
-@pytest.mark.parametrize("block", [7, 130, 1000])
-def test_evaluate_matches_brute_force(block):
+@pytest.mark.parametrize("block,tile_bytes", [(7, None), (130, 16 * 2**20),
+                                              (1000, None), (130, 5 * 130 * 4),
+                                              (7, 1)])
+def test_evaluate_matches_brute_force(block, tile_bytes):
+    """Any distractor block and probe-row tile (5 rows; 1 row) gives the brute-force numbers."""
     rng = np.random.default_rng(1)
     ids = np.repeat(np.arange(6), 4)
     probes = subject_features(rng, ids, dim=8, noise=1.2)
     dis = rng.normal(size=(200, 8)).astype(np.float32)
-    res = megaface.evaluate(probes, ids, dis, ranks=(1, 3), fprs=(1e-3,), block=block)
+    res = megaface.evaluate(probes, ids, dis, ranks=(1, 3), fprs=(1e-3,), block=block,
+                            tile_bytes=tile_bytes)
     r1, r3, tpr = _brute(probes, ids, dis, 1e-3)
     assert res["rank1"] == pytest.approx(r1) and res["rank3"] == pytest.approx(r3)
     assert res["tpr_at_fpr"]["1e-03"] == pytest.approx(tpr)
     assert 0 < res["rank1"] < 1                                  # a non-trivial case
     sub = megaface.evaluate(probes, ids, dis, n_distractors=50, ranks=(1,), fprs=(1e-3,),
-                            block=block)
+                            block=block, tile_bytes=tile_bytes)
     assert sub["distractors"] == 50
     assert sub["rank1"] == pytest.approx(_brute(probes, ids, dis[:50], 1e-3)[0])
     with pytest.raises(ValueError, match="n_distractors=500"):
         megaface.evaluate(probes, ids, dis, n_distractors=500)
+
+
+def test_evaluate_same_result_for_tiles_memmaps_and_float64(tmp_path):
+    """Probe-row tiles, a read-only memmap and float64 distractors change nothing, bit for bit
+    (the staging buffer converts; each score is the same dot product)."""
+    rng = np.random.default_rng(4)
+    ids = np.repeat(np.arange(10), 5)
+    probes = subject_features(rng, ids, dim=16, noise=1.4)
+    dis = rng.normal(size=(3000, 16)).astype(np.float32)
+    np.save(tmp_path / "d.npy", dis)
+    ref = megaface.evaluate(probes, ids, dis, ranks=(1, 5), fprs=(1e-3, 1e-2), block=512)
+    for kw in ({"tile_bytes": 7 * 512 * 4}, {"tile_bytes": 1, "block": 333}):
+        assert megaface.evaluate(probes, ids, dis, ranks=(1, 5), fprs=(1e-3, 1e-2),
+                                 **{"block": 512, **kw}) == ref
+    mm = np.load(tmp_path / "d.npy", mmap_mode="r")
+    assert megaface.evaluate(probes, ids, mm, ranks=(1, 5), fprs=(1e-3, 1e-2), block=512) == ref
+    d64 = megaface.evaluate(probes, ids, dis.astype(np.float64), ranks=(1, 5),
+                            fprs=(1e-3, 1e-2), block=512)
+    assert d64 == ref
 
 
 @pytest.mark.gpu
@@ -144,3 +167,21 @@ def test_cuda_scoring_matches_cpu():
     gpu = megaface.evaluate(probes, ids, dis, fprs=(1e-3,), block=250, device="cuda")
     assert gpu["rank1"] == pytest.approx(cpu["rank1"], abs=0.02)
     assert gpu["tpr_at_fpr"]["1e-03"] == pytest.approx(cpu["tpr_at_fpr"]["1e-03"], abs=0.02)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_non_finite_distractor_rows_are_named(normalize):
+    """A NaN or inf distractor row stops the run naming it (the norms double as the check), and
+    finite rows whose norm overflows float32 do not."""
+    rng = np.random.default_rng(5)
+    ids = np.repeat(np.arange(3), 2)
+    probes = subject_features(rng, ids, dim=4)
+    dis = rng.normal(size=(40, 4)).astype(np.float32)
+    dis[3, 0] = 3e38                                  # finite, its squared norm overflows
+    megaface.evaluate(probes, ids, dis, fprs=(1e-2,), block=16, normalize=normalize)
+    for bad in (np.nan, np.inf):
+        d = dis.copy()
+        d[21, 2] = bad
+        with pytest.raises(ValueError, match=r"1 rows in this block hold NaN or inf \(first: "
+                                             r"distractor row 21\)"):
+            megaface.evaluate(probes, ids, d, fprs=(1e-2,), block=16, normalize=normalize)

@@ -71,3 +71,34 @@ def test_unknown_row_is_an_error():
 
 def test_gpu_session_script_parses():
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_session.sh")]).returncode == 0
+
+
+def test_plain_loop_is_the_configs_cosface_and_is_timed(monkeypatch):
+    """--plain: the plain loop's loss is CosFace of the config (float64 reference written from
+    the formula), and its timing is reported against facetrain with LEAP off."""
+    import copy
+
+    import torch
+    from facetrain.config import load_config
+    from facetrain.dist import init_distributed
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    bench = _load()
+    cfg = load_config(str(REPO / "configs" / "default.yaml"), ["data.batch_size=8"])
+    plain = bench._PlainLoop(cfg, init_distributed("cpu"), 50)
+    x = torch.randn(8, 3, cfg.data.image_size, cfg.data.image_size)
+    y = torch.randint(0, 50, (8,))
+    ref_net = copy.deepcopy(plain.backbone).double().eval()
+    plain.backbone.eval()
+    loss = plain.micro_step(x, y)
+    emb = ref_net(x.double())
+    emb = emb / emb.norm(dim=1, keepdim=True)
+    w = plain.weight.detach().double()
+    cos = emb @ (w / w.norm(dim=1, keepdim=True)).T
+    m = cfg.head.margin
+    logits = m.scale * (cos - m.m_cos * torch.nn.functional.one_hot(y, 50))
+    ref = (torch.logsumexp(logits, 1) - logits[torch.arange(8), y]).mean()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    out = bench.main(["--config", str(REPO / "configs" / "default.yaml"), "--set",
+                      "data.batch_size=16", "--classes", "200", "--warmup", "2", "--steps", "1",
+                      "--rounds", "3", "--plain"])
+    assert out["plain_best_ms"] > 0 and out["off_vs_plain_best"] > 0
