@@ -22,7 +22,6 @@ import importlib.util
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Dict
 
 import numpy as np
