@@ -92,6 +92,7 @@ class Row:
     cpu_vs_cosface_pct: Optional[float] = None
     ref: Optional[str] = None
     vs_ref_pct: Optional[List[float]] = None      # [min, median, max] of per-round ratios, wall
+    cpu_vs_ref_pct: Optional[List[float]] = None  # the same in process CPU time
     update_rows: str = "all"
     ms_rounds: Optional[List[float]] = None        # --heads: every round's ms/step, wall
     cpu_ms_rounds: Optional[List[float]] = None    # and process CPU time
@@ -266,6 +267,8 @@ def run_heads(args) -> List[Row]:
                     if name == "subcenter":
                         row.ref = ROWS_REF
                         row.vs_ref_pct = _ratios(ms, [x.ms_per_step for x in per_round[ROWS_REF]])
+                        row.cpu_vs_ref_pct = _ratios(
+                            cpu, [x.cpu_ms_per_step for x in per_round[ROWS_REF]])
                     rows.append(row)
                     print(_fmt_head(row), flush=True)
                 print(f"# load average after {_loadavg()}", flush=True)
@@ -280,7 +283,9 @@ def _fmt_head(r: Row) -> str:
         f"{r.vs_cosface_min_pct:+.1f}% / {r.vs_cosface_pct:+.1f}% / {r.vs_cosface_max_pct:+.1f}%")
     cpu = "" if r.cpu_vs_cosface_pct is None else (
         f"{r.cpu_vs_cosface_pct:+.1f}% / {r.best_vs_cosface_pct:+.1f}%")
-    ref = "" if r.vs_ref_pct is None else "{:+.1f}% / {:+.1f}% / {:+.1f}%".format(*r.vs_ref_pct)
+    ref = "" if r.vs_ref_pct is None else (
+        "{:+.1f}% / {:+.1f}% / {:+.1f}%".format(*r.vs_ref_pct)
+        + " (CPU time {:+.1f}% / {:+.1f}% / {:+.1f}%)".format(*r.cpu_vs_ref_pct))
     name = f"{r.head} (K={_subcenters()})" if r.head == "subcenter" else (
         f"{ROWS_REF} ({_subcenters()} x classes)" if r.head == ROWS_REF else r.head)
     return (f"| {name} | {r.classes:,} | {r.sample_rate} | {r.leap} | {r.batch_size} | "
