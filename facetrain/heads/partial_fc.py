@@ -256,9 +256,9 @@ class PartialFC(torch.nn.Module):
 
         Written as an in-place multiply by a 0/1 float mask (`cos` is the fresh matmul output,
         which no backward saves): three passes over the block (compare, multiply, and the
-        gradient's multiply) where masked_fill took two slow masked passes and a new buffer
-        (on one CPU thread it was ~4x the cost). The values are the same bit for bit: a filtered
-        cosine is > 0, so cos * 0 = +0, and cos * 1 = cos."""
+        gradient's multiply) where masked_fill took two slow masked passes and a new buffer (on
+        one CPU thread the filter cost ~3x as much). The values are the same bit for bit: a
+        filtered cosine is > 0, so cos * 0 = +0, and cos * 1 = cos."""
         keep = torch.le(cos.detach(), self.head_cfg.interclass_filter,
                         out=torch.empty_like(cos))
         tgt = col.view(-1, 1)
