@@ -33,7 +33,7 @@ if __package__ in (None, ""):
     # Run as a script from a checkout: make `facetrain` importable without installing.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.classifier_bench import HEADS, _peak_gib, _sync  # noqa: E402
+from benchmarks.classifier_bench import HEADS, ROWS_REF, _peak_gib, _sync  # noqa: E402
 from facetrain.config import config_from_dict  # noqa: E402
 from facetrain.dist import DistContext, finish, init_distributed  # noqa: E402
 from facetrain.engines import build_engine  # noqa: E402
@@ -119,7 +119,8 @@ def synthetic_counts(classes: int, seed: int = 0) -> np.ndarray:
 
 def build_cfg(backbone: str, batch: int, sample_rate: float, side: int, leap: str,
               args: argparse.Namespace, update_rows: str = "all", head: str = "arcface"):
-    margin, extra = HEADS[head]           # arcface: s=64, m=0.5, the anchor table's head
+    # arcface: s=64, m=0.5, the anchor table's head; ROWS_REF: CosFace (with K x the classes).
+    margin, extra = HEADS["cosface" if head == ROWS_REF else head]
     return config_from_dict({
         "data": {"batch_size": batch, "image_size": side},
         "model": {"backbone": backbone, "channels_last": args.channels_last,
@@ -157,6 +158,8 @@ def build_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext
     """(step, result): `step()` runs one training step of the row (backbone, engine and fixed
     batches built here); `result(ms_per_step)` is its Result with that time."""
     backbone_name, batch, classes, rate, side, leap = spec[:6]
+    if head_name == ROWS_REF:             # as many classifier rows as sub-center ArcFace's
+        classes *= HEADS["subcenter"][0].subcenters
     update_rows = spec[6] if len(spec) > 6 else "all"
     cfg = build_cfg(backbone_name, batch, rate, side, leap, args, update_rows, head_name)
     dev = ctx.device
@@ -378,6 +381,8 @@ def _main_heads(args, names: List[str], table: Dict[str, tuple], ctx: DistContex
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise SystemExit(f"unknown head(s) {unknown}; known: {', '.join(HEADS)}")
+    if "subcenter" in heads:              # its same-size reference (classifier_bench.ROWS_REF)
+        heads.append(ROWS_REF)
     results = []
     for name in names:
         built = {h: build_row(name, table[name], args, ctx, h) for h in heads}
