@@ -1,5 +1,5 @@
 """Sub-center ArcFace's cleaning step (facetrain.heads.kinds.subcenter.dominant_subcenters)
-against a float64 reference of the paper's rule (Deng et al., ECCV 2020, Sec. 3.2), and the
+against a float64 reference of the paper's rule (Deng et al., ECCV 2020), and the
 shard conversion that retrains the dominant rows as ArcFace."""
 from __future__ import annotations
 

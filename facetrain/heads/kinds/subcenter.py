@@ -58,7 +58,7 @@ class DominantSubcenters(NamedTuple):
 
 def dominant_subcenters(weight: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                         max_angle_deg: float = 75.0, chunk: int = 65536) -> DominantSubcenters:
-    """Sub-center ArcFace's cleaning step (Deng et al., ECCV 2020, Sec. 3.2).
+    """Sub-center ArcFace's cleaning step (Deng et al., ECCV 2020).
 
     weight [C, K, D] the trained sub-centres; features [N, D] the training set's embeddings (any
     norm); labels [N] int64 in [0, C). A sample's sub-centre is the nearest of its class's K; a
