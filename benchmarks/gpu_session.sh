@@ -49,11 +49,11 @@ if has heads; then
   # and a whole training step per head (r50 at 93k classes on the GPU).
   log "heads: every margin kind against CosFace (docs/heads.md), 1M classes, sr 0.1, bf16"
   timeout 240 python3 benchmarks/classifier_bench.py --device cuda --heads all --classes 1000000 \
-    --sample-rates 0.1 --leap off on --rounds 5 --json "$OUT/heads.json" 2>&1 | grep -v "^# round" \
-    | tail -32 | tee "$OUT/heads.log"
+    --sample-rates 0.1 --leap off on --rounds 5 --steps 20 --json "$OUT/heads.json" 2>&1 \
+    | grep -v "^# round" | tail -32 | tee "$OUT/heads.log"
   timeout 150 python3 benchmarks/classifier_bench.py --device cuda --heads all --classes 1000000 \
-    --sample-rates 0.1 --leap off --update-rows sampled --rounds 5 --json "$OUT/heads_rows.json" \
-    2>&1 | grep -v "^# round" | tail -16 | tee -a "$OUT/heads.log"
+    --sample-rates 0.1 --leap off --update-rows sampled --rounds 5 --steps 20 \
+    --json "$OUT/heads_rows.json" 2>&1 | grep -v "^# round" | tail -16 | tee -a "$OUT/heads.log"
   log "heads: whole training step per head, r50, batch 256, 93k classes, bf16"
   timeout 150 python3 benchmarks/train_throughput.py --device cuda --channels-last \
     --rows r50-b256-c93k --heads all --rounds 3 --warmup 5 --steps 10 \
