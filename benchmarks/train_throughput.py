@@ -28,7 +28,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from classifier_bench import HEADS, _peak_gib, _sync  # the sibling script: its folder is on the path
+# classifier_bench is the sibling script: its folder is on the path when this file runs
+from classifier_bench import HEADS, ROWS_REF, _peak_gib, _sync
 from facetrain.config import config_from_dict
 from facetrain.dist import DistContext, finish, init_distributed
 from facetrain.engines import build_engine
@@ -80,6 +81,26 @@ class Result:
     error: Optional[str] = None
     head: str = "arcface"
     vs_cosface_pct: Optional[float] = None
+    vs_cosface_min_pct: Optional[float] = None       # --heads: spread of the per-round ratio
+    vs_cosface_max_pct: Optional[float] = None
+    cpu_ms_per_step: Optional[float] = None           # --heads: process CPU time per step
+    cpu_vs_cosface_pct: Optional[float] = None
+    best_vs_cosface_pct: Optional[float] = None       # best CPU-time round vs CosFace's best
+    ms_rounds: Optional[List[float]] = None           # --heads: every round, wall and CPU
+    cpu_ms_rounds: Optional[List[float]] = None
+
+
+def _pct_spread(ms: List[float], base: List[float]) -> List[float]:
+    """[min, median, max] of the per-round ratios ms / base, as percent over base."""
+    pct = [100.0 * (m - b) / b for m, b in zip(ms, base)]
+    return [float(min(pct)), float(np.median(pct)), float(max(pct))]
+
+
+def _loadavg() -> str:
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "n/a"
 
 
 def synthetic_counts(classes: int, seed: int = 0) -> np.ndarray:
@@ -94,7 +115,8 @@ def synthetic_counts(classes: int, seed: int = 0) -> np.ndarray:
 
 def build_cfg(backbone: str, batch: int, sample_rate: float, side: int, leap: str,
               args: argparse.Namespace, update_rows: str = "all", head: str = "arcface"):
-    margin, extra = HEADS[head]           # arcface: s=64, m=0.5, the anchor table's head
+    # arcface: s=64, m=0.5, the anchor table's head; ROWS_REF: CosFace (with K x the classes).
+    margin, extra = HEADS["cosface" if head == ROWS_REF else head]
     return config_from_dict({
         "data": {"batch_size": batch, "image_size": side},
         "model": {"backbone": backbone, "channels_last": args.channels_last,
@@ -110,7 +132,30 @@ def build_cfg(backbone: str, batch: int, sample_rate: float, side: int, leap: st
 
 def run_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext,
             head_name: str = "arcface") -> Result:
+    step, result = build_row(name, spec, args, ctx, head_name)
+    dev = ctx.device
+    for _ in range(args.warmup):
+        step()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    res = result(1000 * dt / args.steps)
+    if args.split and dev.type == "cuda":
+        res.split_ms = _split(step.engine, step.images[0], step.labels[0], dev)
+    del step
+    return res
+
+
+def build_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext,
+              head_name: str = "arcface"):
+    """(step, result): `step()` runs one training step of the row (backbone, engine and fixed
+    batches built here); `result(ms_per_step)` is its Result with that time."""
     backbone_name, batch, classes, rate, side, leap = spec[:6]
+    if head_name == ROWS_REF:             # as many classifier rows as sub-center ArcFace's
+        classes *= HEADS["subcenter"][0].subcenters
     update_rows = spec[6] if len(spec) > 6 else "all"
     cfg = build_cfg(backbone_name, batch, rate, side, leap, args, update_rows, head_name)
     dev = ctx.device
@@ -139,23 +184,15 @@ def run_row(name: str, spec: tuple, args: argparse.Namespace, ctx: DistContext,
         engine.micro_step(images[k], labels[k], sync=True)
         engine.step()
 
-    for _ in range(args.warmup):
-        step()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(dev)
-    dt = time.perf_counter() - t0
-    split = _split(engine, images[0], labels[0], dev) if args.split and dev.type == "cuda" else None
-    res = Result(name, backbone_name, batch, ctx.world_size, classes, rate, leap, update_rows,
-                 args.precision,
-                 args.compile, args.channels_last,
-                 samples_per_s=batch * ctx.world_size * args.steps / dt,
-                 ms_per_step=1000 * dt / args.steps, peak_mem_gib=_peak_gib(dev), split_ms=split,
-                 head=head_name)
-    del engine, head, backbone, images
-    return res
+    step.engine, step.images, step.labels = engine, images, labels
+
+    def result(ms: float) -> Result:
+        return Result(name, backbone_name, batch, ctx.world_size, classes, rate, leap,
+                      update_rows, args.precision, args.compile, args.channels_last,
+                      samples_per_s=batch * ctx.world_size * 1000 / ms, ms_per_step=ms,
+                      peak_mem_gib=_peak_gib(dev), head=head_name)
+
+    return step, result
 
 
 def _split(engine, images: torch.Tensor, labels: torch.Tensor, dev: torch.device) -> Dict[str, float]:
@@ -206,7 +243,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--heads", default="", help="comma-separated margin heads (classifier_bench's "
                    "HEADS, docs/heads.md) to time each row with, against CosFace, in "
                    "interleaved rounds; the median is reported")
-    p.add_argument("--rounds", type=int, default=3, help="--heads / --config: timing rounds")
+    p.add_argument("--rounds", type=int, default=3, help="--heads / --config: timing rounds "
+                   "(--heads: --warmup steps per head once, then --steps per head per round)")
     p.add_argument("--config", default=None,
                    help="time this training config with LEAP off against LEAP on (its mode, "
                         "or full), interleaved; e.g. configs/default.yaml (the main job)")
@@ -428,33 +466,64 @@ def _plain_side(cfg, ctx: DistContext, classes: int, batches) -> tuple:
 
 
 def _main_heads(args, names: List[str], table: Dict[str, tuple], ctx: DistContext) -> List[Result]:
-    """Each row with CosFace and every head of --heads, in interleaved rounds (a drifting machine
-    moves both sides of each ratio alike): median ms/step, median per-round ratio to CosFace."""
+    """Each row with CosFace and every head of --heads: every head's step is built once, warmed
+    up, then timed in --rounds interleaved rounds of --steps steps whose order rotates (a
+    drifting machine moves both sides of each ratio alike). Reports the median ms/step, and
+    min / median / max of the per-round ratio to CosFace in wall time, plus the median ratio in
+    process CPU time (with one thread the step's own work)."""
     heads = ["cosface"] + [h for h in args.heads.split(",") if h and h != "cosface"]
     if "all" in heads:
         heads = list(HEADS)
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise SystemExit(f"unknown head(s) {unknown}; known: {', '.join(HEADS)}")
+    if "subcenter" in heads:              # its same-size reference (classifier_bench.ROWS_REF)
+        heads.append(ROWS_REF)
     results = []
     for name in names:
-        runs: Dict[str, List[Result]] = {h: [] for h in heads}
+        built = {h: build_row(name, table[name], args, ctx, h) for h in heads}
+        for h in heads:
+            for _ in range(args.warmup):
+                built[h][0]()
+        if ctx.is_main:
+            print(f"# {name}: {torch.get_num_threads()} thread(s), load average before "
+                  f"{_loadavg()}", flush=True)
+            print("| row | head | precision | ms/step (median) | vs CosFace, wall: min / median / "
+                  "max | vs CosFace, CPU time: median / best |", flush=True)
+        wall: Dict[str, List[float]] = {h: [] for h in heads}
+        cpu: Dict[str, List[float]] = {h: [] for h in heads}
         for r in range(args.rounds):
             for h in heads[r % len(heads):] + heads[:r % len(heads)]:   # no head always first
-                runs[h].append(run_row(name, table[name], args, ctx, h))
-        base = [r.ms_per_step for r in runs["cosface"]]
+                step = built[h][0]
+                _sync(ctx.device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(args.steps):
+                    step()
+                _sync(ctx.device)
+                wall[h].append(1000 * (time.perf_counter() - t0) / args.steps)
+                cpu[h].append(1000 * (time.process_time() - c0) / args.steps)
         for h in heads:
-            ms = [r.ms_per_step for r in runs[h]]
-            res = runs[h][-1]
-            res.ms_per_step = float(np.median(ms))
-            res.samples_per_s = res.batch_per_rank * res.world_size * 1000 / res.ms_per_step
+            res = built[h][1](float(np.median(wall[h])))
+            res.cpu_ms_per_step = float(np.median(cpu[h]))
+            res.ms_rounds, res.cpu_ms_rounds = wall[h], cpu[h]
             if h != "cosface":
-                res.vs_cosface_pct = float(np.median([100 * (m - b) / b for m, b in zip(ms, base)]))
+                spread = _pct_spread(wall[h], wall["cosface"])
+                res.vs_cosface_min_pct, res.vs_cosface_pct, res.vs_cosface_max_pct = spread
+                res.cpu_vs_cosface_pct = _pct_spread(cpu[h], cpu["cosface"])[1]
+                # Other jobs only add time: the best rounds are the least disturbed.
+                res.best_vs_cosface_pct = 100 * (min(cpu[h]) - min(cpu["cosface"])) / min(
+                    cpu["cosface"])
             results.append(res)
             if ctx.is_main:
-                over = "" if res.vs_cosface_pct is None else f"{res.vs_cosface_pct:+.1f}%"
+                over = "" if res.vs_cosface_pct is None else (
+                    f"{res.vs_cosface_min_pct:+.1f}% / {res.vs_cosface_pct:+.1f}% / "
+                    f"{res.vs_cosface_max_pct:+.1f}% | {res.cpu_vs_cosface_pct:+.1f}% / "
+                    f"{res.best_vs_cosface_pct:+.1f}%")
                 print(f"| {name} | {h} | {res.precision} | {res.ms_per_step:.1f} | {over} |",
                       flush=True)
+        if ctx.is_main:
+            print(f"# load average after {_loadavg()}", flush=True)
+        del built
     if ctx.is_main and args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))

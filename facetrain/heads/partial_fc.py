@@ -253,11 +253,19 @@ class PartialFC(torch.nn.Module):
     def _filter_interclass(self, cos: torch.Tensor, col: torch.Tensor, local: torch.Tensor
                            ) -> torch.Tensor:
         """Partial FC's inter-class filtering: a non-target cosine above head.interclass_filter
-        becomes 0 (no gradient), before margins and LEAP; the target never is."""
-        dirty = cos.detach() > self.head_cfg.interclass_filter
-        own = dirty.gather(1, col.view(-1, 1)) & ~local.view(-1, 1)   # keep column 0 of others
-        dirty.scatter_(1, col.view(-1, 1), own)
-        return cos.masked_fill(dirty, 0.0)
+        becomes 0 (no gradient), before margins and LEAP; the target never is.
+
+        Written as an in-place multiply by a 0/1 float mask (`cos` is the fresh matmul output,
+        which no backward saves): three passes over the block (compare, multiply, and the
+        gradient's multiply) where masked_fill took two slow masked passes and a new buffer (on
+        one CPU thread the filter cost ~3x as much). The values are the same bit for bit: a
+        filtered cosine is > 0, so cos * 0 = +0, and cos * 1 = cos."""
+        keep = torch.le(cos.detach(), self.head_cfg.interclass_filter,
+                        out=torch.empty_like(cos))
+        tgt = col.view(-1, 1)
+        # A local target is always kept; rows of other shards keep column 0 as it is.
+        keep.scatter_(1, tgt, torch.maximum(keep.gather(1, tgt), local.view(-1, 1).to(keep.dtype)))
+        return cos.mul_(keep)
 
     def leap_summary(self) -> Dict[str, float]:
         """Global LEAP numbers (replicated): statistics, the expected per-sample noise variance

@@ -9,7 +9,8 @@ The references below share no code with facetrain.heads (they are the papers' eq
                    other c' -> c' (t + c') where c' > T_n
   AdaFace          zhat = clip(h (||z|| - mu) / (sd + 1e-3), -1, 1) after mu, sd <- EMA of the
                    batch's mean and unbiased std of clip(||z||, 1e-3, 100);
-                   target s (cos(clip(theta_y + alpha_y - m zhat, 1e-3, pi - 1e-3)) - m - m zhat)
+                   target s (cos(clip(theta_y + alpha_y - m zhat, 1e-3, pi - 1e-3)) - m - m zhat),
+                   theta_y = arccos(clip(cos_y, -1 + 1e-3, 1 - 1e-3)) (its released code)
   Sub-center      cos theta_j = max_k cos(f, W_jk), then ArcFace's target
   MagFace         a = clip(|f|, a_min, a_max), m(a) linear onto [m_min, m_max],
                    target s cos(clip(theta_y + alpha_y + m(a), 0, pi)), loss + lambda_g mean(1/a + a/a_max^2)
@@ -110,6 +111,7 @@ def paper_loss(case, emb, weight, labels, cls, alpha, stats, z_margin):
         stats["norm_mean"] = r * float(norms.mean()) + (1 - r) * stats["norm_mean"]
         stats["norm_std"] = r * float(norms.std(unbiased=True)) + (1 - r) * stats["norm_std"]
         zhat = (m.h * (norms - stats["norm_mean"]) / (stats["norm_std"] + 1e-3)).clamp(-1, 1)
+        th_y = torch.acos(cos[onehot].clamp(-1 + 1e-3, 1 - 1e-3))
         target = torch.cos(torch.clamp(th_y + a_y - m.m_arc * zhat, 1e-3, math.pi - 1e-3)) \
             - (m.m_arc + m.m_arc * zhat)
     logits = m.scale * torch.where(onehot, target.unsqueeze(1).expand_as(other), other)

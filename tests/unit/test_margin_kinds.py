@@ -5,6 +5,8 @@ tests/distributed/test_margin_kinds_dist.py.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from facetrain.config import HeadConfig, LeapConfig
 from facetrain.heads import noise
 from facetrain.heads.kinds import build_margin, margin_kinds
 from facetrain.heads.kinds.elasticface import SALT
+from facetrain.heads.margins import StepInputs, margin_logits
 from facetrain.heads.partial_fc import PartialFC
 
 
@@ -159,7 +162,100 @@ def test_classifier_bench_times_heads_against_cosface(tmp_path, capsys):
     main(["--heads", "adaface", "subcenter", "--classes", "300", "--sample-rates", "0.5",
           "--steps", "1", "--warmup", "1", "--dim", "16", "--json", str(out)])
     rows = json.loads(out.read_text())
-    assert [(r["head"], r["leap"]) for r in rows] == [
-        (h, leap) for leap in ("off", "on") for h in ("cosface", "adaface", "subcenter")]
+    # Sub-center ArcFace brings its same-size reference: CosFace with K x the classes.
+    assert [(r["head"], r["leap"], r["classes"]) for r in rows] == [
+        (h, leap, 900 if h == "cosface_rows" else 300) for leap in ("off", "on")
+        for h in ("cosface", "adaface", "subcenter", "cosface_rows")]
     assert all((r["vs_cosface_pct"] is None) == (r["head"] == "cosface") for r in rows)
-    assert "| adaface | 300 | 0.5 | on |" in capsys.readouterr().out
+    for r in rows:
+        if r["head"] != "cosface":
+            assert r["vs_cosface_min_pct"] <= r["vs_cosface_pct"] <= r["vs_cosface_max_pct"]
+        assert (r["vs_ref_pct"] is not None) == (r["head"] == "subcenter")
+    out = capsys.readouterr().out
+    assert "| adaface | 300 | 0.5 | on |" in out and "| subcenter (K=3) | 300 |" in out
+    assert "load average before" in out
+
+
+@pytest.mark.parametrize("cos_y", [0.99995, 0.9993, -0.9996, 0.3])
+def test_adaface_target_is_the_released_codes_near_one(cos_y):
+    """AdaFace's released code clamps the target cosine to [-1 + 1e-3, 1 - 1e-3] before arccos
+    (no gradient beyond) and clips the angle to [1e-3, pi - 1e-3]: a float64 reference of that
+    code, value and gradient, for targets at and inside the clamp."""
+    m, h = 0.4, 0.333
+    kind = build_margin(MarginConfig("adaface", 64.0, 0.0, m, h=h, stat_momentum=0.5))
+    norms = torch.tensor([3.0, 18.0, 40.0, 25.0])
+    cos = torch.full((4, 3), 0.1).index_put_((torch.arange(4), torch.tensor([0, 1, 2, 0])),
+                                             torch.tensor(cos_y)).requires_grad_(True)
+    col, local = torch.tensor([0, 1, 2, 0]), torch.ones(4, dtype=torch.bool)
+    inputs = StepInputs(col, norms, torch.tensor(0), 1, None, True)
+    out = margin_logits(cos, col, local, kind, None, inputs)
+    out.gather(1, col.view(-1, 1)).sum().backward()
+    # Reference: the released code's forward with batch_mean 20, batch_std 100 moved by r = 0.5.
+    n = norms.double()
+    mu, sd = 0.5 * n.mean() + 0.5 * 20.0, 0.5 * n.std() + 0.5 * 100.0
+    zhat = (h * (n - mu) / (sd + 1e-3)).clamp(-1, 1)
+    c = torch.tensor([cos_y] * 4, dtype=torch.float64, requires_grad=True)
+    theta = torch.acos(c.clamp(-1 + 1e-3, 1 - 1e-3))
+    ref = 64.0 * (torch.cos((theta - m * zhat).clamp(1e-3, math.pi - 1e-3)) - (m + m * zhat))
+    ref.sum().backward()
+    got = out.detach().gather(1, col.view(-1, 1)).squeeze(1).double()
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-4)
+    grad = cos.grad.gather(1, col.view(-1, 1)).squeeze(1).double()
+    torch.testing.assert_close(grad, c.grad, rtol=1e-4, atol=1e-3)
+    if abs(cos_y) > 1 - 1e-3:
+        assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("override, message", [
+    # The issue's list: a negative margin (each kind's margin field), sigma < 0, K < 1.
+    ("head.margin.mag_m_min=-0.1", r"head.margin.mag_m_min must be in \[0.0, 3.1416\]; got -0.1"),
+    ("head.margin.mag_m_max=-0.1", r"head.margin.mag_m_max must be in \[0.0, 3.1416\]; got -0.1"),
+    ("head.margin.ldam_max_m=-0.5", r"head.margin.ldam_max_m must be in \[0.0, 1.0\]; got -0.5"),
+    ("head.margin.sigma=-1", r"head.margin.sigma must be in \[0.0, inf\]; got -1.0"),
+    ("head.margin.subcenters=-2", r"head.margin.subcenters must be in \[1, inf\]; got -2"),
+    ("head.interclass_filter=-0.3", r"head.interclass_filter must be in \[0.0, 1.0\); got -0.3"),
+    ("head.margin.scale=0", r"head.margin.scale must be in \(0.0, inf\]; got 0.0"),
+])
+def test_issue_bad_values_are_config_errors_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["head.margin.kind=subcenter", override] if "subcenters" in override
+                    else [override])
+
+
+def test_class_count_heads_need_class_counts():
+    """tau (logit adjustment) and LDAM's per-class margin without class counts: one error at
+    start naming the field, not a silent uniform prior / margin."""
+    none = np.zeros(10, dtype=int)
+    with pytest.raises(ValueError, match=r"head.logit_adjust_tau=0.5 needs the class counts"):
+        PartialFC(4, none, HeadConfig(logit_adjust_tau=0.5), LeapConfig(mode="off"),
+                  single_process())
+    with pytest.raises(ValueError, match=r"head.margin.kind=ldam sets each class's margin from "
+                                         r"the class counts K_i, but the training data reports none"):
+        PartialFC(4, none, HeadConfig(margin=MarginConfig("ldam")), LeapConfig(mode="off"),
+                  single_process())
+
+
+def test_interclass_filter_is_masked_fill_bit_for_bit():
+    """The filter (an in-place multiply by a 0/1 mask) equals the masked_fill formulation bit for
+    bit, values and gradients, also for rows whose class is on another shard (their column 0 is
+    an ordinary column: filtered like any other)."""
+    thr = 0.3
+    head = PartialFC(4, np.full(10, 3), HeadConfig(interclass_filter=thr), LeapConfig(mode="off"),
+                     single_process())
+    g = torch.Generator().manual_seed(5)
+    base = torch.rand(6, 40, generator=g) * 1.4 - 0.7
+    col = torch.tensor([3, 0, 7, 0, 39, 12])
+    local = torch.tensor([True, True, False, False, True, True])
+    base[0, 3] = base[1, 0] = base[2, 7] = base[3, 0] = 0.9      # targets (and column 0) above
+    up = torch.randn(6, 40, generator=g)
+    a = base.clone().requires_grad_(True)
+    out = head._filter_interclass(a * 1.0, col, local)
+    out.backward(up)
+    b = base.clone().requires_grad_(True)
+    onehot = torch.zeros(6, 40, dtype=torch.bool)
+    onehot[torch.arange(6)[local], col[local]] = True
+    ref = b.masked_fill((b.detach() > thr) & ~onehot, 0.0)
+    ref.backward(up)
+    assert torch.equal(out.detach().view(torch.int32), ref.detach().view(torch.int32))
+    assert torch.equal(a.grad, b.grad)
+    assert out[0, 3] == base[0, 3] and out[2, 7] == 0 and out[3, 0] == 0

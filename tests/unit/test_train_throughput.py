@@ -44,6 +44,10 @@ def test_heads_are_timed_against_cosface(monkeypatch):
                             "--warmup", "1", "--steps", "1"])
     assert [(r.head, r.vs_cosface_pct is None) for r in results] == [
         ("cosface", True), ("curricularface", False)]
+    curricular = results[1]
+    assert (curricular.vs_cosface_min_pct <= curricular.vs_cosface_pct
+            <= curricular.vs_cosface_max_pct)
+    assert all(r.cpu_ms_per_step > 0 and r.ms_per_step > 0 for r in results)
 
 
 def test_any_config_is_timed_leap_off_against_on(monkeypatch):

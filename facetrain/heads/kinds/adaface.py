@@ -5,12 +5,15 @@ norm before normalisation.
   mu, sd  <- rate * (mean, unbiased std of ||z|| over the global batch) + (1 - rate) * (mu, sd)
              each training forward, before use (rate = stat_momentum; mu_0 = 20, sd_0 = 100)
   zhat_n   = clip(h * (||z||_n - mu) / (sd + 0.001), -1, 1)
+  theta_y  = arccos(clip(cos_y, -1 + 0.001, 1 - 0.001))                (as the paper's code)
   target   s * (cos(clip(theta_y + alpha_y - m zhat_n, 0.001, pi - 0.001)) - (m + m zhat_n))
   others   s * c'_j (LEAP's perturbed cosine, or the cosine)
 
-m = head.margin.m_arc (the paper's 0.4), h = head.margin.h (0.333). The paper's code also clamps
-every non-target cosine to [-1 + 0.001, 1 - 0.001]; we leave non-targets as every other kind
-does (a difference only for |cos| > 0.999).
+m = head.margin.m_arc (the paper's 0.4), h = head.margin.h (0.333). The target follows the
+paper's released code exactly, its 0.001 clamp of the cosine included (so a target with
+|cos| > 0.999 has no gradient, as there). The same code also clamps every non-target cosine to
+[-1 + 0.001, 1 - 0.001]; we leave non-targets as every other kind does (docs/heads.md says why:
+one more pass over the block, to change only logits with |cos| > 0.999).
 
 Where the norm comes from: PartialFC receives the backbone's embeddings un-normalised (every
 registered backbone returns them so, see facetrain/models/registry.py) and all-gathers them for
@@ -27,7 +30,7 @@ import torch
 
 from facetrain.config import MarginConfig
 from facetrain.heads.kinds import register
-from facetrain.heads.margins import MarginKind, StepInputs, angle
+from facetrain.heads.margins import MarginKind, StepInputs
 
 NORM_CLIP = (0.001, 100.0)
 EPS = 0.001
@@ -58,7 +61,8 @@ class AdaFace(MarginKind):
             self.zhat = zhat.clamp(-1.0, 1.0).to(cos_t.dtype)
 
     def target(self, cos_t: torch.Tensor, alpha_t: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-        theta = torch.clamp(angle(cos_t) + alpha_t - self.m * self.zhat, EPS, math.pi - EPS)
+        theta = torch.acos(cos_t.clamp(-1.0 + EPS, 1.0 - EPS))
+        theta = torch.clamp(theta + alpha_t - self.m * self.zhat, EPS, math.pi - EPS)
         return torch.cos(theta) - (self.m + self.m * self.zhat)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:

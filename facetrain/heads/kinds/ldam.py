@@ -27,6 +27,10 @@ class LDAM(MarginKind):
         self.margin_n: Optional[torch.Tensor] = None
 
     def set_class_counts(self, counts: torch.Tensor) -> None:
+        if int(counts.sum()) <= 0:
+            # Without K_i every class would get ldam_max_m: CosFace under another name.
+            raise ValueError("head.margin.kind=ldam sets each class's margin from the class "
+                             "counts K_i, but the training data reports none")
         k = counts.clamp(min=1).double()
         self.class_margin = (self.max_m * (k.min() / k) ** 0.25).float()
 
