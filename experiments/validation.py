@@ -25,8 +25,8 @@ import numpy as np
 
 from glyph_benchmark import eval_sets
 from glyph_benchmark.build import (MANIFEST, VERIFICATION_BIN, BuildSettings, GlyphBuildError,
-                                    RENDER_SLACK, candidate_order, class_name, find_designs,
-                                    render_chars, training_designs)
+                                    candidate_order, class_name, find_designs,
+                                    render_qualifying, training_designs)
 
 VALIDATION_DIR = "validation"
 # Random streams of the validation sets' pairs and crops: [seed, 101] and [seed, 102], apart
@@ -78,26 +78,16 @@ def choose_validation_chars(designs, settings: BuildSettings, used: Set[str], co
     build's own test (>= min_designs non-blank training designs; with eval_heldout_only two
     held-out renders), rendered; their images are those the test sets would use."""
     use = training_designs(designs, settings.holdout_designs)
-    use_set = set(use)
     order = [ch for ch in candidate_order(designs, use, settings.min_designs, settings.seed)
              if ch not in used]
-    good: Rendered = []
-    start = 0
-    while len(good) < count and start < len(order):
-        chunk = order[start:start + int((count - len(good)) * RENDER_SLACK) + 64]
-        start += len(chunk)
-        rendered = render_chars(designs, chunk, settings.size, settings.jobs, progress)
-        for ch in chunk:
-            n_use = sum(1 for d, _ in rendered[ch] if d in use_set)
-            if n_use >= settings.min_designs and (not settings.eval_heldout_only
-                                                  or len(rendered[ch]) - n_use >= 2):
-                good.append((ch, rendered[ch]))
+    good: Rendered = render_qualifying(designs, order, use, count, settings, progress)
     if len(good) < count:
         raise GlyphBuildError(f"only {len(good)} characters outside the build's "
                               f"{len(used)} qualify (>= {settings.min_designs} designs); "
                               f"validation needs {count}: lower the validation class counts")
     good = good[:count]
     if settings.eval_heldout_only:
+        use_set = set(use)
         good = [(ch, [(d, im) for d, im in imgs if d not in use_set]) for ch, imgs in good]
     return good
 

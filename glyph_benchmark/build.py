@@ -208,6 +208,28 @@ def _progress(total: int, desc: str, enabled: bool) -> Callable[..., None]:
     return update
 
 
+def render_qualifying(designs: Sequence[FontFace], order: Sequence[str], use: Sequence[int],
+                      need: int, settings: BuildSettings, progress: bool = True
+                      ) -> List[Tuple[str, List[Tuple[int, np.ndarray]]]]:
+    """Render `order` in chunks until `need` characters pass the build's test (>= min_designs
+    non-blank training designs; with eval_heldout_only also two held-out renders, for a
+    same-class pair), in order; fewer when `order` runs out. The test sets and the validation
+    set both choose through here, so they apply the same rule."""
+    use_set = set(use)
+    good: List[Tuple[str, List[Tuple[int, np.ndarray]]]] = []
+    start = 0
+    while len(good) < need and start < len(order):
+        chunk = order[start:start + int((need - len(good)) * RENDER_SLACK) + 64]
+        start += len(chunk)
+        rendered = render_chars(designs, chunk, settings.size, settings.jobs, progress)
+        for ch in chunk:
+            n_use = sum(1 for d, _ in rendered[ch] if d in use_set)
+            if n_use >= settings.min_designs and (not settings.eval_heldout_only
+                                                  or len(rendered[ch]) - n_use >= 2):
+                good.append((ch, rendered[ch]))
+    return good
+
+
 def choose_classes(designs: Sequence[FontFace], settings: BuildSettings,
                    progress: bool = True) -> Classes:
     """Render candidates in seeded order until enough have >= min_designs non-blank training
@@ -222,24 +244,13 @@ def choose_classes(designs: Sequence[FontFace], settings: BuildSettings,
         raise GlyphBuildError(f"only {len(order)} characters are covered by >= "
                               f"{settings.min_designs} designs but the splits need {need}: lower "
                               "`min_designs` or the class counts")
-    use_set = set(use)
-    good: List[Tuple[str, List[Tuple[int, np.ndarray]]]] = []
-    start = 0
-    while len(good) < need and start < len(order):
-        chunk = order[start:start + int((need - len(good)) * RENDER_SLACK) + 64]
-        start += len(chunk)
-        rendered = render_chars(designs, chunk, settings.size, settings.jobs, progress)
-        for ch in chunk:
-            n_use = sum(1 for d, _ in rendered[ch] if d in use_set)
-            # Held-out-only evaluation needs two held-out renders for a same-class pair.
-            if n_use >= settings.min_designs and (not settings.eval_heldout_only
-                                                  or len(rendered[ch]) - n_use >= 2):
-                good.append((ch, rendered[ch]))
+    good = render_qualifying(designs, order, use, need, settings, progress)
     if len(good) < need:
         raise GlyphBuildError(f"only {len(good)} characters render in >= {settings.min_designs} "
                               f"designs (blank glyphs dropped); the splits need {need}")
     good = good[:need]
     n_tr, n_ev = settings.train_classes, settings.eval_classes
+    use_set = set(use)
     train = [(ch, [(d, im) for d, im in imgs if d in use_set]) for ch, imgs in good[:n_tr]]
     rest = good[n_tr:]
     if settings.eval_heldout_only:
