@@ -19,6 +19,7 @@ and `facetrain.optim.SampledRowSGD` updates only them.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -78,6 +79,21 @@ class _SampledRows(torch.autograd.Function):
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def _coalesced_flag_hook(head: "PartialFC"):
+    """The weight's post-accumulate hook, holding the head only weakly. autograd keeps a tensor's
+    hooks from C++, where Python's cycle collector cannot see them: a bound method there (head ->
+    weight -> hook -> head) made every head with sampled-row updates immortal, and with it its
+    DistContext and process group, whose gloo threads then died in interpreter finalization
+    ("terminate called without an active exception", SIGABRT at exit)."""
+    ref = weakref.ref(head)
+
+    def hook(weight: torch.Tensor) -> None:
+        alive = ref()
+        if alive is not None:
+            alive._keep_rows_coalesced(weight)
+    return hook
 
 
 class PartialFC(torch.nn.Module):
@@ -140,7 +156,7 @@ class PartialFC(torch.nn.Module):
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []   # its update batches
         self.last_sample_index: torch.Tensor | None = None   # [k] local rows of the last step
         if head_cfg.update_rows == "sampled":
-            self.weight.register_post_accumulate_grad_hook(self._keep_rows_coalesced)
+            self.weight.register_post_accumulate_grad_hook(_coalesced_flag_hook(self))
 
     # ---- public -----------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

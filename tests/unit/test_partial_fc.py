@@ -66,6 +66,24 @@ def test_update_rows_sampled_gives_the_same_gradient_as_a_sparse_tensor():
     torch.testing.assert_close(sparse.to_dense(), dense, rtol=0, atol=0)
 
 
+def test_a_head_with_sampled_row_updates_is_freed_with_its_last_reference():
+    """The weight's post-accumulate hook must not hold the head: autograd keeps hooks from C++,
+    out of the cycle collector's sight, so a strong reference there made the head (and its
+    DistContext and process group) live until interpreter finalization, where gloo's threads
+    abort the process."""
+    import gc
+    import weakref
+    counts = np.ones(200, dtype=np.int64) * 5
+    head = PartialFC(8, counts, HeadConfig(0.1, update_rows="sampled"), LeapConfig(mode="full"),
+                     single_process(), seed=1).train()
+    head(torch.randn(6, 8), torch.tensor([3, 3, 150, 199, 0, 77])).backward()
+    assert head.weight.grad.is_coalesced()           # the hook ran
+    alive = weakref.ref(head)
+    del head
+    gc.collect()
+    assert alive() is None
+
+
 def test_update_rows_sampled_accumulated_gradient_is_summed():
     counts = np.ones(200, dtype=np.int64) * 5
     head = PartialFC(8, counts, HeadConfig(0.1, update_rows="sampled"), LeapConfig(mode="off"),
