@@ -91,7 +91,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         return DistContext(0, 1, 0, dev, None, None)
     backend = backend_for(device)
     if not dist.is_initialized():
-        import_before_process_groups()
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _restart_store(timeout)
         if store is not None:
@@ -116,16 +115,6 @@ def _restart_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"facetrain_restart_{attempt}", store)
-
-
-def import_before_process_groups() -> None:
-    """Import torch._dynamo before any process group exists. Its first import (which the first
-    torch optimizer triggers) takes references to every group alive at that moment, and those
-    outlive `destroy_process_group()` (seen with torch 2.13: +10 references to the world group,
-    none when the import comes first). A group kept that way is torn down only at process exit,
-    where its gloo threads can abort the process ("terminate called without an active
-    exception")."""
-    import torch._dynamo  # noqa: F401
 
 
 def finish(ctx: DistContext) -> None:

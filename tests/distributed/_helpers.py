@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from facetrain.config import MarginConfig
-from facetrain.dist import DistContext, import_before_process_groups
+from facetrain.dist import DistContext
 
 
 TIMEOUT = datetime.timedelta(seconds=120)
@@ -36,7 +36,6 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    import_before_process_groups()
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=TIMEOUT)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
     ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo", dist.group.WORLD)
