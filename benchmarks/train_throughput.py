@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 # classifier_bench is the sibling script: its folder is on the path when this file runs
-from classifier_bench import HEADS, ROWS_REF, _peak_gib, _sync
+from classifier_bench import HEADS, ROWS_REF, _loadavg, _peak_gib, _sync
+from classifier_bench import _ratios as _pct_spread
 from facetrain.config import config_from_dict
 from facetrain.dist import DistContext, finish, init_distributed
 from facetrain.engines import build_engine
@@ -89,18 +90,6 @@ class Result:
     ms_rounds: Optional[List[float]] = None           # --heads: every round, wall and CPU
     cpu_ms_rounds: Optional[List[float]] = None
 
-
-def _pct_spread(ms: List[float], base: List[float]) -> List[float]:
-    """[min, median, max] of the per-round ratios ms / base, as percent over base."""
-    pct = [100.0 * (m - b) / b for m, b in zip(ms, base)]
-    return [float(min(pct)), float(np.median(pct)), float(max(pct))]
-
-
-def _loadavg() -> str:
-    try:
-        return "%.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "n/a"
 
 
 def synthetic_counts(classes: int, seed: int = 0) -> np.ndarray:
