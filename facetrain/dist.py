@@ -8,8 +8,9 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -117,19 +118,80 @@ def _restart_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
     return dist.PrefixStore(f"facetrain_restart_{attempt}", store)
 
 
+# Modules that write `group=<the world group>` as a default argument. Python evaluates defaults
+# once, at import; a module imported while a world group is alive keeps that group in its
+# functions' defaults for the life of the process, past `destroy_process_group()`.
+# torch.distributed.nn.functional is imported by torch._dynamo, which the first torch optimizer
+# imports; deepspeed.comm.torch by `deepspeed.initialize`. Both happen after the group exists.
+GROUP_DEFAULT_MODULES = (
+    "torch.distributed.nn.functional",
+    "torch.distributed.optim.zero_redundancy_optimizer",
+    "torch.distributed.fsdp.sharded_grad_scaler",
+    "deepspeed.comm.torch",
+)
+
+
+def release_group_defaults(group: Optional[dist.ProcessGroup],
+                           modules: Sequence[str] = GROUP_DEFAULT_MODULES) -> int:
+    """Replace `group` by None in the default arguments of the functions (and class methods)
+    of `modules` that are imported; returns how many defaults were replaced.
+
+    A group held that way is freed only at interpreter teardown, where its gloo threads can
+    abort the process ("terminate called without an active exception", SIGABRT after a run
+    that succeeded). Every function concerned reads None as "the default group", so behaviour
+    is unchanged while the group lives; after `destroy_process_group()` nothing holds it and
+    its threads are joined then. Call before destroying the group (`finish` and
+    `Trainer.fit` do)."""
+    if group is None:
+        return 0
+    replaced = 0
+    for name in modules:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        for obj in list(vars(module).values()):
+            members = list(vars(obj).values()) if isinstance(obj, type) else [obj]
+            for member in members:
+                replaced += _release_defaults(member, group)
+    return replaced
+
+
+def _release_defaults(obj: Any, group: dist.ProcessGroup) -> int:
+    """Replace `group` in the defaults of a function, of what it wraps, and of a
+    staticmethod/classmethod's function."""
+    replaced = 0
+    seen = set()
+    obj = getattr(obj, "__func__", obj)
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        defaults = getattr(obj, "__defaults__", None)
+        if isinstance(defaults, tuple) and any(d is group for d in defaults):
+            obj.__defaults__ = tuple(None if d is group else d for d in defaults)
+            replaced += sum(d is group for d in defaults)
+        kwdefaults = getattr(obj, "__kwdefaults__", None)
+        if isinstance(kwdefaults, dict):
+            for key, value in list(kwdefaults.items()):
+                if value is group:
+                    kwdefaults[key] = None
+                    replaced += 1
+        obj = getattr(obj, "__wrapped__", None)
+    return replaced
+
+
 def finish(ctx: DistContext) -> None:
     """End a run that succeeded on every rank: wait for all ranks, then tear the group down.
 
     The barrier keeps rank 1 from leaving while rank 0 still exports: a rank that ended early
     and then aborted at exit ("terminate called without an active exception", SIGABRT after
-    "done") made torchrun kill rank 0 mid-export. The collection runs before the teardown so
-    that nothing still holding the group (a reference cycle) is left to be freed during
-    interpreter finalization, where communication threads are torn down in no fixed order. The
-    abort was not reproduced on our CPU machines; launch/train_face.py also skips finalization
-    after success."""
+    "done") made torchrun kill rank 0 mid-export. Before the teardown, other libraries'
+    default arguments let go of the group (`release_group_defaults`) and reference cycles are
+    collected, so that nothing holding the group is left to be freed during interpreter
+    finalization, where its gloo threads are torn down in no fixed order and can abort the
+    process. launch/train_face.py also skips finalization after success."""
     if not (ctx.distributed and dist.is_initialized()):
         return
     dist.barrier(group=ctx.group)
+    release_group_defaults(ctx.group)
     gc.collect()
     dist.destroy_process_group()
     gc.collect()

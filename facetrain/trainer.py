@@ -25,7 +25,7 @@ import torch.distributed as dist
 from facetrain import checkpoint as ckpt
 from facetrain.config import Config, ConfigError
 from facetrain.data.errors import DatasetError
-from facetrain.dist import DistContext, raise_if_any_failed
+from facetrain.dist import DistContext, raise_if_any_failed, release_group_defaults
 from facetrain.engines import build_engine, check_engine
 from facetrain.export import export_backbone
 from facetrain.logging_utils import RunLogger, format_eta
@@ -181,8 +181,10 @@ class Trainer:
             after_step: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
         """Train to the end; returns {"step", "epoch", "loss", "export"}. However fit ends, the
         run log is closed (its handler on the `facetrain` logger goes with it) and the engine
-        releases what it created (DeepSpeed's own process groups), so that a process that
-        trained exits cleanly from any entry point.
+        releases what it created (DeepSpeed's own process groups), and the default arguments that
+        torch and DeepSpeed bound to the process group at import let go of it
+        (`facetrain.dist.release_group_defaults`), so that a process that trained exits cleanly
+        from any entry point once the caller destroys its group.
 
         after_step: called with the step number after each optimizer step, before that step's
         logging and checkpoint; a seam for callers (tests inject faults through it)."""
@@ -199,6 +201,7 @@ class Trainer:
             self.loader.release_workers()
             self.log.close()
             self.engine.close(finished)
+            release_group_defaults(self.ctx.group)
 
     def _fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
         """Train to the end; returns {"step", "epoch", "loss", "export"}.

@@ -7,6 +7,7 @@ per spawn: starting processes costs seconds.
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
 import socket
@@ -18,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from facetrain.config import MarginConfig
-from facetrain.dist import DistContext
+from facetrain.dist import DistContext, finish, release_group_defaults
 
 
 TIMEOUT = datetime.timedelta(seconds=120)
@@ -32,7 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gloo_threads() -> list:
+    """Names of this process's gloo threads (network loop and work queues): present exactly
+    while some gloo process group is alive."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                names.append(fh.read().strip())
+        except OSError:          # the thread ended meanwhile
+            pass
+    return sorted(n for n in names if "gloo" in n)
+
+
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    """One rank: the group is ended as the product ends a run (`facetrain.dist.finish`), and
+    then no gloo thread may be left. A group that something still holds would be freed only at
+    interpreter teardown, where its threads abort the process now and then ("terminate called
+    without an active exception"); checking the threads makes that leak fail every time."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -41,8 +59,17 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> 
     ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo", dist.group.WORLD)
     try:
         fn(ctx, *args)
-    finally:
+    except BaseException:
+        release_group_defaults(ctx.group)
         dist.destroy_process_group()
+        raise
+    del store
+    finish(ctx)
+    del ctx
+    gc.collect()
+    left = gloo_threads()
+    assert not left, (f"rank {rank}: gloo threads {left} still run after the process group was "
+                      "destroyed: something holds the group")
 
 
 def run_spawn(fn: Callable, world_size: int, *args) -> None:
