@@ -115,12 +115,12 @@ def _write_message(err: OSError, path: Path, root: Path) -> str:
             f"its partial files removed, the previous checkpoint under {root} is kept")
 
 
-def _write_own_files(tmp: Path, replicated: Optional[Dict[str, Any]], shard: Dict[str, Any],
+def _write_own_files(tmp: Path, replicated: Optional[Dict[str, Any]], rank_part: Dict[str, Any],
                      ctx: DistContext, root: Path) -> Dict[str, Dict[str, int]]:
     """This rank's file (and rank 0's replicated.pt) with their digests; _WriteFailed says
     which write failed (a full disk). The partial files go with the temporary folder."""
     mine: Dict[str, Dict[str, int]] = {}
-    names = [(f"rank{ctx.rank:05d}.pt", shard)]
+    names = [(f"rank{ctx.rank:05d}.pt", rank_part)]
     if ctx.is_main:
         if replicated is None:
             raise CheckpointError("rank 0 must pass the replicated checkpoint part")
@@ -135,8 +135,8 @@ def _write_own_files(tmp: Path, replicated: Optional[Dict[str, Any]], shard: Dic
 
 
 def save_checkpoint(root: Path, step: int, replicated: Optional[Dict[str, Any]],
-                    shard: Dict[str, Any], ctx: DistContext, keep_last: int) -> Path:
-    """Write one checkpoint collectively (every rank calls this with its own `shard`; rank 0 also
+                    rank_part: Dict[str, Any], ctx: DistContext, keep_last: int) -> Path:
+    """Write one checkpoint collectively (every rank calls this with its own `rank_part`, its rank file; rank 0 also
     passes `replicated`). Returns the final directory.
 
     A write that fails on any rank (a full disk: "no space left writing <path>") raises the same
@@ -153,7 +153,7 @@ def save_checkpoint(root: Path, step: int, replicated: Optional[Dict[str, Any]],
     mine: Dict[str, Dict[str, int]] = {}
     failure: Optional[str] = None
     try:
-        mine = _write_own_files(tmp, replicated, shard, ctx, root)
+        mine = _write_own_files(tmp, replicated, rank_part, ctx, root)
     except _WriteFailed as err:
         failure = str(err)
     digests = [(mine, failure)]
@@ -222,7 +222,7 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 
 def file_digest(path: Path) -> Dict[str, int]:
     """{"bytes", "crc32"} of a file. CRC-32 (zlib, streamed) rather than a cryptographic hash:
-    it detects truncation and corruption at disk speed on multi-GB classifier shards."""
+    it detects truncation and corruption at disk speed on multi-GB classifier blocks."""
     crc = 0
     with open(path, "rb") as fh:
         while True:

@@ -194,7 +194,7 @@ class HeadConfig:
     sample_rate: float = 1.0                   # partial-FC class sampling; 1.0 = full softmax
     margin: MarginConfig = field(default_factory=MarginConfig)
     # Which classifier rows an optimizer step touches when sampling: `all` (torch SGD over the
-    # whole shard, as InsightFace's PartialFC_V2) or `sampled` (a sparse gradient and momentum
+    # whole block, as InsightFace's PartialFC_V2) or `sampled` (a sparse gradient and momentum
     # SGD over the step's k rows only, as PartialFC v1; needs optim.name=sgd).
     update_rows: str = "all"
     # Class-balanced loss (Cui et al. 2019): each sample's CE is weighted by
@@ -258,7 +258,7 @@ class LeapConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer of the backbone and the classifier shard (sgd, adam, adamw), clipping, accumulation."""
+    """Optimizer of the backbone and the classifier block (sgd, adam, adamw), clipping, accumulation."""
 
     name: str = "sgd"                          # sgd | adamw | adam
     lr: float = 0.1

@@ -20,7 +20,7 @@ import torch.distributed as dist
 class DistContext:
     """Where this process sits in the job.
 
-    `group` is the process group the classifier is sharded over and the backbone is
+    `group` is the process group the classifier's class blocks are split over and the backbone is
     data-parallel over (None means a single process with no process group at all).
     """
 

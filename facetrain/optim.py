@@ -20,7 +20,7 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
     setting). Weight decay applies to every parameter, as in InsightFace's arcface_torch.
 
     The trainer builds one optimizer for the replicated backbone and one for this rank's
-    classifier shard, so the shard's state (momentum rows) stays with its classes.
+    classifier block, so the block's state (momentum rows) stays with its classes.
     """
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
@@ -36,7 +36,7 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
 
 
 def build_head_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The classifier shard's optimizer: `build_optimizer`, or `SampledRowSGD` when
+    """The classifier block's optimizer: `build_optimizer`, or `SampledRowSGD` when
     head.update_rows=sampled (config validation has already required optim.name=sgd)."""
     if cfg.head.update_rows == "sampled":
         params = [p for p in params if p.requires_grad]
@@ -48,7 +48,7 @@ def build_head_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter]) -> t
 class SampledRowSGD(torch.optim.Optimizer):
     """Momentum SGD that moves only the rows present in a sparse gradient.
 
-    Why: with class sampling a step's classifier gradient lives on k of the shard's C rows.
+    Why: with class sampling a step's classifier gradient lives on k of the block's C rows.
     torch's SGD, fed a dense gradient, still decays and moves all C rows and their momentum (a
     full pass over weight, gradient and momentum per step: 3 x 4 GB at 2M x 512 fp32). Here the
     head (head.update_rows=sampled) hands over a sparse gradient of the sampled rows, built

@@ -100,13 +100,13 @@ class PlanInput:
 
 
 def local_classes(classes: int, world_size: int) -> int:
-    """Rows of the largest shard (facetrain.heads.partition: the first C mod W ranks get one
+    """Rows of the largest class block (facetrain.heads.partition: the first C mod W ranks get one
     more)."""
     return -(-classes // world_size)
 
 
 def sampled_rows(p: PlanInput) -> int:
-    """k: rows of the shard a training step uses (every positive kept, so at least N)."""
+    """k: rows of the block a training step uses (every positive kept, so at least N)."""
     c = local_classes(p.classes, p.world_size)
     if p.sample_rate >= 1.0:
         return c
@@ -114,7 +114,7 @@ def sampled_rows(p: PlanInput) -> int:
 
 
 def classifier_memory(p: PlanInput) -> Dict[str, float]:
-    """Bytes per GPU of the classifier shard's state (weights, gradient, optimizer state)."""
+    """Bytes per GPU of the classifier block's state (weights, gradient, optimizer state)."""
     c, d, k = local_classes(p.classes, p.world_size), p.embedding_size, sampled_rows(p)
     grad = c * d * 4 if p.update_rows == "all" else k * d * 4 + k * 8
     return {"classifier weights": c * d * 4,
@@ -152,7 +152,7 @@ def leap_memory(p: PlanInput) -> Dict[str, float]:
     c, d = local_classes(p.classes, p.world_size), p.embedding_size
     slots = c * max(1, math.ceil(p.images_per_class * p.memory_factor - 1e-9)) + 1
     per_row = 1 + 8 * 3 + 8 * 2 + 4            # seen; count, sum, sumsq; ring size, offset; std
-    # + the shard's K_i (C_l int64), every class's K_i (C int64), 7 + 4 float64 run scalars
+    # + the block's K_i (C_l int64), every class's K_i (C int64), 7 + 4 float64 run scalars
     return {"LEAP centres": (c + 1) * d * 4,
             "LEAP angle memory": slots * 4,
             "LEAP statistics": (c + 1) * per_row + c * 8 + p.classes * 8 + 11 * 8}
@@ -242,7 +242,7 @@ def report(p: PlanInput) -> str:
     lines = [f"plan: {p.classes:,} classes on {p.world_size} GPUs ({p.gpu_memory_gb:g} GiB), "
              f"{p.backbone}, batch {p.batch_size}/GPU, {p.precision}, {p.optimizer}, sample rate "
              f"{p.sample_rate:g}, LEAP {p.leap}",
-             f"  shard: {local_classes(p.classes, p.world_size):,} classes per GPU, "
+             f"  class block: {local_classes(p.classes, p.world_size):,} classes per GPU, "
              f"{sampled_rows(p):,} used per step; global batch {p.batch_size * p.world_size:,}",
              "memory per GPU (MiB):"]
     for key, value in mem.items():

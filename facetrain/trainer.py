@@ -121,7 +121,7 @@ class Trainer:
             if self.loader.num_classes < ctx.world_size:
                 raise ConfigError(f"{cfg.data.rec} has {self.loader.num_classes} classes, fewer "
                                   f"than the {ctx.world_size} ranks of this run: every rank's "
-                                  "classifier shard needs at least one class; run on at most "
+                                  "classifier block needs at least one class; run on at most "
                                   f"{self.loader.num_classes} ranks")
             check_engine(cfg, ctx)
             damaged: list = []
@@ -332,9 +332,9 @@ class Trainer:
                           "config": self.cfg.to_dict(),
                           "num_classes": self.loader.num_classes,
                           "global_batch": self.cfg.data.batch_size * self.ctx.world_size}
-        shard = {**engine["shard"], "head": self.head.state_dict(),
+        rank_part = {**engine["shard"], "head": self.head.state_dict(),
                  "rng": ckpt.rng_state(self.ctx.device), "rank": self.ctx.rank}
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, replicated, shard, self.ctx,
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, replicated, rank_part, self.ctx,
                                     self.cfg.checkpoint.keep_last)
         self._saved_step = self.step
         self.log.info(f"checkpoint {path}")
@@ -380,7 +380,7 @@ class Trainer:
         parts = [local]
         if self.ctx.distributed:
             parts = [None] * self.ctx.world_size
-            # Objects, not tensors: shards are uneven, and this runs once per epoch.
+            # Objects, not tensors: class blocks are uneven, and this runs once per epoch.
             dist.all_gather_object(parts, local, group=self.ctx.group)
         if not self.ctx.is_main:
             return None

@@ -1,4 +1,4 @@
-"""The default engine: backbone under DDP, classifier shard outside it, optional AMP.
+"""The default engine: backbone under DDP, classifier block outside it, optional AMP.
 
 One optimizer for the replicated backbone (its state is saved once, by rank 0) and one for this
 rank's classifier rows (saved per rank, re-split with the classes on a world-size change).
@@ -74,9 +74,9 @@ class DDPEngine:
         return loss.detach()
 
     def _poison_head_grads_on_any_overflow(self) -> None:
-        """fp16: make a non-finite gradient on ANY rank's classifier shard skip the classifier
+        """fp16: make a non-finite gradient on ANY rank's classifier block skip the classifier
         step on every rank and back off every rank's scale. Each rank's GradScaler sees only
-        its own shard; without this the ranks' scales would drift apart. (The backbone's
+        its own block; without this the ranks' scales would drift apart. (The backbone's
         gradient is replicated, so its skip decision is already the same everywhere.)"""
         grads = []
         for p in self.head.parameters():
@@ -91,7 +91,7 @@ class DDPEngine:
         bad = torch.zeros((), device=self.ctx.device)
         for g in grads:
             bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
-        # MAX over ranks: one overflowing shard marks the step for everyone (no host sync).
+        # MAX over ranks: one overflowing block marks the step for everyone (no host sync).
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ctx.group)
         poison = torch.where(bad > 0, torch.tensor(float("nan"), device=bad.device),
                              torch.zeros((), device=bad.device))
@@ -123,7 +123,7 @@ class DDPEngine:
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Dict[str, Any]]:
         """Replicated: backbone weights, its optimizer, the grad scaler. Per rank: the
-        classifier shard's optimizer."""
+        classifier block's optimizer."""
         return {"replicated": {"backbone": self.backbone.state_dict(),
                                "backbone_optim": self.backbone_opt.state_dict(),
                                "scaler": self.scaler.state_dict()},

@@ -2,7 +2,7 @@
 gradients, partitioned over the ranks), bf16/fp16 from DeepSpeed's own mixed precision.
 
 The classifier stays model-parallel outside DeepSpeed with its own optimizer over this rank's
-class rows (already sharded by class, so ZeRO has nothing to add there). Gradient accumulation
+class rows (already split by class block, so ZeRO has nothing to add there). Gradient accumulation
 is DeepSpeed's: `engine.backward` divides the loss by the accumulation factor, which scales the
 classifier's gradients the same way, and `engine.step()` is called after every micro-batch so
 DeepSpeed's boundary counter matches the trainer's.
@@ -235,7 +235,7 @@ class DeepSpeedEngine:
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Dict[str, Any]]:
         """Replicated: the backbone weights (ZeRO stage 1/2 keeps them whole). Per rank: the
-        classifier shard's optimizer and this rank's ZeRO partition."""
+        classifier block's optimizer and this rank's ZeRO partition."""
         return {"replicated": {"backbone": self.backbone.state_dict(), "engine": "deepspeed",
                                "zero_stage": self.cfg.train.zero_stage},
                 "shard": {**self.head.optimizer_state(self.head_opt),
@@ -250,10 +250,10 @@ class DeepSpeedEngine:
             raise ConfigError("this checkpoint was written by the ddp engine; resume it with "
                               "train.engine=ddp (optimizer states of the two engines differ)")
         self.backbone.load_state_dict(rep["backbone"])
-        shards = Entries(states, "shard")
-        self.head.load_optimizer_state(self.head_opt, shards, world_size)
+        rank_parts = Entries(states, "shard")
+        self.head.load_optimizer_state(self.head_opt, rank_parts, world_size)
         # Weights were loaded into the module above; the fp32 partitions are refreshed from it.
-        parts = [dict(shards[r]["zero_optim"]) for r in range(len(shards))]
+        parts = [dict(rank_parts[r]["zero_optim"]) for r in range(len(rank_parts))]
         scalers = [p.pop(SCALER_STATE, None) for p in parts]
         self.zero_opt.load_state_dict(parts, load_optimizer_states=True,
                                       load_from_fp32_weights=False)

@@ -7,7 +7,7 @@ near-duplicates add less and less. Its loss weight is proportional to 1 / E(K):
 
 Cui et al. rescale so that sum_c w_c = C, which is the same thing. beta = 0 gives w_c = 1 for
 every class (off); beta -> 1 approaches inverse class frequency. The weight depends only on the
-label, so in the class-sharded softmax it is a per-sample scale of the loss that every rank can
+label, so in the softmax split by class blocks it is a per-sample scale of the loss that every rank can
 compute for the whole gathered batch (docs/long_tail_remedies.md).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Softmax cross-entropy over logits sharded by class across a process group.
+"""Softmax cross-entropy over logits split by class blocks across a process group.
 
 Each rank holds the logits of its own classes for the whole global batch. The softmax needs
 the row max and the row sum over ALL classes: two all-reduces of [B] vectors (max, then sum
@@ -20,12 +20,12 @@ class _DistSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target_col, is_local, group, weight=None):  # type: ignore[override]
-        # logits [B, C_s] fp32 (class-sharded); target_col [B] (valid column everywhere);
+        # logits [B, C_s] fp32 (this rank's class block); target_col [B] (valid column everywhere);
         # is_local [B] bool: the sample's class is in this block; weight [B] or None: per-sample
         # loss weights (class-balanced loss), the same on every rank.
         row_max = logits.detach().max(dim=1).values
         if group is not None:
-            # Row max over all shards, for a numerically safe exp.
+            # Row max over all blocks, for a numerically safe exp.
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         probs = (logits.detach() - row_max.unsqueeze(1)).exp_()
         tgt = logits.detach().gather(1, target_col.view(-1, 1)).squeeze(1)

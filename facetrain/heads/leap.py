@@ -1,4 +1,4 @@
-"""LEAP state of one classifier shard: class centres, angle memory, statistics, feature-cloud std.
+"""LEAP state of one rank's class block: class centres, angle memory, statistics, feature-cloud std.
 
 Everything per class lives on the rank that owns the class (docs/leap.md, "Sharding"). Buffers
 carry one extra scratch slot at the end (row C_local, memory slot M) so that samples of classes
@@ -56,8 +56,8 @@ class LeapState(torch.nn.Module):
     """Centres, ring-buffer angle memory and statistics for classes [start, start + C_local).
 
     class_counts: [C_local] K_i of the owned classes; global_counts: [C] K_i of every class
-    (needed by the shuffled control; defaults to class_counts, right for a single shard);
-    seed: the shuffled control's permutation stream. Buffers (all sharded by class):
+    (needed by the shuffled control; defaults to class_counts, right for a single rank);
+    seed: the shuffled control's permutation stream. Buffers (all split by class block):
     centers [C+1, D], seen [C+1] (the class has a centre), memory [M+1] (class i's ring is
     memory[off_i : off_i + S_i]), count [C+1] angles ever written, sum/sumsq [C+1] float64
     running sums over the ring, class_std [C+1] the feature-cloud std of each class (0 = not

@@ -72,7 +72,7 @@ class StepInputs(NamedTuple):
     before normalisation (None unless the kind sets uses_norms; they carry the gradient to the
     embeddings, so a kind detaches what it must not differentiate); counter, the 0-d draw
     index of this step in the head's counter-based stream (facetrain/heads/noise.py) and
-    noise_seed; the class-sharding group (None = one process); training (running statistics
+    noise_seed; the class-block group (None = one process); training (running statistics
     move only in training)."""
 
     labels: torch.Tensor
@@ -94,7 +94,7 @@ class MarginKind:
     - `set_class_counts` (margins per class) and `extra_loss` (a term beside the CE).
     `own_value_on_other_rows` says whether `target` with loc = 0 reproduces the block's own
     value at that column (then the margin path writes it as is, bit for bit as before); if not,
-    margin_logits copies the block's value for rows whose class lives on another shard.
+    margin_logits copies the block's value for rows whose class lives in another rank's block.
     """
 
     uses_noise = False                  # draws from the head's counter-based stream each step
@@ -115,7 +115,7 @@ class MarginKind:
         return logits
 
     def target(self, cos_t: torch.Tensor, alpha_t: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-        """Unscaled target logits [B]; loc [B] is 1.0 where this shard owns the class."""
+        """Unscaled target logits [B]; loc [B] is 1.0 where this rank owns the class."""
         return target_cos(cos_t, alpha_t, self.m_cos * loc, self.m_arc * loc)
 
     def set_class_counts(self, counts: torch.Tensor) -> None:
@@ -143,9 +143,9 @@ class MarginKind:
 def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: torch.Tensor,
                   margin: MarginConfig | MarginKind, cloud: Optional[Perturbation] = None,
                   inputs: Optional[StepInputs] = None) -> torch.Tensor:
-    """Scaled logits of one shard's block, margin on the targets this shard owns.
+    """Scaled logits of one rank's class block, margin on the targets it owns.
 
-    cos_blk [B, C_s] fp32 (sharded over classes, replicated over the global batch);
+    cos_blk [B, C_s] fp32 (split over ranks by class, replicated over the global batch);
     target_col [B] int64: column of each sample's class in this block (any valid column where
     is_local [B] is False); margin: a kind (facetrain/heads/kinds) or a classic MarginConfig;
     cloud: LEAP's per-sample std and noise keys (None = no perturbation); inputs: the step's
@@ -162,7 +162,7 @@ def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: tor
         alpha_t = cloud.target_alpha(target_col, cos_blk.shape[1])
     kind.prepare(cos_t, alpha_t, is_local, inputs)
     logits = kind.others(logits)
-    # Every row rewrites its target column. A row whose class lives on another shard rewrites
+    # Every row rewrites its target column. A row whose class lives in another rank's block rewrites
     # (column 0) with its own value, margin-free: a no-op that avoids a host sync to select the
     # local rows. The values come from an O(B) side path on cos_blk, so the in-place scatter
     # never touches a tensor autograd saved, and the gradient of the overwritten entries flows
@@ -170,7 +170,7 @@ def margin_logits(cos_blk: torch.Tensor, target_col: torch.Tensor, is_local: tor
     loc = is_local.to(cos_t.dtype)
     val = kind.target(cos_t, alpha_t, loc) * kind.scale
     if not kind.own_value_on_other_rows:
-        # Rows of other shards keep the block's own value; gather saves the block for its
+        # Rows of other ranks' classes keep the block's own value; gather saves the block for its
         # backward, so this scatter is out of place (one more [B, C_s] buffer, these kinds only).
         val = torch.where(is_local, val, logits.gather(1, col).squeeze(1))
         return logits.scatter(1, col, val.view(-1, 1))

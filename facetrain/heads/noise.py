@@ -8,7 +8,7 @@ costs ~3 extra passes over the block). Keys:
 - row key: hash(step key, position of the sample in the global batch);
 - column key: hash(step key, GLOBAL class id) per logit, or one constant column per sample;
 - step key: hash(seed, draw counter). The counter is a device tensor bumped once per draw (no host
-  sync) and is the same on every rank, so the angles do not depend on how classes are sharded:
+  sync) and is the same on every rank, so the angles do not depend on how classes are split over ranks:
   1, 2 or 3 ranks draw the same alpha for the same (sample, class).
 Integer arithmetic is int32 with wrapping multiplies (as in murmur3), so CPU and GPU agree bit
 for bit on the keys; int32 rather than int64 because 64-bit multiplies are emulated on GPUs.

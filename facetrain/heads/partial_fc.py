@@ -1,4 +1,4 @@
-"""Model-parallel classifier (partial FC) with margins and LEAP applied per shard.
+"""Model-parallel classifier (partial FC) with margins and LEAP applied per class block.
 
 Per step: all-gather embeddings (with gradient) and labels over ctx.group -> this rank's class
 block (optionally a sampled subset of it) -> cosine logits (matmul may run under autocast; the
@@ -97,9 +97,9 @@ def _coalesced_flag_hook(head: "PartialFC"):
 
 
 class PartialFC(torch.nn.Module):
-    """Classifier shard for classes [start, end) of this rank in ctx.group.
+    """Classifier block for classes [start, end) of this rank in ctx.group.
 
-    weight: nn.Parameter [C_local, D] on ctx.device (sharded by class, contiguous blocks).
+    weight: nn.Parameter [C_local, D] on ctx.device (contiguous class blocks).
     class_counts: GLOBAL K_i, [C]. LEAP state (if leap_cfg.mode != off) lives in self.leap.
     grad_accum: training forwards per optimizer step (optim.grad_accum); LEAP's
     update_interval counts optimizer steps, so the head must know how many forwards make one.
@@ -130,7 +130,7 @@ class PartialFC(torch.nn.Module):
         # The margin kind (head.margin.kind, facetrain/heads/kinds/) and its running statistics.
         self.margin = build_margin(head_cfg.margin, ctx.device)
         self.margin.set_class_counts(counts.to(ctx.device))
-        # Logit adjustment: tau * log prior of this shard's classes, [C_local] (None = off).
+        # Logit adjustment: tau * log prior of this block's classes, [C_local] (None = off).
         self.log_prior = None
         if head_cfg.logit_adjust_tau > 0:
             if int(counts.sum()) <= 0:
@@ -179,7 +179,7 @@ class PartialFC(torch.nn.Module):
                              f"{tuple(labels.shape)}")
         emb = all_gather_with_grad(embeddings, group)
         lab = all_gather_no_grad(labels.to(torch.int64), group)
-        logits, col, local = self.shard_logits(emb, lab)
+        logits, col, local = self.block_logits(emb, lab)
         weight = None
         if self.class_weight is not None and self.epoch >= self.head_cfg.class_balance_start_epoch:
             weight = self.class_weight[lab]
@@ -212,7 +212,7 @@ class PartialFC(torch.nn.Module):
         self._pending, self._micro = [], 0
         self.leap_steps += 1
 
-    def shard_logits(self, emb: torch.Tensor, lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def block_logits(self, emb: torch.Tensor, lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scaled logits of this rank's block for the gathered batch: ([N, C_s] fp32, target
         column [N], is_local [N]). C_s = C_local, or k sampled rows in training with sampling."""
         row, local = route_to_block(lab, self.start, self.num_local)
@@ -279,7 +279,7 @@ class PartialFC(torch.nn.Module):
         keep = torch.le(cos.detach(), self.head_cfg.interclass_filter,
                         out=torch.empty_like(cos))
         tgt = col.view(-1, 1)
-        # A local target is always kept; rows of other shards keep column 0 as it is.
+        # A local target is always kept; rows of other ranks' classes keep column 0 as it is.
         keep.scatter_(1, tgt, torch.maximum(keep.gather(1, tgt), local.view(-1, 1).to(keep.dtype)))
         return cos.mul_(keep)
 
@@ -296,7 +296,7 @@ class PartialFC(torch.nn.Module):
         return {**self.leap.summary(self.ctx.group), "active": self.perturbing}
 
     def class_stats(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(angular mean, variance, valid) of the owned classes, [C_local] each (sharded)."""
+        """(angular mean, variance, valid) of the owned classes, [C_local] each (this block)."""
         if self.leap is None:
             z = torch.zeros(self.num_local, device=self.weight.device)
             return z, z.clone(), torch.zeros_like(z, dtype=torch.bool)
@@ -307,7 +307,7 @@ class PartialFC(torch.nn.Module):
     # counters, its sampling stream), so these two replace nn.Module's: a PartialFC is never a
     # submodule of another module, whose state_dict would call them with other arguments.
     def state_dict(self) -> Dict:  # type: ignore[override]
-        """CPU copy of this shard: weights, LEAP state, class range, counters and the class
+        """CPU copy of this class block: weights, LEAP state, class range, counters and the class
         sampling stream (the only random generator the head keeps; LEAP's angles are keyed by
         `noise_counter`)."""
         state = {"format": FORMAT, "num_classes": self.num_classes, "class_start": self.start,
@@ -329,13 +329,13 @@ class PartialFC(torch.nn.Module):
 
     def load_state_dict(self, states: Sequence[Dict], world_size: int  # type: ignore[override]
                         ) -> None:
-        """Restore this rank's shard from `states[r]`, saved rank r's `state_dict()`, for
+        """Restore this rank's class block from `states[r]`, saved rank r's `state_dict()`, for
         `world_size` ranks now (this head's). With as many saved ranks as now only
         `states[rank]` is read (`states` may be a lazy sequence); otherwise every saved state is
         re-split by class (`reshard`) and this rank keeps its block."""
         if world_size != self.ctx.world_size:
             raise ValueError(f"PartialFC.load_state_dict: world_size={world_size} but this head "
-                             f"is one of {self.ctx.world_size} shards")
+                             f"is one of {self.ctx.world_size} ranks")
         if len(states) == world_size:
             self._load_own_state(states[self.ctx.rank])
         else:
@@ -343,14 +343,14 @@ class PartialFC(torch.nn.Module):
 
     @staticmethod
     def reshard(states: List[Dict], world_size: int) -> List[Dict]:
-        """Any N shard states (in rank order) -> world_size shard states with the same content."""
+        """Any N block states (in rank order) -> world_size block states with the same content."""
         if not states:
-            raise ValueError("PartialFC.reshard: no shard states given; pass every rank's "
+            raise ValueError("PartialFC.reshard: no block states given; pass every rank's "
                              "state_dict()")
         num_classes = states[0]["num_classes"]
         for i, s in enumerate(states):
             if s.get("format") != FORMAT or s["num_classes"] != num_classes:
-                raise ValueError(f"PartialFC.reshard: shard state {i} is not a {FORMAT} state of "
+                raise ValueError(f"PartialFC.reshard: block state {i} is not a {FORMAT} state of "
                                  f"{num_classes} classes; pass states from one checkpoint")
         check_contiguous([(s["class_start"], s["class_end"]) for s in states], num_classes)
         bounds = partition_bounds(num_classes, world_size)
@@ -365,11 +365,11 @@ class PartialFC(torch.nn.Module):
                  "world_size": world_size, "rng": states[r].get("rng") if same else None}
                 for r in range(world_size)]
 
-    # The optimizer over this shard's rows is the engine's, but its state's layout is the
+    # The optimizer over this block's rows is the engine's, but its state's layout is the
     # head's: a per-class row block of each parameter, re-split by class like the rows.
     def optimizer_state(self, opt: torch.optim.Optimizer) -> Dict[str, Any]:
         """`opt`'s state with what re-splitting it needs: each parameter's dim-0 size and this
-        shard's class block (the keys every checkpoint has had)."""
+        rank's class block (the keys every checkpoint has had)."""
         return {"head_optim": opt.state_dict(),
                 "head_param_rows": [p.shape[0] for p in self.parameters()],
                 "class_range": (int(self.start), int(self.end))}
@@ -381,7 +381,7 @@ class PartialFC(torch.nn.Module):
         class (`partition.reshard_optimizer_state`)."""
         if world_size != self.ctx.world_size:
             raise ValueError(f"PartialFC.load_optimizer_state: world_size={world_size} but this "
-                             f"head is one of {self.ctx.world_size} shards")
+                             f"head is one of {self.ctx.world_size} ranks")
         if len(parts) == world_size:
             opt.load_state_dict(parts[self.ctx.rank]["head_optim"])
         else:
@@ -389,7 +389,7 @@ class PartialFC(torch.nn.Module):
 
     def _load_own_state(self, state: Dict) -> None:
         """Load a state made for this rank's class range."""
-        where = f"shard state for classes [{state.get('class_start')}, {state.get('class_end')})"
+        where = f"block state for classes [{state.get('class_start')}, {state.get('class_end')})"
         if state.get("format") != FORMAT:
             raise ValueError(f"{where}: format {state.get('format')!r} is not {FORMAT!r}")
         if state["num_classes"] != self.num_classes or state["embedding_size"] != self.embedding_size:
@@ -445,7 +445,7 @@ class PartialFC(torch.nn.Module):
         c = self.num_local
         k = min(c, max(math.ceil(self.head_cfg.sample_rate * c), n))
         score = torch.rand(c + 1, generator=self._sample_gen, device=self.weight.device)
-        # Positives get a score above any random one; samples of other shards hit the scratch slot.
+        # Positives get a score above any random one; samples of other ranks' classes hit the scratch slot.
         score.index_fill_(0, torch.where(local, col, torch.full_like(col, c)), 2.0)
         index = torch.topk(score[:c], k, sorted=False).indices.sort().values
         self.last_sample_index = index

@@ -1,8 +1,8 @@
-"""Contiguous class blocks per rank, and splitting/joining per-class shard state.
+"""Contiguous class blocks per rank, and splitting/joining per-class block state.
 
 Rank r of W owns classes [bounds[r], bounds[r+1]); the first C % W ranks get one extra class, so
 uneven class counts are normal. The same rule is used for the weights, the LEAP state and
-checkpoints, which is what lets `reshard` move any N shards to M shards.
+checkpoints, which is what lets `reshard` move any N blocks to M blocks.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 def partition_bounds(num_classes: int, world_size: int) -> List[int]:
     """[W+1] class boundaries; block r is [bounds[r], bounds[r+1])."""
     if num_classes < world_size:
-        raise ValueError(f"cannot shard {num_classes} classes over {world_size} ranks: every rank "
+        raise ValueError(f"cannot split {num_classes} classes over {world_size} ranks: every rank "
                          "needs at least one class; use fewer ranks in the classifier group")
     base, extra = divmod(num_classes, world_size)
     bounds = [0]
@@ -48,12 +48,12 @@ def logit_column(row: torch.Tensor, is_local: torch.Tensor) -> torch.Tensor:
 
 
 def concat_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Join per-shard tensors whose dim 0 is the class (in shard order)."""
+    """Join per-block tensors whose dim 0 is the class (in rank order)."""
     return torch.cat([p.detach().cpu() for p in parts], dim=0)
 
 
 def split_rows(full: torch.Tensor, bounds: Sequence[int]) -> List[torch.Tensor]:
-    """Split a [C, ...] tensor into contiguous blocks at `bounds` (clones, so shards don't alias)."""
+    """Split a [C, ...] tensor into contiguous blocks at `bounds` (clones, so blocks don't alias)."""
     return [full[bounds[r]:bounds[r + 1]].clone() for r in range(len(bounds) - 1)]
 
 
@@ -71,16 +71,16 @@ def split_ragged(flat: torch.Tensor, sizes: torch.Tensor, bounds: Sequence[int])
 
 
 def check_contiguous(ranges: Sequence[Tuple[int, int]], num_classes: int) -> None:
-    """Shards must tile [0, num_classes) in order; name the first one that doesn't."""
+    """Blocks must tile [0, num_classes) in order; name the first one that doesn't."""
     expect = 0
     for i, (lo, hi) in enumerate(ranges):
         if lo != expect or hi < lo:
-            raise ValueError(f"shard state {i} covers classes [{lo}, {hi}) but [{expect}, ...) was "
+            raise ValueError(f"block state {i} covers classes [{lo}, {hi}) but [{expect}, ...) was "
                              "expected: pass every rank's state_dict() in rank order")
         expect = hi
     if expect != num_classes:
-        raise ValueError(f"shard states cover classes [0, {expect}) but num_classes is "
-                         f"{num_classes}: a shard is missing; pass every rank's state_dict()")
+        raise ValueError(f"block states cover classes [0, {expect}) but num_classes is "
+                         f"{num_classes}: a block is missing; pass every rank's state_dict()")
 
 
 def reshard_tree(states: Sequence[Dict], bounds: Sequence[int], keys_rows: Sequence[str],

@@ -87,7 +87,7 @@ def _dist_scenarios(ctx, root: str, rec: str) -> None:
     _check_saved_shards_loaded(t, src)
     assert t.step == 10 and t.batch == 10      # 10 batches of 8 = 10 global batches of 2 x 4
     t.fit(stop_after=t.step + 3)
-    # 5) fp16: an overflow in ONE rank's classifier shard skips the step on every rank, and
+    # 5) fp16: an overflow in ONE rank's classifier block skips the step on every rank, and
     #    the grad scalers stay equal (each scaler sees only its own shard otherwise); also with
     #    the sparse classifier gradient of head.update_rows=sampled.
     for extra in ([], ["head.sample_rate=0.5", "head.update_rows=sampled"]):
@@ -107,7 +107,7 @@ def _dist_scenarios(ctx, root: str, rec: str) -> None:
             head.weight.grad = grad
         engine.step()
         assert engine.scaler.get_scale() == scale * 0.5
-        assert torch.equal(head.weight.detach(), before)  # no rank stepped its classifier shard
+        assert torch.equal(head.weight.detach(), before)  # no rank stepped its classifier block
     # 6) head.update_rows=sampled: a 2-process run stopped and resumed repeats itself.
     sampled = ["head.sample_rate=0.5", "head.update_rows=sampled"]
     Trainer(tiny_config(rec, root / "s1", sampled), ctx).fit(stop_after=12)

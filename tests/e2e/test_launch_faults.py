@@ -153,7 +153,7 @@ def test_fewer_classes_than_ranks_is_one_message(tmp_path):
     proc = _run(*tiny_overrides(rec, tmp_path / "out"))
     _assert_one_clean_message(
         proc, f"train_face.py: {rec} has 1 classes, fewer than the 2 ranks of this run: every "
-        "rank's classifier shard needs at least one class; run on at most 1 ranks")
+        "rank's classifier block needs at least one class; run on at most 1 ranks")
 
 
 def test_warnings_of_every_rank_reach_the_run_log(tmp_path):

@@ -41,3 +41,20 @@ def test_no_program_edits_sys_path():
     bad = [str(p.relative_to(REPO)) for f in folders for p in sorted((REPO / f).rglob("*.py"))
            if "sys.path.insert" in p.read_text() or "sys.path.append" in p.read_text()]
     assert bad == []
+
+
+def test_a_shard_is_a_dataset_file_not_a_class_block():
+    """docs/architecture.md, "Names with one meaning": the classifier, its engines and the
+    trainer speak of a rank's class *block* and *rank file*; the noun "shard" is left to dataset
+    files (the checkpoint key "shard" is a file format name, quoted). Verbs (sharded,
+    reshard) keep their sense."""
+    import re
+
+    noun = re.compile(r"(?<![\"'\w])shards?(?![\"'\w])", re.IGNORECASE)
+    files = [*sorted((REPO / "facetrain" / "heads").rglob("*.py")),
+             *sorted((REPO / "facetrain" / "engines").rglob("*.py")),
+             *(REPO / "facetrain" / f for f in ("trainer.py", "plan.py", "optim.py",
+                                                 "checkpoint.py", "dist.py"))]
+    bad = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files
+           for i, line in enumerate(p.read_text().splitlines(), 1) if noun.search(line)]
+    assert bad == []

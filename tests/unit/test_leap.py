@@ -139,7 +139,7 @@ def _orthogonal_head(cfg, counts, variances, margin=MarginConfig("cosface", 10.0
 def _angles(head, cls, n=400):
     emb = torch.zeros(n, head.embedding_size)
     emb[:, -1] = 1.0
-    logits, _, _ = head.shard_logits(emb, torch.full((n,), cls))
+    logits, _, _ = head.block_logits(emb, torch.full((n,), cls))
     other = torch.ones(logits.shape[1], dtype=torch.bool)
     other[cls] = False
     return torch.acos((logits[:, other] / 10.0).clamp(-1, 1)) - math.pi / 2

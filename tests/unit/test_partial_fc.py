@@ -164,7 +164,7 @@ def test_errors_name_the_problem_and_the_fix():
         head._load_own_state(parts[1])
     with pytest.raises(ValueError, match="world_size=2 but this head is one of 1"):
         head.load_state_dict(parts, 2)
-    with pytest.raises(ValueError, match="shard is missing"):
+    with pytest.raises(ValueError, match="block is missing"):
         PartialFC.reshard(parts[:1], 3)
     with pytest.raises(ValueError, match="no process group"):
         PartialFC(4, COUNTS, HeadConfig(), LeapConfig(mode="off"), _ctx(0, 2))(

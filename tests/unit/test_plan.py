@@ -55,7 +55,7 @@ def test_largest_class_count_is_the_boundary():
     top = plan.largest_classes(p)
     assert plan.fits(replace(p, classes=top)) and not plan.fits(replace(p, classes=top + 1))
     assert plan.largest_classes(replace(p, gpu_memory_gb=0.5)) == 0   # not even the backbone
-    # twice the GPUs at the same global batch: the classifier shards, activations halve
+    # twice the GPUs at the same global batch: the classifier blocks, activations halve
     more = plan.largest_classes(replace(p, world_size=16, batch_size=64))
     assert more > 1.8 * top
 

@@ -1,6 +1,6 @@
 """Sub-center ArcFace's cleaning step (facetrain.heads.kinds.subcenter.dominant_subcenters)
 against a float64 reference of the paper's rule (Deng et al., ECCV 2020), and the
-shard conversion that retrains the dominant rows as ArcFace."""
+class-block conversion that retrains the dominant rows as ArcFace."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,7 @@ import torch
 
 from facetrain.config import HeadConfig, LeapConfig, MarginConfig
 from facetrain.dist import single_process
-from facetrain.heads.kinds.subcenter import dominant_shard_state, dominant_subcenters
+from facetrain.heads.kinds.subcenter import dominant_block_state, dominant_subcenters
 from facetrain.heads.partial_fc import PartialFC
 
 C, K, D = 7, 3, 8
@@ -67,19 +67,19 @@ def test_dominant_subcenters_bad_input_names_the_argument():
         dominant_subcenters(weight, feats, torch.where(labels == 0, 9, labels))
 
 
-def test_dominant_shard_state_retrains_as_arcface_on_any_world_size():
+def test_dominant_block_state_retrains_as_arcface_on_any_world_size():
     counts = np.full(C, 3)
     sub = PartialFC(D, counts, HeadConfig(1.0, MarginConfig("subcenter", subcenters=K)),
                     LeapConfig(mode="off"), single_process())
     _, feats, labels = _data()
     out = dominant_subcenters(sub.weight, feats.float(), labels)
-    # Saved on two ranks (resharded), converted shard by shard, resumed on one as ArcFace.
-    shards = [dominant_shard_state(s, out.index)
+    # Saved on two ranks (resharded), converted block by block, resumed on one as ArcFace.
+    blocks = [dominant_block_state(s, out.index)
               for s in PartialFC.reshard([sub.state_dict()], 2)]
     arc = PartialFC(D, counts, HeadConfig(1.0, MarginConfig("arcface")), LeapConfig(mode="off"),
                     single_process())
-    arc.load_state_dict(shards, 1)
+    arc.load_state_dict(blocks, 1)
     assert torch.equal(arc.weight.detach(), sub.weight.detach()[torch.arange(C), out.index])
     assert torch.equal(arc.weight.detach(), out.weight)
-    with pytest.raises(ValueError, match="not a sub-center ArcFace shard"):
-        dominant_shard_state(arc.state_dict(), out.index)
+    with pytest.raises(ValueError, match="not a sub-center ArcFace block"):
+        dominant_block_state(arc.state_dict(), out.index)

@@ -17,7 +17,7 @@ one more pass over the block, to change only logits with |cos| > 0.999).
 
 Where the norm comes from: PartialFC receives the backbone's embeddings un-normalised (every
 registered backbone returns them so, see facetrain/models/registry.py) and all-gathers them for
-the class-sharded softmax, so each rank computes every sample's norm itself: the statistics are
+the softmax split by class blocks, so each rank computes every sample's norm itself: the statistics are
 over the global batch, identical on every rank and for any world size, with no extra
 communication. mu and sd are replicated, saved with the head and need no resharding.
 """

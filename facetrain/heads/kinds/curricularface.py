@@ -12,8 +12,8 @@ margin; t follows the plain target cosine (what the paper's t measures: how well
 not LEAP's noise). The paper writes t = alpha r + (1 - alpha) t with alpha = 0.99 but its
 released code weights the new batch by 0.01; stat_momentum = 0.01 follows the code.
 
-Sharding: the target cosine and T_n of sample n exist only on the shard that owns its class, so
-one all-reduce of a [2, N] vector gives every shard every sample's threshold and the global mean
+Sharding: the target cosine and T_n of sample n exist only on the rank that owns its class, so
+one all-reduce of a [2, N] vector gives every rank every sample's threshold and the global mean
 (with sampling every positive class is kept, so the mean is over the whole global batch). t is
 replicated, saved with the head and needs no resharding. The mask and t carry no gradient (as in
 the paper's code); a hard negative's derivative is s * (t + 2 c').
@@ -53,7 +53,7 @@ class CurricularFace(MarginKind):
                                   torch.where(is_local, self._margin_target(cos_t, alpha_t), zero)])
             group = None if inputs is None else inputs.group
             if group is not None:
-                # Each entry is non-zero on exactly one shard: the sum is exact.
+                # Each entry is non-zero on exactly one rank: the sum is exact.
                 dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
             if inputs is not None and inputs.training:
                 self.t.mul_(1.0 - self.rate).add_(self.rate * packed[0].mean())

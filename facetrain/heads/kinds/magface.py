@@ -12,7 +12,7 @@ ArcFace does here.
 
 Where the magnitude comes from: PartialFC receives the backbone's embeddings un-normalised and
 all-gathers them with their gradient, so each rank computes every |f_n| (StepInputs.norms). The
-margin's gradient flows to the embedding through the owner shard of the sample's class; the
+margin's gradient flows to the embedding through the rank that owns the sample's class; the
 regulariser is computed on the whole gathered batch on every rank, so its gradient is scaled by
 1 / world size (the all-gather's backward sums the ranks' contributions).
 """
@@ -49,8 +49,8 @@ class MagFace(MarginKind):
             self.a_max - self.a_min)
 
     def target(self, cos_t: torch.Tensor, alpha_t: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-        # Rows of other shards (loc = 0) get their own value, margin-free: their (zero)
-        # gradient to the magnitude comes only from the owner shard.
+        # Rows of other ranks' classes (loc = 0) get their own value, margin-free: their (zero)
+        # gradient to the magnitude comes only from the owning rank.
         return target_cos(cos_t, alpha_t, 0.0, self.margin_n * loc)
 
     def extra_loss(self, world_size: int) -> Optional[torch.Tensor]:

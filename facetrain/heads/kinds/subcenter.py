@@ -3,18 +3,18 @@ the best of them, then ArcFace's margin (m = head.margin.m_arc, K = head.margin.
 
   cos(theta_j) = max_k cos(f, W_{j,k});  target s cos(clip(theta_y + alpha_y + m, 0, pi))
 
-The max is taken where the cosines are made (PartialFC.shard_logits: with K > 1 the weight is
+The max is taken where the cosines are made (PartialFC.block_logits: with K > 1 the weight is
 [C_local, K, D] and the [N, C_s * K] cosines are reduced to [N, C_s] before anything else), so
 LEAP, sampling and the softmax see one cosine per class and the margin is ArcFace's. Because
-the class is dim 0 of the weight, all K sub-centres of a class live on one shard, class sampling
+the class is dim 0 of the weight, all K sub-centres of a class live in one rank's class block, class sampling
 keeps or drops a class whole, and checkpoints and optimizer state reshard by class unchanged.
 The gradient of the max goes to the best sub-centre only.
 
 The paper's cleaning step after training (drop the non-dominant sub-centres and the samples far
 from the dominant one, then retrain ArcFace on the cleaned data) is `dominant_subcenters`: given
 the trained weight and the training set's features it returns each class's dominant sub-centre,
-the K = 1 classifier of those rows and which samples to keep; `dominant_shard_state` turns a
-saved subcenter shard into an ArcFace shard of those rows. Extracting the features (a pass of
+the K = 1 classifier of those rows and which samples to keep; `dominant_block_state` turns a
+saved subcenter block into an ArcFace block of those rows. Extracting the features (a pass of
 the backbone over the training set) is the caller's.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from facetrain.heads.margins import MarginKind
 
 @register("subcenter")
 class SubCenterArcFace(MarginKind):
-    """ArcFace on the best sub-centre's cosine (the max lives in PartialFC.shard_logits)."""
+    """ArcFace on the best sub-centre's cosine (the max lives in PartialFC.block_logits)."""
 
     def __init__(self, cfg: MarginConfig, device: torch.device | None = None):
         super().__init__(cfg, device)
@@ -94,18 +94,18 @@ def dominant_subcenters(weight: torch.Tensor, features: torch.Tensor, labels: to
     return DominantSubcenters(index, rows.clone(), keep, nearest)
 
 
-def dominant_shard_state(state: Dict, index: torch.Tensor) -> Dict:
-    """A saved PartialFC shard of kind subcenter (its `state_dict()`) -> the same shard as an
-    ArcFace (K = 1) shard holding each class's dominant row; index [C] is
+def dominant_block_state(state: Dict, index: torch.Tensor) -> Dict:
+    """A saved PartialFC class block of kind subcenter (its `state_dict()`) -> the same block as
+    an ArcFace (K = 1) block holding each class's dominant row; index [C] is
     `dominant_subcenters(...).index` over all classes. Load it into a head of
     head.margin.kind=arcface (and subcenters 1) to retrain on the cleaned data."""
     weight = state["weight"]
     if weight.dim() != 3:
-        raise ValueError(f"dominant_shard_state: the shard's weight is {tuple(weight.shape)}, "
-                         "not [C_local, K, D]: it is not a sub-center ArcFace shard")
+        raise ValueError(f"dominant_block_state: the block's weight is {tuple(weight.shape)}, "
+                         "not [C_local, K, D]: it is not a sub-center ArcFace block")
     lo, hi = state["class_start"], state["class_end"]
     if index.shape != (state["num_classes"],):
-        raise ValueError(f"dominant_shard_state: index must be [{state['num_classes']}] (every "
+        raise ValueError(f"dominant_block_state: index must be [{state['num_classes']}] (every "
                          f"class); got {tuple(index.shape)}")
     local = index[lo:hi].to(weight.device)
     rows = weight[torch.arange(hi - lo, device=weight.device), local].clone()
