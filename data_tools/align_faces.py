@@ -16,18 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facetrain.build.align_folder import (add_align_options, align_folder,
-                                         summary_lines)
+from facetrain.build.align_folder import align_folder
 from _interrupt import Terminated, exit_code, sigterm_raises
 from facetrain.logging_utils import setup_tool_logging
-from _cli import for_command_line
-
-
-def print_summary(tool: str, s) -> None:
-    err, out = summary_lines(tool, s)
-    for line in err:
-        print(line, file=sys.stderr)
-    print(out)
+from _cli import add_align_options, for_command_line, print_align_summary
 
 
 def main(argv=None) -> int:
@@ -43,13 +35,13 @@ def main(argv=None) -> int:
             s = align_folder(args.image_dir, args.out_dir, args.landmarks, args.multiple,
                              args.align_size, progress=not args.no_progress)
     except (OSError, ValueError, ImportError) as exc:
-        print(f"align_faces: {for_command_line(str(exc))}", file=sys.stderr)
+        print(f"align_faces: {for_command_line(str(exc), p)}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         print(f"align_faces: stopped; the images aligned so far are kept whole in "
               f"{args.out_dir}; run the command again to do the rest", file=sys.stderr)
         return exit_code(exc)
-    print_summary("align_faces", s)
+    print_align_summary("align_faces", s, p)
     return 0
 
 

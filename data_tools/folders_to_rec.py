@@ -14,13 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from facetrain.build.align_folder import (add_align_options, align_folder,
-                                         summary_lines)
+from facetrain.build.align_folder import align_folder
 from facetrain.build.folders import folders_to_rec
 from _interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
 from facetrain.logging_utils import setup_tool_logging
-from _cli import for_command_line
+from _cli import add_align_options, for_command_line, print_align_summary
 
 
 def main(argv=None) -> int:
@@ -57,15 +56,12 @@ def main(argv=None) -> int:
                 root = args.aligned_dir or str(Path(args.output).parent / "aligned")
                 a = align_folder(args.root, root, args.landmarks, args.multiple,
                                  args.align_size, progress=not args.no_progress)
-                err, out = summary_lines("folders_to_rec", a)
-                for line in err:
-                    print(line, file=sys.stderr)
-                print(out)
+                print_align_summary("folders_to_rec", a, p)
             s = folders_to_rec(root, args.output, args.layout, args.size, args.shard_size,
                                check=not args.no_check, progress=not args.no_progress,
                                skip_bad=args.skip_bad)
     except (OSError, ValueError, ImportError) as exc:
-        print(f"folders_to_rec: {for_command_line(str(exc))}", file=sys.stderr)
+        print(f"folders_to_rec: {for_command_line(str(exc), p)}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         print(stopped_message("folders_to_rec", exc, args.output), file=sys.stderr)

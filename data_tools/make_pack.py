@@ -19,15 +19,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facetrain.build.align_folder import Aligner, add_align_options
+from facetrain.build.align_folder import Aligner
 from _interrupt import (Terminated, exit_code, sigterm_raises,
                                       stopped_message)
 from facetrain.build.packs import make_pack
 from facetrain.logging_utils import setup_tool_logging
-from _cli import for_command_line
+from _cli import add_align_options, for_command_line
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The options; destinations are make_pack's parameter names (--folds -> n_folds), so the
+    library's messages render as these flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("image_dir", help="folder the pairs file's image paths are relative to")
     p.add_argument("pairs", help="pairs file: LFW pairs.txt or CSV path1,path2,same")
@@ -36,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pairs file format (default: csv for a .csv file, else LFW)")
     p.add_argument("--ext", default="jpg",
                    help="image extension of LFW-format names (default jpg)")
-    p.add_argument("--folds", type=int, default=10,
+    p.add_argument("--folds", dest="n_folds", type=int, default=10,
                    help="folds the pair count must split into evenly (default 10)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--align", action="store_true",
@@ -44,11 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--landmarks)")
     add_align_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_tool_logging()
     try:
         transform = None
@@ -58,11 +61,11 @@ def main(argv=None) -> int:
             lmk = read_landmarks_file(args.landmarks) if args.landmarks else None
             transform = Aligner(lmk, None, args.multiple, args.align_size).encoded
         with sigterm_raises():
-            s = make_pack(args.image_dir, args.pairs, args.output, args.format, args.folds,
+            s = make_pack(args.image_dir, args.pairs, args.output, args.format, args.n_folds,
                           args.ext.lstrip("."), args.overwrite, transform=transform,
                           progress=not args.no_progress)
     except (OSError, ValueError, ImportError) as exc:
-        print(f"make_pack: {for_command_line(str(exc))}", file=sys.stderr)
+        print(f"make_pack: {for_command_line(str(exc), parser)}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         print(stopped_message("make_pack", exc, args.output), file=sys.stderr)

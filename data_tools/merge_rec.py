@@ -20,7 +20,7 @@ from facetrain.logging_utils import setup_tool_logging
 from _cli import for_command_line
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="DATASET",
                    help="datasets to merge, in label order: prefix, .rec file or folder of "
@@ -36,11 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write into an existing non-empty --output folder, replacing its dataset "
                         "files (train*.rec/.idx, caches, property, manifest.csv)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_tool_logging()
     try:
         with sigterm_raises():
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
                                args.shard_size, progress=not args.no_progress,
                                overwrite=args.overwrite)
     except (OSError, ValueError) as exc:   # DatasetError/RecordIOError/OutputError: ValueErrors
-        print(f"merge_rec: {for_command_line(str(exc))}", file=sys.stderr)
+        print(f"merge_rec: {for_command_line(str(exc), parser)}", file=sys.stderr)
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         print(stopped_message("merge_rec", exc, args.output), file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Flags, model/feature resolution, table printing and JSON writing shared by the eval CLIs.
-No metric math here: that lives in facetrain.eval."""
+"""Flags, model/feature resolution, table printing, JSON writing and error printing shared by
+the eval CLIs. No metric math here: that lives in facetrain.eval. The library's messages name
+its parameters (`features`, `algo`); `run` prints them as this program's flags."""
 from __future__ import annotations
 
 import argparse
@@ -123,6 +124,9 @@ def load_model(args: argparse.Namespace):
     """--model (default: the newest export) on --device; also settles args.image_size."""
     from facetrain.eval.embed import load_backbone_with_info
     model_path = args.model
+    if model_path is not None and not Path(model_path).is_file():
+        raise UsageError(f"model file {model_path} does not exist: pass --model PATH to an "
+                         "exported backbone.pt, backbone.onnx or TorchScript file")
     if model_path is None:
         found = exported_backbones()
         if not found:
@@ -196,14 +200,24 @@ def _plain(obj: object) -> object:
     return obj
 
 
-def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]]) -> int:
-    """Call a CLI's body, turning user errors into one 'error:' line and exit status 2; the
-    library's log records go to stderr in the tools' format."""
+def for_command_line(message: str, parser: argparse.ArgumentParser) -> str:
+    """`message` with each backquoted library parameter that is one of `parser`'s destinations
+    written as that option (`features` -> --features, `algo` 'x/y' -> --algo 'x/y')."""
+    from facetrain.advice import render_params
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    return render_params(message, flags)
+
+
+def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]],
+        build_parser: Callable[[], argparse.ArgumentParser]) -> int:
+    """Call a CLI's body, turning user errors into one 'error:' line, in the flags of
+    `build_parser()`'s parser, and exit status 2; the library's log records go to stderr in the
+    tools' format."""
     from facetrain.logging_utils import setup_tool_logging
 
     setup_tool_logging()
     try:
         return main(argv)
     except (UsageError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {for_command_line(str(err), build_parser())}", file=sys.stderr)
         return 2

@@ -91,4 +91,4 @@ def _checked(images):
 
 
 if __name__ == "__main__":
-    sys.exit(_common.run(main, None))
+    sys.exit(_common.run(main, None, build_parser))

@@ -100,4 +100,4 @@ class _Concat:
 
 
 if __name__ == "__main__":
-    sys.exit(_common.run(main, None))
+    sys.exit(_common.run(main, None, build_parser))

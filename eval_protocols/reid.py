@@ -48,4 +48,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_common.run(main, None))
+    sys.exit(_common.run(main, None, build_parser))

@@ -70,7 +70,7 @@ class Aligner:
                 raise AlignFailure(NO_FACE, "the detector found no face")
             if len(faces) > 1:
                 if self.multiple == "skip":
-                    raise AlignFailure(SEVERAL, f"{len(faces)} faces (--multiple skip)")
+                    raise AlignFailure(SEVERAL, f"{len(faces)} faces (`multiple='skip'`)")
                 note = f"kept the largest of {len(faces)} faces"
             pts = max(faces, key=lambda f: f.area).points
         try:
@@ -181,18 +181,6 @@ def align_folder(image_dir: str | Path, out_dir: str | Path, landmarks_file: Opt
         tmp.unlink(missing_ok=True)
     problems = [r for r in rows if r[1] not in (ALIGNED, KEPT)]
     return AlignSummary(dict(counts), several, str(report), str(out), problems)
-
-
-def add_align_options(p) -> None:
-    """The alignment options every aligning tool shares (align_faces, folders_to_rec,
-    make_pack), on an argparse parser."""
-    p.add_argument("--landmarks", default=None, metavar="FILE",
-                   help="landmarks file `name x1 y1 ... x5 y5 [score]`, names relative to the "
-                        "image folder (default: detect faces with dlib)")
-    p.add_argument("--multiple", choices=MULTIPLE, default="largest",
-                   help="a photo with several faces: align the largest (default) or skip it")
-    p.add_argument("--align-size", type=int, default=112, metavar="PX",
-                   help="side of the aligned square (the template is scaled; default 112)")
 
 
 def summary_lines(tool: str, s: AlignSummary, shown: int = 20) -> Tuple[List[str], str]:

@@ -76,8 +76,8 @@ class BadImageError(ValueError):
 
 def _bad_message(path: Path, why: str, others: int) -> str:
     more = f" (and {others} more bad file(s))" if others else ""
-    return (f"{path}: {why}{more}; remove or replace it, or pass --skip-bad to leave "
-            "undecodable files out (each is listed)")
+    return (f"{path}: {why}{more}; remove or replace it, or pass `skip_bad=True` to "
+            "leave undecodable files out (each is listed)")
 
 
 def _check_files(groups: List[Tuple[str, List[Path]]], progress: bool

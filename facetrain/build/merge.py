@@ -95,8 +95,9 @@ def merge_datasets(inputs: Sequence[str], output_dir: str, allow_mixed_sizes: bo
         sizes = ", ".join(f"{p}: {h}x{w}" for p, (h, w) in zip(inputs, shapes))
         if not allow_mixed_sizes:
             raise ValueError(f"the inputs have different image sizes ({sizes}); resize them to "
-                             "one size (folders_to_rec.py --size), or pass --allow-mixed-sizes "
-                             "to merge anyway (the loader then resizes to data.image_size)")
+                             "one size (facetrain.build.folders.folders_to_rec(size=...)), or pass "
+                             "`allow_mixed_sizes=True` to merge anyway (the loader then resizes "
+                             "to data.image_size)")
         log.warning("merging different image sizes (%s); property records %dx%d", sizes,
                     *shapes[0])
     offsets = np.cumsum([0] + [int(s.counts.size) for s in sources])

@@ -60,8 +60,9 @@ class OutputPlan:
     kept: List[Path]
 
     def describe(self) -> str:
-        """One line for the log: what --overwrite replaces and what it leaves alone."""
-        msg = f"--overwrite: replacing {_names(self.replaced) or 'no file'} in {self.folder}"
+        """One line for the log: what writing over the folder replaces and what it leaves
+        alone (it names no option: the caller chose to overwrite)."""
+        msg = f"overwriting {self.folder}: replacing {_names(self.replaced) or 'no file'}"
         if self.kept:
             msg += (f"; keeping {_names(self.kept)} (not written by this tool; remove them "
                     "yourself if they belonged to the old dataset)")
@@ -93,8 +94,8 @@ def check_output_folder(out: Path, inputs: Sequence[Path], overwrite: bool, pref
     kept = [p for p in existing if p not in replaced]
     if existing and not overwrite:
         raise OutputError(f"output folder {out} already holds {len(existing)} file(s) "
-                          f"({_names(existing)}); pass --overwrite to replace its dataset files "
-                          "(other files are kept), or choose a new or empty folder")
+                          f"({_names(existing)}); pass `overwrite=True` to replace its dataset "
+                          "files (other files are kept), or choose a new or empty folder")
     return OutputPlan(out, replaced, kept)
 
 

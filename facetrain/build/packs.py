@@ -124,7 +124,7 @@ def check_folds(pairs: List[Pair], n_folds: int, source: Path,
     if n_folds < 1 or n % n_folds:
         raise PairsError(f"{source}: {n} pairs do not split into {n_folds} equal folds "
                          f"({n} is not a multiple of {n_folds}); the evaluator cuts folds in "
-                         "pair order, so add or remove pairs (or pass --folds)")
+                         "pair order, so add or remove pairs (or pass another `n_folds`)")
     size = n // n_folds
     for k in range(n_folds):
         fold = pairs[k * size:(k + 1) * size]
@@ -213,7 +213,7 @@ def make_pack(image_dir: str | Path, pairs_file: str | Path, output: str | Path,
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        raise FileExistsError(f"{out} already exists; pass `overwrite=True` to replace it")
     if out.resolve() == source.resolve():
         raise ValueError(f"output {out} is the pairs file; choose another name")
     pairs, expected = read_pairs(source, fmt, ext)

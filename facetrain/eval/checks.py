@@ -33,19 +33,19 @@ def check_features(feats: np.ndarray, where: str, expected_rows: Optional[int] =
 
 
 def load_feature_file(path: str | Path) -> np.ndarray:
-    """np.load a --features .npy with errors that name the file (empty, truncated, not .npy)."""
+    """np.load a features .npy with errors that name the file (empty, truncated, not .npy)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"features file {path} does not exist"
                                 + (" (it is a directory)" if path.is_dir() else ""))
     if path.stat().st_size == 0:
         raise ValueError(f"features file {path} is empty (0 bytes); write it again with "
-                         "--save-features or np.save")
+                         "np.save")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (EOFError, ValueError, OSError) as err:
         raise ValueError(f"features file {path} is not a readable .npy array ({err}); write it "
-                         "again with --save-features or np.save") from None
+                         "again with np.save") from None
 
 
 def check_output_path(path: str | Path, flag: str, suffix: str = ".json") -> Path:

@@ -47,7 +47,7 @@ def load_backbone_with_info(path: str | Path, device: torch.device | str = "cpu"
     if is_onnx_file(path):
         return load_onnx_backbone(path, device)
     if not path.is_file():
-        raise FileNotFoundError(f"backbone file {path} does not exist: pass --model PATH to an "
+        raise FileNotFoundError(f"backbone file {path} does not exist; give the path of an "
                                 "exported backbone.pt (or a TorchScript file)")
     device = torch.device(device)
     if _is_torchscript(path):
@@ -186,5 +186,5 @@ def load_features(path: str | Path, expected_rows: int, what: str) -> np.ndarray
     from facetrain.eval.checks import check_features, load_feature_file
     feats = load_feature_file(path)
     check_features(feats, str(path), expected_rows, what,
-                   fix="re-extract them (or drop --features to run the model)")
+                   fix="re-extract them (or run the model instead of reading `features`)")
     return np.asarray(feats, dtype=np.float32)

@@ -203,7 +203,7 @@ class AlignedImages:
     def __init__(self, meta: IJBMeta, image_size: int = 112) -> None:
         if meta.landmarks is None:
             raise ValueError(f"{meta_path(meta.root, meta.prefix, 'name_5pts_score')} is needed to "
-                             "align the images (or pass precomputed --features)")
+                             "align the images (or pass precomputed `features`)")
         self.meta, self.image_size = meta, image_size
 
     def __len__(self) -> int:

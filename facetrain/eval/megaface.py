@@ -104,7 +104,7 @@ def devkit_paths(out_dir: str | Path, entries: Sequence[str], algo: str,
     long extraction, so a bad entry stops the run before anything is written."""
     from facetrain.build.output import path_inside
     if "/" in algo or "\\" in algo or algo in ("", ".", ".."):
-        raise ValueError(f"--algo {algo!r}: the algorithm name goes into file names; use "
+        raise ValueError(f"`algo` {algo!r}: the algorithm name goes into file names; use "
                          "letters, digits, '-' or '_'")
     return [path_inside(Path(out_dir), f"{e}_{algo}.bin", list_path, i + 1)
             for i, e in enumerate(entries)]

@@ -69,7 +69,7 @@ def load_onnx_backbone(path: str | Path, device: torch.device | str = "cpu"
     """(model, info) like embed.load_backbone_with_info: info["image_size"] from the graph."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} does not exist: pass --model PATH to an "
+        raise FileNotFoundError(f"ONNX model {path} does not exist; give the path of an "
                                 "exported backbone.onnx")
     model = OnnxBackbone(path, device)
     size = model.input_size()

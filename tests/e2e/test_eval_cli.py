@@ -26,7 +26,7 @@ def inproc(name, *args, capsys=None):
     import importlib
     import _common
     mod = importlib.import_module(name)
-    rc = _common.run(mod.main, [*args, "--quiet"])
+    rc = _common.run(mod.main, [*args, "--quiet"], mod.build_parser)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -313,6 +313,8 @@ def test_bad_features_and_outputs_fail_up_front(tmp_path, capsys):
                                 str(report), capsys=capsys)
             assert rc == 2 and msg in err and str(tmp_path / feats) in err, (name, feats, err)
             assert "Traceback" not in err and "only 0 were kept" not in err
+            if "nan" in feats:                # the library's `features`, as the flag
+                assert "run the model instead of reading --features" in err, err
             assert not report.exists()
         rc, _, err = inproc(name, *flags, "--features", str(tmp_path / f"{name}_good.npy"),
                             "--json", str(tmp_path / "outdir"), capsys=capsys)
@@ -320,6 +322,31 @@ def test_bad_features_and_outputs_fail_up_front(tmp_path, capsys):
         rc, _, err = inproc(name, *flags, "--features", str(tmp_path / f"{name}_good.npy"),
                             "--json", str(report), "--no-plot", capsys=capsys)
         assert rc == 0 and report.is_file(), (name, err)
+
+
+def test_library_parameters_read_as_the_programs_flags(tmp_path, capsys):
+    """The library names its parameters (`algo`, `features`) and knows no flag; the programs
+    print their own flags in its place (eval_protocols/_common.for_command_line)."""
+    import _common
+    import ijbc as ijbc_cli
+    from facetrain.eval import ijbc, megaface
+    protocols = _protocols(tmp_path)
+    with pytest.raises(ValueError, match=r"^`algo` 'a/b': the algorithm name goes into file"):
+        megaface.devkit_paths(tmp_path, ["x.png"], "a/b", tmp_path / "lst")
+    flags, rows = protocols["megaface"]
+    np.save(tmp_path / "f.npy", np.ones((rows, 8), np.float32))
+    rc, _, err = inproc("megaface", *flags, "--features", str(tmp_path / "f.npy"),
+                        "--devkit-out", str(tmp_path / "dk"), "--algo", "a/b", capsys=capsys)
+    assert rc == 2 and "error: --algo 'a/b': the algorithm name goes into file names" in err
+    meta = ijbc.read_meta(tmp_path / "IJBC", need_landmarks=False, skip_landmarks=True)
+    with pytest.raises(ValueError, match=r"\(or pass precomputed `features`\)") as exc:
+        ijbc.AlignedImages(meta)
+    assert _common.for_command_line(str(exc.value), ijbc_cli.build_parser()).endswith(
+        "is needed to align the images (or pass precomputed --features)")
+    # A --model that is not there: the program says which flag names it.
+    rc, _, err = inproc("lfw", *protocols["lfw"][0], "--model", str(tmp_path / "no.pt"),
+                        capsys=capsys)
+    assert rc == 2 and f"model file {tmp_path / 'no.pt'} does not exist: pass --model" in err
 
 
 def test_ijbc_missing_1n_csv_is_an_error_not_a_silent_1to1(tmp_path, capsys):

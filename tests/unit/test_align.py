@@ -214,7 +214,7 @@ def test_align_faces_with_the_detector(detector, tmp_path):
     assert np.abs(got.astype(int) - align_face(two, faces[1].points)).mean() > 5
     s = align_folder(src, tmp_path / "skip", aligner=Aligner(None, detector, "skip"))
     assert s.counts == {"aligned": 1, "several_faces_skipped": 1, "no_face": 1, "unreadable": 1}
-    assert ("two.png", "several_faces_skipped", "2 faces (--multiple skip)") in s.problems
+    assert ("two.png", "several_faces_skipped", "2 faces (`multiple='skip'`)") in s.problems
     assert _report(tmp_path / "skip")["none.png"] == "no_face"
 
 

@@ -127,4 +127,63 @@ def test_library_advice_becomes_commands_and_flags():
     p.add_argument("--tail-samples", type=int)
     assert for_command_line("`tail_samples` must be >= 1, `head` too", p) == \
         "--tail-samples must be >= 1, `head` too"
+    # parameters with a value: a switch alone, a value after its option (shell-quoted), and
+    # names the parser does not have left as the library wrote them
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--folds", dest="n_folds", type=int)
+    from _cli import add_align_options
+    add_align_options(p)
+    assert for_command_line("pass `skip_bad=True`; 2 faces (`multiple='skip'`); `n_folds`; "
+                            "`multiple='a b'`; `n_folds=5`; `overwrite=True`", p) == \
+        ("pass --skip-bad; 2 faces (--multiple skip); --folds; --multiple 'a b'; --folds 5; "
+         "`overwrite=True`")
+    assert for_command_line("resize them (facetrain.build.folders.folders_to_rec(size=...))") \
+        == "resize them (`python data_tools/folders_to_rec.py --size`)"
+
+
+def test_align_summary_reasons_read_as_flags(tmp_path, capsys):
+    """A reason in the alignment report names the library's parameter; the aligning programs
+    print it as their flag (`multiple='skip'` -> --multiple skip)."""
+    import argparse
+    import pytest
+    from facetrain.build.align_folder import SEVERAL, Aligner, AlignFailure
+    from facetrain.build.landmarks import Face
+    tool("align_faces")
+    from _cli import add_align_options, print_align_summary
+    two = [Face((0, 0, 4, 4), 1.0, np.zeros((5, 2))), Face((0, 0, 6, 6), 1.0, np.zeros((5, 2)))]
+    detector = type("Two", (), {"detect": lambda self, img: two})()
+    ok, png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(AlignFailure) as exc:
+        Aligner(None, detector, "skip")(png.tobytes(), "two.png")
+    assert (exc.value.status, exc.value.why) == (SEVERAL, "2 faces (`multiple='skip'`)")
+    from facetrain.build.align_folder import AlignSummary
+    p = argparse.ArgumentParser()
+    add_align_options(p)
+    print_align_summary("align_faces", AlignSummary({SEVERAL: 1}, 0, "r.csv", "out",
+                                                    [("two.png", SEVERAL, exc.value.why)]), p)
+    assert "align_faces: several_faces_skipped: two.png: 2 faces (--multiple skip)" in \
+        capsys.readouterr().err
+
+
+def test_library_names_parameters_and_the_programs_their_flags(tmp_path, capsys):
+    """The same refusal, from the library (its parameter) and from the program (its flag)."""
+    import pytest
+    from facetrain.build.folders import BadImageError, folders_to_rec
+    from facetrain.build.merge import merge_datasets
+    (tmp_path / "faces" / "ann").mkdir(parents=True)
+    (tmp_path / "faces" / "ann" / "0.jpg").write_bytes(b"")
+    with pytest.raises(BadImageError, match=r"or pass `skip_bad=True` to leave undecodable"):
+        folders_to_rec(tmp_path / "faces", str(tmp_path / "o" / "train"))
+    a, _ = make_dataset(tmp_path / "a", [2, 2])
+    b, _ = make_dataset(tmp_path / "b", [1, 2], size=12)
+    with pytest.raises(ValueError) as exc:
+        merge_datasets([a, b], tmp_path / "m")
+    assert "(facetrain.build.folders.folders_to_rec(size=...)), or pass " \
+        "`allow_mixed_sizes=True` to merge anyway" in str(exc.value)
+    assert tool("merge_rec")([a, b, "--output", str(tmp_path / "m"), "--no-progress"]) == 2
+    assert "(`python data_tools/folders_to_rec.py --size`), or pass --allow-mixed-sizes to " \
+        "merge anyway" in capsys.readouterr().err
+    make_dataset(tmp_path / "out", [1])
+    with pytest.raises(ValueError, match=r"pass `overwrite=True` to replace its dataset files"):
+        merge_datasets([a, b], tmp_path / "out")      # checked before the sizes
 

@@ -93,7 +93,7 @@ def test_overwrite_says_what_it_replaces(tmp_path, caplog):
     (out / "notes.txt").write_text("mine")
     make_longtail(src, str(out), 2, None, 2, overwrite=True)
     msg = " ".join(r.getMessage() for r in caplog.records)
-    assert "--overwrite: replacing manifest.csv, property, train.idx, train.rec in" in msg
+    assert f"overwriting {out}: replacing manifest.csv, property, train.idx, train.rec" in msg
     assert "keeping notes.txt" in msg
 
 

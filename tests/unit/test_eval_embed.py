@@ -88,7 +88,7 @@ def test_load_backbone_torchscript_and_export_dict(tmp_path, monkeypatch):
 
 
 def test_load_backbone_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--model"):
+    with pytest.raises(FileNotFoundError, match="none.pt does not exist"):
         embed.load_backbone(tmp_path / "none.pt")
     torch.save({"state_dict": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="facetrain-backbone"):
