@@ -286,7 +286,7 @@ def test_curricular_modulation_is_the_old_formula_and_the_equation(dtype, s):
     old_x, new_x = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
     old = torch.where(old_x.detach() > bound, old_x * (t + old_x / s), old_x)
     old.backward(up)
-    new = _HardNegatives.apply(new_x, bound, t, s)
+    new = _HardNegatives.apply(new_x, bound, t, s, True)
     new.backward(up)
     assert new.dtype == dtype and torch.equal(new_x.detach(), x0)      # not in place
     assert torch.equal(new.detach().view(torch.int8), old.detach().view(torch.int8))
@@ -313,9 +313,15 @@ def test_curricular_modulation_gradcheck_and_what_it_keeps():
     assert (x - bound).abs().min() > 1e-3
     t = torch.tensor(0.3, dtype=torch.float64)
     x.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v: _HardNegatives.apply(v, bound, t, 30.0), (x,))
-    out = _HardNegatives.apply(x, bound, t, 30.0)
+    assert torch.autograd.gradcheck(lambda v: _HardNegatives.apply(v, bound, t, 30.0, True), (x,))
+    out = _HardNegatives.apply(x, bound, t, 30.0, True)
     saved = out.grad_fn.saved_tensors
     assert len(saved) == 1 and saved[0].shape == x.shape
-    plain = _HardNegatives.apply(x.detach(), bound, t, 30.0)
+    plain = _HardNegatives.apply(x.detach(), bound, t, 30.0, False)
     assert plain.grad_fn is None and torch.equal(plain, out.detach())
+    kind = build_margin(MarginConfig("curricularface", 30.0))   # the kind's call, as the head's
+    kind.t, kind.threshold = t, bound.view(-1) / 30.0
+    with torch.no_grad():
+        assert torch.equal(kind.others(x), out.detach())
+    assert torch.equal(kind.others(x).detach(), out.detach())
+

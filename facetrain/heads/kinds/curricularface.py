@@ -45,22 +45,23 @@ class _HardNegatives(torch.autograd.Function):
     a 0/1 block m in x's dtype and the selection a `lerp` with m as weight, which is exact at 0
     and 1: f = lerp(1, t + x / s, m) (the bracket of the formula on hard entries, 1 elsewhere),
     out = x * f (x * 1 = x). The backward's factor t + 2 x / s on hard entries, 1 elsewhere, is
-    f + m x / s: one more pass, done in the forward only when x needs a gradient, and the only
-    tensor kept (the block x itself and the mask are freed)."""
+    f + m x / s: one more pass, done in the forward only when a gradient will be taken (`keep`;
+    under no_grad needs_input_grad still says True), and the only tensor kept (the block x itself
+    and the mask are freed)."""
 
     @staticmethod
-    def forward(ctx, x, bound, t, scale):  # type: ignore[override]
+    def forward(ctx, x, bound, t, scale, keep):  # type: ignore[override]
         hard = torch.gt(x, bound, out=torch.empty_like(x))
         f = torch.div(x, scale).add_(t)                  # the old formula's t + x / s, same ops
         torch.lerp(torch.ones((), dtype=x.dtype, device=x.device), f, hard, out=f)
-        if ctx.needs_input_grad[0]:
+        if keep:
             ctx.save_for_backward(torch.addcmul(f, hard, x, value=1.0 / scale))
         return f.mul_(x)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (slope,) = ctx.saved_tensors
-        return grad * slope, None, None, None
+        return grad * slope, None, None, None, None
 
 
 @register("curricularface")
@@ -93,7 +94,8 @@ class CurricularFace(MarginKind):
 
     def others(self, logits: torch.Tensor) -> torch.Tensor:
         bound = (self.scale * self.threshold).unsqueeze(1)
-        return _HardNegatives.apply(logits, bound, self.t, self.scale)
+        keep = torch.is_grad_enabled() and logits.requires_grad
+        return _HardNegatives.apply(logits, bound, self.t, self.scale, keep)
 
     def target(self, cos_t: torch.Tensor, alpha_t: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         return self._margin_target(cos_t, alpha_t)
