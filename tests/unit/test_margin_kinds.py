@@ -325,3 +325,16 @@ def test_curricular_modulation_gradcheck_and_what_it_keeps():
         assert torch.equal(kind.others(x), out.detach())
     assert torch.equal(kind.others(x).detach(), out.detach())
 
+
+def test_modulation_bench_runs(monkeypatch, capsys):
+    """benchmarks/modulation_bench.py (RESULTS.md's CurricularFace micro-benchmark) on a tiny
+    block: every variant timed in every round, the table printed with the load."""
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import modulation_bench
+    ms = modulation_bench.main(["--classes", "300", "--rounds", "2", "--steps", "1",
+                                "--warmup", "0"])
+    assert list(ms) == ["cosface", "curricular_old", "curricular", "others_old", "others_fused"]
+    assert all(len(v) == 2 and min(v) >= 0 for v in ms.values())
+    out = capsys.readouterr().out
+    assert "| curricular |" in out and "load average before" in out and "hard negatives" in out
