@@ -20,9 +20,9 @@ the paper's code); a hard negative's derivative is s * (t + 2 c').
 
 Cost: the modulation is one autograd node, `_HardNegatives` (on the scaled block x = s c':
 x (t + x / s), derivative t + 2 x / s). Plain autograd on `torch.where(hard, x * (t + x / s), x)`
-took ~10 passes over the [B, C_s] block, two of them slow masked ones, and kept several [B, C_s]
-tensors; the fused forward is six fast passes (no `where`) and keeps one tensor, the derivative,
-so its backward is one multiply. The output is bitwise the old formula's.
+took ~10 passes over the [B, C_s] block, three of them `where` (a scalar loop on CPU), and kept
+several [B, C_s] tensors; the fused forward is six vectorised passes (no `where`) and keeps one
+tensor, the derivative, so its backward is one multiply. The output is bitwise the old formula's.
 """
 from __future__ import annotations
 
