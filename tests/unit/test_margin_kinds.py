@@ -259,3 +259,82 @@ def test_interclass_filter_is_masked_fill_bit_for_bit():
     assert torch.equal(out.detach().view(torch.int32), ref.detach().view(torch.int32))
     assert torch.equal(a.grad, b.grad)
     assert out[0, 3] == base[0, 3] and out[2, 7] == 0 and out[3, 0] == 0
+
+
+def _curricular_block(dtype, s, seed=0):
+    """A scaled block x [6, 50] in `dtype`, bounds s T_n [6, 1] (row 0: every entry hard, row 1:
+    none, row 2: entries exactly at the bound, not hard) and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    x = ((torch.rand(6, 50, generator=g) * 2 - 1) * s).to(dtype)
+    bound = (torch.rand(6, 1, generator=g) * 1.2 - 0.6) * s
+    bound[0], bound[1] = -2.0 * s, 2.0 * s
+    x[2, :10] = bound[2].to(dtype)
+    bound[2] = x[2, 0].float()               # the tie is exact in x's dtype
+    return x, bound, torch.randn(6, 50, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("s", [64.0, 30.0])
+def test_curricular_modulation_is_the_old_formula_and_the_equation(dtype, s):
+    """The fused node (`_HardNegatives`) against the plain-autograd formula it replaces: the same
+    bits forward in every dtype; gradients equal to rounding. Both against float64 values and
+    derivatives written from the equation: x (t + x / s) and t + 2 x / s where x > s T_n, x and 1
+    elsewhere (s = 30: x / s is inexact)."""
+    from facetrain.heads.kinds.curricularface import _HardNegatives
+    x0, bound, up = _curricular_block(dtype, s)
+    t = torch.tensor(0.3)
+    old_x, new_x = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    old = torch.where(old_x.detach() > bound, old_x * (t + old_x / s), old_x)
+    old.backward(up)
+    new = _HardNegatives.apply(new_x, bound, t, s, True)
+    new.backward(up)
+    assert new.dtype == dtype and torch.equal(new_x.detach(), x0)      # not in place
+    assert torch.equal(new.detach().view(torch.int8), old.detach().view(torch.int8))
+    x, tt, u = x0.double(), 0.3, up.double()
+    hard = x > bound.double()
+    assert hard[0].all() and not hard[1].any() and not hard[2, :10].any()
+    ref = torch.where(hard, x * (tt + x / s), x)
+    ref_grad = u * torch.where(hard, tt + 2.0 * x / s, torch.ones_like(x))
+    tol = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(new.detach().double(), ref, rtol=tol, atol=tol * s)
+    for grad in (new_x.grad, old_x.grad):
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=tol, atol=tol * 10)
+    if dtype == torch.float32:
+        torch.testing.assert_close(new_x.grad, old_x.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_curricular_modulation_gradcheck_and_what_it_keeps():
+    """float64 gradcheck of the fused node (entries at least 1e-3 from the bound, where the
+    mask is constant under gradcheck's steps); it keeps one [B, C] tensor for its backward, and
+    none when the block needs no gradient."""
+    from facetrain.heads.kinds.curricularface import _HardNegatives
+    x, bound, _ = _curricular_block(torch.float64, 30.0, seed=1)
+    x[2] += 0.5                                          # off the tie
+    assert (x - bound).abs().min() > 1e-3
+    t = torch.tensor(0.3, dtype=torch.float64)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: _HardNegatives.apply(v, bound, t, 30.0, True), (x,))
+    out = _HardNegatives.apply(x, bound, t, 30.0, True)
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].shape == x.shape
+    plain = _HardNegatives.apply(x.detach(), bound, t, 30.0, False)
+    assert plain.grad_fn is None and torch.equal(plain, out.detach())
+    kind = build_margin(MarginConfig("curricularface", 30.0))   # the kind's call, as the head's
+    kind.t, kind.threshold = t, bound.view(-1) / 30.0
+    with torch.no_grad():
+        assert torch.equal(kind.others(x), out.detach())
+    assert torch.equal(kind.others(x).detach(), out.detach())
+
+
+def test_modulation_bench_runs(monkeypatch, capsys):
+    """benchmarks/modulation_bench.py (RESULTS.md's CurricularFace micro-benchmark) on a tiny
+    block: every variant timed in every round, the table printed with the load."""
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import modulation_bench
+    ms = modulation_bench.main(["--classes", "300", "--rounds", "2", "--steps", "1",
+                                "--warmup", "0"])
+    assert list(ms) == ["cosface", "curricular_old", "curricular", "others_old", "others_fused"]
+    assert all(len(v) == 2 and min(v) >= 0 for v in ms.values())
+    out = capsys.readouterr().out
+    assert "| curricular |" in out and "load average before" in out and "hard negatives" in out
