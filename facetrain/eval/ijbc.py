@@ -298,6 +298,10 @@ def template_rows(template_ids: np.ndarray, query: np.ndarray, what: str) -> np.
     return rows
 
 
+# the product of the used rows is worth it while it holds at most this many scores per pair
+_DENSE = 64
+
+
 def _compact(rows: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
     """(used rows sorted, position of each entry among them): np.unique(return_inverse=True)
     by a lookup table over the n rows, O(P) instead of a 15M-element sort."""
@@ -325,33 +329,77 @@ def score_pairs(tfeat: np.ndarray, r1: np.ndarray, r2: np.ndarray,
                           block_bytes)
 
 
+def _small_ids(template_ids: np.ndarray) -> bool:
+    """Non-negative ids below 64M (IJB-C's go to ~200K): tables indexed by id are cheap."""
+    return bool(template_ids.size and 0 <= template_ids[0] and template_ids[-1] < 64 * 2**20)
+
+
+def _id_table(template_ids: np.ndarray, query: np.ndarray, what: str
+              ) -> Tuple[np.ndarray, np.ndarray]:
+    """For small ids (`_small_ids`): (rows of `template_ids` that `query` uses, sorted; a table
+    id -> position among those rows, -1 for unused ids). Two passes over the query (min/max,
+    one scatter); a query id without a template raises `template_rows`' error."""
+    hi = int(template_ids[-1])
+    if query.size and (query.min() < 0 or query.max() > hi):
+        template_rows(template_ids, query, what)    # raises, naming the first bad entry
+    used = np.zeros(hi + 1, dtype=bool)
+    used[query] = True
+    exists = np.zeros(hi + 1, dtype=bool)
+    exists[template_ids] = True
+    if np.any(used > exists):
+        template_rows(template_ids, query, what)    # raises, naming the first bad entry
+    used_ids = np.flatnonzero(used)
+    table = np.full(hi + 1, -1, dtype=np.int32)
+    table[used_ids] = np.arange(used_ids.size, dtype=np.int32)
+    return np.searchsorted(template_ids, used_ids), table
+
+
 def _template_positions(template_ids: np.ndarray, query: np.ndarray, what: str
                         ) -> Tuple[np.ndarray, np.ndarray]:
-    """`_compact(template_rows(template_ids, query, what), T)` in one pass over the pairs for
-    small non-negative ids (one scatter and one gather of 15.7M instead of two gathers and a
-    scatter); the same result and the same error otherwise."""
+    """`_compact(template_rows(template_ids, query, what), T)`: for small ids from one table
+    (a scatter and a gather over the query instead of two gathers and a scatter); the same
+    result and the same error otherwise."""
     q = np.asarray(query, dtype=np.int64)
-    if not (template_ids.size and 0 <= template_ids[0] and template_ids[-1] < 64 * 2**20):
+    if not _small_ids(template_ids):
         return _compact(template_rows(template_ids, q, what), template_ids.size)
-    hi = int(template_ids[-1])
-    step = 1 << 20                  # chunks through one cached buffer, no [P] int64 temporary
-    buf = np.empty(min(step, q.size), dtype=np.int64)
-    used = np.zeros(hi + 2, dtype=bool)
-    for s in range(0, q.size, step):
-        qc = np.clip(q[s:s + step], -1, hi + 1, out=buf[:q[s:s + step].size])
-        used[qc] = True                             # -1 and beyond land on slot hi + 1
-    exists = np.zeros(hi + 2, dtype=bool)
-    exists[template_ids] = True
-    if np.any(used & ~exists):
-        template_rows(template_ids, q, what)        # raises, naming the first bad entry
-    used_ids = np.flatnonzero(used)
-    lut = np.zeros(hi + 2, dtype=np.int32)
-    lut[used_ids] = np.arange(used_ids.size, dtype=np.int32)
-    inv = np.empty(q.size, dtype=np.int32)
-    for s in range(0, q.size, step):
-        qc = np.clip(q[s:s + step], -1, hi + 1, out=buf[:q[s:s + step].size])
-        np.take(lut, qc, out=inv[s:s + step])
-    return np.searchsorted(template_ids, used_ids), inv
+    rows, table = _id_table(template_ids, q, what)
+    return rows, np.take(table, q, mode="clip")     # ids checked in range by _id_table
+
+
+def _pair_scores(tfeat: np.ndarray, template_ids: np.ndarray, t1: np.ndarray, t2: np.ndarray,
+                 what: str, block_bytes: int = 512 * 2**20) -> np.ndarray:
+    """Cosine scores [P] float32 of the pairs (t1[i], t2[i]) of template ids. IJB-C's case
+    (small ids, one product block, dense pairs) is fused: one product of the used rows, then per
+    chunk of pairs two table gathers, an add and the score gather, with no [P] index array kept;
+    any other case goes through `_template_positions` and `_score_compact`."""
+    t1, t2 = np.asarray(t1, dtype=np.int64), np.asarray(t2, dtype=np.int64)
+    p = t1.shape[0]
+    if p == 0:
+        return np.empty(0, dtype=np.float32)
+    if not _small_ids(template_ids):
+        return _score_compact(tfeat, *_template_positions(template_ids, t1, what),
+                              *_template_positions(template_ids, t2, what), block_bytes)
+    a_rows, a_tab = _id_table(template_ids, t1, what)
+    b_rows, b_tab = _id_table(template_ids, t2, what)
+    n_b = b_rows.size
+    if a_rows.size * n_b * 4 > block_bytes or a_rows.size * n_b > _DENSE * p:
+        return _score_compact(tfeat, a_rows, np.take(a_tab, t1, mode="clip"),
+                              b_rows, np.take(b_tab, t2, mode="clip"), block_bytes)
+    t = torch.from_numpy(np.ascontiguousarray(tfeat, dtype=np.float32))
+    prod = torch.mm(t[torch.from_numpy(a_rows)], t[torch.from_numpy(b_rows)].T).numpy().ravel()
+    a_flat = a_tab.astype(np.int64) * n_b            # id -> its product row's offset
+    b_pos = b_tab.astype(np.int64)
+    scores = np.empty(p, dtype=np.float32)
+    step = min(p, 1 << 18)                           # 2 MB index chunks stay in cache
+    fa, fb = np.empty(step, dtype=np.int64), np.empty(step, dtype=np.int64)
+    for s in range(0, p, step):
+        e = min(p, s + step)
+        # mode="clip": the ids are checked by _id_table; "raise" buffers the output
+        np.take(a_flat, t1[s:e], out=fa[:e - s], mode="clip")
+        np.take(b_pos, t2[s:e], out=fb[:e - s], mode="clip")
+        fa[:e - s] += fb[:e - s]
+        np.take(prod, fa[:e - s], out=scores[s:e], mode="clip")
+    return scores
 
 
 def _score_compact(tfeat: np.ndarray, a_rows: np.ndarray, a_inv: np.ndarray,
@@ -360,7 +408,7 @@ def _score_compact(tfeat: np.ndarray, a_rows: np.ndarray, a_inv: np.ndarray,
     p = a_inv.shape[0]
     scores = np.empty(p, dtype=np.float32)
     t = torch.from_numpy(np.ascontiguousarray(tfeat, dtype=np.float32))
-    if a_rows.size * b_rows.size > 64 * p:                      # sparse: gather instead
+    if a_rows.size * b_rows.size > _DENSE * p:                  # sparse: gather instead
         r1, r2 = a_rows[a_inv], b_rows[b_inv]
         for s in range(0, p, 262144):
             x, y = t[torch.from_numpy(r1[s:s + 262144])], t[torch.from_numpy(r2[s:s + 262144])]
@@ -429,10 +477,7 @@ def verify_features(meta: IJBMeta, features: np.ndarray, use_faceness: bool = Fa
     t_ids, tfeat = pool_templates(features, meta.tids, meta.mids,
                                   meta.faceness if use_faceness else None, normalize_images)
     pr = meta_path(meta.root, meta.prefix, "template_pair_label")
-    a = _template_positions(t_ids, meta.pair_t1, f"{pr} pair")
-    b = _template_positions(t_ids, meta.pair_t2, f"{pr} pair")
-    scores = (_score_compact(tfeat, *a, *b, 512 * 2**20) if meta.pair_t1.size
-              else np.empty(0, dtype=np.float32))
+    scores = _pair_scores(tfeat, t_ids, meta.pair_t1, meta.pair_t2, f"{pr} pair")
     labels = meta.pair_label
     pos, neg = np.sort(scores[labels]), scores[~labels]
     neg.sort()                                     # in place: one sort, the only large one
