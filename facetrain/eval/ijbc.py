@@ -298,7 +298,9 @@ def template_rows(template_ids: np.ndarray, query: np.ndarray, what: str) -> np.
     return rows
 
 
-# the product of the used rows is worth it while it holds at most this many scores per pair
+# The product of the used rows is worth it while it holds at most this many scores per pair:
+# one thread, 512-d, a row-pair gather + dot costs 1.3 us (1,024-pair chunks), the product
+# 20 ns a score (2026-12-07, benchmarks/RESULTS.md). IJB-C's product: 4.4 scores a pair.
 _DENSE = 64
 
 
@@ -410,9 +412,10 @@ def _score_compact(tfeat: np.ndarray, a_rows: np.ndarray, a_inv: np.ndarray,
     t = torch.from_numpy(np.ascontiguousarray(tfeat, dtype=np.float32))
     if a_rows.size * b_rows.size > _DENSE * p:                  # sparse: gather instead
         r1, r2 = a_rows[a_inv], b_rows[b_inv]
-        for s in range(0, p, 262144):
-            x, y = t[torch.from_numpy(r1[s:s + 262144])], t[torch.from_numpy(r2[s:s + 262144])]
-            scores[s:s + 262144] = (x * y).sum(1).numpy()
+        step = 1024                     # x, y, x * y: 2 MB each at 512-d, in cache
+        for s in range(0, p, step):
+            x, y = t[torch.from_numpy(r1[s:s + step])], t[torch.from_numpy(r2[s:s + step])]
+            scores[s:s + step] = (x * y).sum(1).numpy()
         return scores
     ta, tb = t[torch.from_numpy(a_rows)], t[torch.from_numpy(b_rows)]
     block_rows = max(1, block_bytes // (4 * b_rows.size))

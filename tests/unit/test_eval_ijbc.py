@@ -319,7 +319,7 @@ def test_pair_scores_equal_the_equation_and_the_old_path(case, monkeypatch):
     """_pair_scores on every path: the cosine of the two templates (float64 reference), and bit
     for bit what the code before it gave (template_rows, _compact, _score_compact)."""
     rng = np.random.default_rng(9)
-    n_t = 600 if case == "sparse" else 60
+    n_t = 2000 if case == "sparse" else 60
     t_ids = np.sort(rng.choice(5000, n_t, replace=False)).astype(np.int64)
     if case == "negative ids":
         t_ids -= 500
@@ -327,7 +327,7 @@ def test_pair_scores_equal_the_equation_and_the_old_path(case, monkeypatch):
         t_ids += 2**40
     tf = rng.normal(size=(n_t, 8)).astype(np.float32)
     tf /= np.linalg.norm(tf, axis=1, keepdims=True)
-    n_pairs = 150 if case == "sparse" else 3000
+    n_pairs = 3000
     r1, r2 = rng.integers(0, n_t // 2, n_pairs), rng.integers(n_t // 3, n_t, n_pairs)
     if case == "sparse":                               # the product would cost > 64 per pair
         assert np.unique(r1).size * np.unique(r2).size > ijbc._DENSE * n_pairs
@@ -342,6 +342,11 @@ def test_pair_scores_equal_the_equation_and_the_old_path(case, monkeypatch):
                               *ijbc._compact(ijbc.template_rows(t_ids, t_ids[r2], "p"), n_t),
                               block)
     assert got.dtype == np.float32 and np.array_equal(got, old)
+    if case == "sparse":                               # 1,024-pair chunks: the bits of one chunk
+        import torch
+        t = torch.from_numpy(tf)
+        one = (t[torch.from_numpy(r1)] * t[torch.from_numpy(r2)]).sum(1).numpy()
+        assert np.array_equal(got, one)
 
 
 def test_pair_scores_name_the_first_unknown_template():
