@@ -15,8 +15,11 @@ an order that rotates from round to round:
              per-template sum of media means in Python loops, L2-normalise, cosine of the pairs
              in batches of 100,000 (float64), sklearn's roc_curve, TPR at the nearest FPR
   numpy      (--numpy) the older plain-numpy reference (np.loadtxt, np.add.at, argsort ROC)
+  before     (--before OLD.py) `verify_features` of another version of facetrain/eval/ijbc.py
 
-and prints best / median seconds per side and the ratios. It checks that verify_features gives
+and prints best / median seconds per side and the ratios, in wall time and in CPU time of this
+process (one thread: under a shared machine's load the CPU time is the steadier of the two),
+with the load average. It checks that verify_features gives
 the same TPR@FPR (rules "le" and "nearest") as the one-point-per-score ROC of all pair scores
 (the code before the corner ROC). Peak RSS of the CLI and of the InsightFace-style side (parsing
 with np.loadtxt and np.load included) is measured once each in a fresh subprocess (VmHWM).
@@ -177,23 +180,28 @@ def side_insightface(tids: np.ndarray, mids: np.ndarray, feats: np.ndarray, t1: 
     return res, {"total": t_end - t0, "templates+scores": t_score - t0, "roc": t_end - t_score}
 
 
-def side_scoring(meta, feats: np.ndarray) -> Tuple[Dict[str, object], Dict]:
-    from facetrain.eval import ijbc
+def side_scoring(meta, feats: np.ndarray, ijbc=None) -> Tuple[Dict[str, object], Dict]:
+    """verify_features of facetrain, or of `ijbc`: another version of facetrain/eval/ijbc.py
+    (--before), on the same parsed meta and features."""
+    if ijbc is None:
+        from facetrain.eval import ijbc
     t0 = time.perf_counter()
     res = ijbc.verify_features(meta, feats)
-    return res["tpr_at_fpr"], {"total": time.perf_counter() - t0}
+    return ({"tpr": res["tpr_at_fpr"], "roc": res["roc"]} if ijbc.__name__ == "_ijbc_before"
+            else res["tpr_at_fpr"]), {"total": time.perf_counter() - t0}
 
 
 def side_floor(tfeat: np.ndarray, a_rows: np.ndarray, b_rows: np.ndarray,
                scores: np.ndarray) -> Tuple[Dict, Dict]:
     import torch
     a, b = torch.from_numpy(tfeat[a_rows]), torch.from_numpy(tfeat[b_rows])
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     torch.mm(a, b.T)
     t1 = time.perf_counter()
     np.sort(scores)
     t2 = time.perf_counter()
-    return {}, {"total": t2 - t0, "gemm": t1 - t0, "sort": t2 - t1}
+    return {}, {"total": t2 - t0, "cpu": time.process_time() - c0, "gemm": t1 - t0,
+                "sort": t2 - t1}
 
 
 def same_as_full_roc(meta, feats: np.ndarray) -> bool:
@@ -216,28 +224,31 @@ def same_as_full_roc(meta, feats: np.ndarray) -> bool:
 
 
 def stages(root: Path, feats_path: Path) -> Dict[str, float]:
-    """facetrain's CLI path split into its steps (the steps of `verify_features`)."""
+    """facetrain's CLI path split into its steps (the steps of `verify_features`), CPU seconds
+    of this process (one thread)."""
     from facetrain.eval import ijbc
     from facetrain.eval.embed import load_features
-    t = [time.perf_counter()]
+    t = [time.process_time()]
     meta = ijbc.read_meta(root, "ijbc", need_landmarks=False, skip_landmarks=True)
-    t.append(time.perf_counter())
+    t.append(time.process_time())
     feats = load_features(feats_path, len(meta.names), "face_tid_mid")
-    t.append(time.perf_counter())
+    t.append(time.process_time())
     t_ids, tfeat = ijbc.pool_templates(feats, meta.tids, meta.mids)
-    t.append(time.perf_counter())
-    a = ijbc._template_positions(t_ids, meta.pair_t1, "pairs")
-    b = ijbc._template_positions(t_ids, meta.pair_t2, "pairs")
-    t.append(time.perf_counter())
-    scores = ijbc._score_compact(tfeat, *a, *b, 512 * 2**20)
-    t.append(time.perf_counter())
+    t.append(time.process_time())
+    scores = ijbc._pair_scores(tfeat, t_ids, meta.pair_t1, meta.pair_t2, "pairs")
+    t.append(time.process_time())
     pos, neg = np.sort(scores[meta.pair_label]), scores[~meta.pair_label]
     neg.sort()
-    t.append(time.perf_counter())
+    t.append(time.process_time())
     ijbc.roc_from_sorted(pos, neg)
-    t.append(time.perf_counter())
-    names = ("read_meta", "load_features", "pool", "positions", "scores", "sort", "roc")
+    t.append(time.process_time())
+    names = ("read_meta", "load_features", "pool", "tables+gemm+gather", "split+sort", "roc")
     return {n: t[i + 1] - t[i] for i, n in enumerate(names)}
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, for the record next to every timing."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _insight_from_files(root: Path, feats_path: Path) -> None:
@@ -275,12 +286,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-insight", action="store_true", help="skip the InsightFace-style side")
     p.add_argument("--numpy", action="store_true", help="also run the plain-numpy reference")
     p.add_argument("--stages", action="store_true", help="also time the CLI's steps once")
+    p.add_argument("--before", metavar="IJBC_PY",
+                   help="another facetrain/eval/ijbc.py (e.g. `git show REV:facetrain/eval/ijbc.py"
+                        " > old.py`): its verify_features joins the rounds as side 'before', "
+                        "and its TPR@FPR and thinned ROC are compared with the current ones")
     args = p.parse_args(argv)
     from facetrain.eval import ijbc
     root = Path(args.workdir) / f"s{args.scale}"
     t0 = time.perf_counter()
     feats_path = write_synthetic(root, args.scale, args.dim)
-    print(f"data: {root} ({time.perf_counter() - t0:.1f} s to prepare)", flush=True)
+    print(f"data: {root} ({time.perf_counter() - t0:.1f} s to prepare); load {load_average()}",
+          flush=True)
     out = root / "report.json"
     meta = ijbc.read_meta(root, "ijbc", need_landmarks=False, skip_landmarks=True)
     feats = np.load(feats_path)
@@ -301,30 +317,52 @@ def main(argv=None) -> int:
                                                     meta.pair_t2, meta.pair_label)
     if args.numpy:
         sides["numpy"] = lambda: side_reference(root, feats_path)
+    if args.before:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_ijbc_before", args.before)
+        before = _exec(spec)
+        sides["before"] = lambda: side_scoring(meta, feats, before)
     names = list(sides)
     times: Dict[str, list] = {k: [] for k in names}
+    cpus: Dict[str, list] = {k: [] for k in names}
     tprs = {}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for side in order:
+            c0 = time.process_time()
             res, t = sides[side]()
+            t.setdefault("cpu", time.process_time() - c0)
             tprs[side] = res
             times[side].append(t["total"])
+            cpus[side].append(t["cpu"])
             print(f"round {r} {side}: " + ", ".join(f"{k}={v:.2f}s" for k, v in t.items()),
                   flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    best = {k: min(v) for k, v in times.items()}
-    for side in names:
-        ts = times[side]
-        print(f"{side}: best {best[side]:.2f} s, median {med[side]:.2f} s, "
-              f"spread {max(ts) - min(ts):.2f} s")
-    print(f"scoring / floor: best {best['scoring'] / best['floor']:.2f}x, "
-          f"median {med['scoring'] / med['floor']:.2f}x (target <= 1.5)")
-    print(f"cli / scoring: best {best['cli'] / best['scoring']:.2f}x, "
-          f"median {med['cli'] / med['scoring']:.2f}x (target <= 1.5)")
+    for label, tab in (("wall", times), ("CPU", cpus)):
+        med = {k: statistics.median(v) for k, v in tab.items()}
+        best = {k: min(v) for k, v in tab.items()}
+        for side in names:
+            ts = tab[side]
+            print(f"{label} {side}: best {best[side]:.2f} s, median {med[side]:.2f} s, "
+                  f"spread {max(ts) - min(ts):.2f} s")
+        print(f"{label} scoring / floor: best {best['scoring'] / best['floor']:.2f}x, "
+              f"median {med['scoring'] / med['floor']:.2f}x (target <= 1.5)")
+        print(f"{label} cli / scoring: best {best['cli'] / best['scoring']:.2f}x, "
+              f"median {med['cli'] / med['scoring']:.2f}x (target <= 1.5)")
+    print(f"load {load_average()}", flush=True)
     if args.stages:
         st = stages(root, feats_path)
-        print("facetrain steps: " + ", ".join(f"{k}={v:.2f}s" for k, v in st.items()))
+        print("facetrain steps (CPU): " + ", ".join(f"{k}={v:.2f}s" for k, v in st.items()))
+    med = {k: statistics.median(v) for k, v in times.items()}        # wall, as before
+    best = {k: min(v) for k, v in times.items()}
+    if "before" in times:
+        print(f"before / scoring (wall): best {best['before'] / best['scoring']:.2f}x, "
+              f"median {med['before'] / med['scoring']:.2f}x")
+        ref = ijbc.verify_features(meta, feats)
+        same_before = (tprs["before"]["tpr"] == ref["tpr_at_fpr"]
+                       and all(np.array_equal(x, y) for x, y in zip(tprs["before"]["roc"],
+                                                                     ref["roc"])))
+        print(f"TPR@FPR and thinned ROC identical to --before: {same_before}")
+        same &= same_before
     if "insight" in times:
         print(f"insight / scoring: best {best['insight'] / best['scoring']:.1f}x, "
               f"median {med['insight'] / med['scoring']:.1f}x (target >= 10)")

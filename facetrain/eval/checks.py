@@ -25,11 +25,24 @@ def check_features(feats: np.ndarray, where: str, expected_rows: Optional[int] =
                          f"{expected_rows} images; the rows must follow that order one-to-one")
     if not np.issubdtype(feats.dtype, np.number) or np.issubdtype(feats.dtype, np.complexfloating):
         raise ValueError(f"{where}: features must be real numbers; got dtype {feats.dtype}; {fix}")
+    if _rows_sum_finite(feats):
+        return
     bad = ~np.isfinite(feats).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
         raise ValueError(f"{where}: {rows.size} of {feats.shape[0]} feature rows hold NaN or "
                          f"inf (first: row {int(rows[0])}); {fix}")
+
+
+def _rows_sum_finite(feats: np.ndarray) -> bool:
+    """True when every row sum is finite, which proves every value finite (a NaN or an inf
+    makes its row's sum NaN or inf): one pass over IJB-C's 0.96 GB without the N x D boolean
+    temporary of isfinite. False sends the caller to the exact check (a sum can also overflow
+    from finite values)."""
+    if not np.issubdtype(feats.dtype, np.floating):
+        return True                                 # integers are always finite
+    with np.errstate(over="ignore", invalid="ignore"):     # inf - inf, overflow: exact check
+        return bool(np.isfinite(feats.sum(axis=1)).all())
 
 
 def load_feature_file(path: str | Path) -> np.ndarray:

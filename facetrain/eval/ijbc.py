@@ -265,15 +265,23 @@ def pool_templates(features: np.ndarray, tids: np.ndarray, mids: np.ndarray,
     c = max(1, min(chunk, n))
     stage = None if direct else np.empty((c, d), dtype=np.float32)
     prod = torch.empty(c, d, dtype=torch.float32)
+    # a read-only float32 array (a --features memmap): the weighting reads it straight into the
+    # buffer (np.multiply rounds float32 products as torch.mul does: the same bits, one pass less)
+    weigh_in_numpy = (not direct and not normalize_images and isinstance(features, np.ndarray)
+                      and features.dtype == np.float32)
+    w32 = w_all.numpy()
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        if direct:
-            f = src[s:e]
+        if weigh_in_numpy:
+            x = torch.from_numpy(np.multiply(features[s:e], w32[s:e, None], out=stage[:e - s]))
         else:
-            np.copyto(stage[:e - s], features[s:e], casting="unsafe")
-            f = torch.from_numpy(l2_normalize(stage[:e - s]) if normalize_images
-                                 else stage[:e - s])
-        x = torch.mul(f, w_all[s:e].unsqueeze(1), out=prod[:e - s])
+            if direct:
+                f = src[s:e]
+            else:
+                np.copyto(stage[:e - s], features[s:e], casting="unsafe")
+                f = torch.from_numpy(l2_normalize(stage[:e - s]) if normalize_images
+                                     else stage[:e - s])
+            x = torch.mul(f, w_all[s:e].unsqueeze(1), out=prod[:e - s])
         out.index_add_(0, idx_all[s:e], x)
     return t_ids, l2_normalize(out.numpy())
 
@@ -296,6 +304,12 @@ def template_rows(template_ids: np.ndarray, query: np.ndarray, what: str) -> np.
         raise ValueError(f"{what} entry {bad[0] + 1} uses template {query[bad[0]]}, which has no "
                          f"image in the face_tid_mid list ({bad.size} such entries)")
     return rows
+
+
+# The product of the used rows is worth it while it holds at most this many scores per pair:
+# one thread, 512-d, a row-pair gather + dot costs 1.3 us (1,024-pair chunks), the product
+# 20 ns a score (2026-12-07, benchmarks/RESULTS.md). IJB-C's product: 4.4 scores a pair.
+_DENSE = 64
 
 
 def _compact(rows: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -325,33 +339,77 @@ def score_pairs(tfeat: np.ndarray, r1: np.ndarray, r2: np.ndarray,
                           block_bytes)
 
 
+def _small_ids(template_ids: np.ndarray) -> bool:
+    """Non-negative ids below 64M (IJB-C's go to ~200K): tables indexed by id are cheap."""
+    return bool(template_ids.size and 0 <= template_ids[0] and template_ids[-1] < 64 * 2**20)
+
+
+def _id_table(template_ids: np.ndarray, query: np.ndarray, what: str
+              ) -> Tuple[np.ndarray, np.ndarray]:
+    """For small ids (`_small_ids`): (rows of `template_ids` that `query` uses, sorted; a table
+    id -> position among those rows, -1 for unused ids). Two passes over the query (min/max,
+    one scatter); a query id without a template raises `template_rows`' error."""
+    hi = int(template_ids[-1])
+    if query.size and (query.min() < 0 or query.max() > hi):
+        template_rows(template_ids, query, what)    # raises, naming the first bad entry
+    used = np.zeros(hi + 1, dtype=bool)
+    used[query] = True
+    exists = np.zeros(hi + 1, dtype=bool)
+    exists[template_ids] = True
+    if np.any(used > exists):
+        template_rows(template_ids, query, what)    # raises, naming the first bad entry
+    used_ids = np.flatnonzero(used)
+    table = np.full(hi + 1, -1, dtype=np.int32)
+    table[used_ids] = np.arange(used_ids.size, dtype=np.int32)
+    return np.searchsorted(template_ids, used_ids), table
+
+
 def _template_positions(template_ids: np.ndarray, query: np.ndarray, what: str
                         ) -> Tuple[np.ndarray, np.ndarray]:
-    """`_compact(template_rows(template_ids, query, what), T)` in one pass over the pairs for
-    small non-negative ids (one scatter and one gather of 15.7M instead of two gathers and a
-    scatter); the same result and the same error otherwise."""
+    """`_compact(template_rows(template_ids, query, what), T)`: for small ids from one table
+    (a scatter and a gather over the query instead of two gathers and a scatter); the same
+    result and the same error otherwise."""
     q = np.asarray(query, dtype=np.int64)
-    if not (template_ids.size and 0 <= template_ids[0] and template_ids[-1] < 64 * 2**20):
+    if not _small_ids(template_ids):
         return _compact(template_rows(template_ids, q, what), template_ids.size)
-    hi = int(template_ids[-1])
-    step = 1 << 20                  # chunks through one cached buffer, no [P] int64 temporary
-    buf = np.empty(min(step, q.size), dtype=np.int64)
-    used = np.zeros(hi + 2, dtype=bool)
-    for s in range(0, q.size, step):
-        qc = np.clip(q[s:s + step], -1, hi + 1, out=buf[:q[s:s + step].size])
-        used[qc] = True                             # -1 and beyond land on slot hi + 1
-    exists = np.zeros(hi + 2, dtype=bool)
-    exists[template_ids] = True
-    if np.any(used & ~exists):
-        template_rows(template_ids, q, what)        # raises, naming the first bad entry
-    used_ids = np.flatnonzero(used)
-    lut = np.zeros(hi + 2, dtype=np.int32)
-    lut[used_ids] = np.arange(used_ids.size, dtype=np.int32)
-    inv = np.empty(q.size, dtype=np.int32)
-    for s in range(0, q.size, step):
-        qc = np.clip(q[s:s + step], -1, hi + 1, out=buf[:q[s:s + step].size])
-        np.take(lut, qc, out=inv[s:s + step])
-    return np.searchsorted(template_ids, used_ids), inv
+    rows, table = _id_table(template_ids, q, what)
+    return rows, np.take(table, q, mode="clip")     # ids checked in range by _id_table
+
+
+def _pair_scores(tfeat: np.ndarray, template_ids: np.ndarray, t1: np.ndarray, t2: np.ndarray,
+                 what: str, block_bytes: int = 512 * 2**20) -> np.ndarray:
+    """Cosine scores [P] float32 of the pairs (t1[i], t2[i]) of template ids. IJB-C's case
+    (small ids, one product block, dense pairs) is fused: one product of the used rows, then per
+    chunk of pairs two table gathers, an add and the score gather, with no [P] index array kept;
+    any other case goes through `_template_positions` and `_score_compact`."""
+    t1, t2 = np.asarray(t1, dtype=np.int64), np.asarray(t2, dtype=np.int64)
+    p = t1.shape[0]
+    if p == 0:
+        return np.empty(0, dtype=np.float32)
+    if not _small_ids(template_ids):
+        return _score_compact(tfeat, *_template_positions(template_ids, t1, what),
+                              *_template_positions(template_ids, t2, what), block_bytes)
+    a_rows, a_tab = _id_table(template_ids, t1, what)
+    b_rows, b_tab = _id_table(template_ids, t2, what)
+    n_b = b_rows.size
+    if a_rows.size * n_b * 4 > block_bytes or a_rows.size * n_b > _DENSE * p:
+        return _score_compact(tfeat, a_rows, np.take(a_tab, t1, mode="clip"),
+                              b_rows, np.take(b_tab, t2, mode="clip"), block_bytes)
+    t = torch.from_numpy(np.ascontiguousarray(tfeat, dtype=np.float32))
+    prod = torch.mm(t[torch.from_numpy(a_rows)], t[torch.from_numpy(b_rows)].T).numpy().ravel()
+    a_flat = a_tab.astype(np.int64) * n_b            # id -> its product row's offset
+    b_pos = b_tab.astype(np.int64)
+    scores = np.empty(p, dtype=np.float32)
+    step = min(p, 1 << 18)                           # 2 MB index chunks stay in cache
+    fa, fb = np.empty(step, dtype=np.int64), np.empty(step, dtype=np.int64)
+    for s in range(0, p, step):
+        e = min(p, s + step)
+        # mode="clip": the ids are checked by _id_table; "raise" buffers the output
+        np.take(a_flat, t1[s:e], out=fa[:e - s], mode="clip")
+        np.take(b_pos, t2[s:e], out=fb[:e - s], mode="clip")
+        fa[:e - s] += fb[:e - s]
+        np.take(prod, fa[:e - s], out=scores[s:e], mode="clip")
+    return scores
 
 
 def _score_compact(tfeat: np.ndarray, a_rows: np.ndarray, a_inv: np.ndarray,
@@ -360,11 +418,12 @@ def _score_compact(tfeat: np.ndarray, a_rows: np.ndarray, a_inv: np.ndarray,
     p = a_inv.shape[0]
     scores = np.empty(p, dtype=np.float32)
     t = torch.from_numpy(np.ascontiguousarray(tfeat, dtype=np.float32))
-    if a_rows.size * b_rows.size > 64 * p:                      # sparse: gather instead
+    if a_rows.size * b_rows.size > _DENSE * p:                  # sparse: gather instead
         r1, r2 = a_rows[a_inv], b_rows[b_inv]
-        for s in range(0, p, 262144):
-            x, y = t[torch.from_numpy(r1[s:s + 262144])], t[torch.from_numpy(r2[s:s + 262144])]
-            scores[s:s + 262144] = (x * y).sum(1).numpy()
+        step = 1024                     # x, y, x * y: 2 MB each at 512-d, in cache
+        for s in range(0, p, step):
+            x, y = t[torch.from_numpy(r1[s:s + step])], t[torch.from_numpy(r2[s:s + step])]
+            scores[s:s + step] = (x * y).sum(1).numpy()
         return scores
     ta, tb = t[torch.from_numpy(a_rows)], t[torch.from_numpy(b_rows)]
     block_rows = max(1, block_bytes // (4 * b_rows.size))
@@ -429,10 +488,7 @@ def verify_features(meta: IJBMeta, features: np.ndarray, use_faceness: bool = Fa
     t_ids, tfeat = pool_templates(features, meta.tids, meta.mids,
                                   meta.faceness if use_faceness else None, normalize_images)
     pr = meta_path(meta.root, meta.prefix, "template_pair_label")
-    a = _template_positions(t_ids, meta.pair_t1, f"{pr} pair")
-    b = _template_positions(t_ids, meta.pair_t2, f"{pr} pair")
-    scores = (_score_compact(tfeat, *a, *b, 512 * 2**20) if meta.pair_t1.size
-              else np.empty(0, dtype=np.float32))
+    scores = _pair_scores(tfeat, t_ids, meta.pair_t1, meta.pair_t2, f"{pr} pair")
     labels = meta.pair_label
     pos, neg = np.sort(scores[labels]), scores[~labels]
     neg.sort()                                     # in place: one sort, the only large one

@@ -23,6 +23,12 @@ def test_check_features_names_the_problem():
     bad[2, 1], bad[3, 0] = np.inf, np.nan
     with pytest.raises(ValueError, match=r"2 of 4 feature rows hold NaN or inf \(first: row 2\)"):
         checks.check_features(bad, "f.npy")
+    huge = np.full((3, 4), 3e38, np.float32)                    # finite; the row sums overflow
+    checks.check_features(huge, "f.npy", 3)
+    huge[1, 2] = -np.inf
+    with pytest.raises(ValueError, match=r"1 of 3 feature rows hold NaN or inf \(first: row 1\)"):
+        checks.check_features(huge, "f.npy")
+    checks.check_features(np.arange(12).reshape(4, 3), "f.npy", 4)     # integers
 
 
 def test_load_feature_file_errors(tmp_path):

@@ -312,3 +312,51 @@ def test_skip_landmarks_leaves_the_landmark_file_unread(tmp_path):
         ijbc.read_meta(tmp_path, need_landmarks=False)
     with pytest.raises(ValueError, match=r"name_5pts_score\.txt:2: expected 12 fields"):
         ijbc.read_meta(tmp_path, need_landmarks=True, skip_landmarks=True)
+
+
+@pytest.mark.parametrize("case", ["fused", "sparse", "blocks", "negative ids", "huge ids"])
+def test_pair_scores_equal_the_equation_and_the_old_path(case, monkeypatch):
+    """_pair_scores on every path: the cosine of the two templates (float64 reference), and bit
+    for bit what the code before it gave (template_rows, _compact, _score_compact)."""
+    rng = np.random.default_rng(9)
+    n_t = 2000 if case == "sparse" else 60
+    t_ids = np.sort(rng.choice(5000, n_t, replace=False)).astype(np.int64)
+    if case == "negative ids":
+        t_ids -= 500
+    elif case == "huge ids":
+        t_ids += 2**40
+    tf = rng.normal(size=(n_t, 8)).astype(np.float32)
+    tf /= np.linalg.norm(tf, axis=1, keepdims=True)
+    n_pairs = 3000
+    r1, r2 = rng.integers(0, n_t // 2, n_pairs), rng.integers(n_t // 3, n_t, n_pairs)
+    if case == "sparse":                               # the product would cost > 64 per pair
+        assert np.unique(r1).size * np.unique(r2).size > ijbc._DENSE * n_pairs
+    block = 7 * 35 * 4 if case == "blocks" else 512 * 2**20
+    if case == "fused":                                # IJB-C's path: not via _score_compact
+        monkeypatch.setattr(ijbc, "_score_compact", None)
+    got = ijbc._pair_scores(tf, t_ids, t_ids[r1], t_ids[r2], "pairs", block)
+    ref = np.einsum("ij,ij->i", tf[r1].astype(np.float64), tf[r2].astype(np.float64))
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    monkeypatch.undo()
+    old = ijbc._score_compact(tf, *ijbc._compact(ijbc.template_rows(t_ids, t_ids[r1], "p"), n_t),
+                              *ijbc._compact(ijbc.template_rows(t_ids, t_ids[r2], "p"), n_t),
+                              block)
+    assert got.dtype == np.float32 and np.array_equal(got, old)
+    if case == "sparse":                               # 1,024-pair chunks: the bits of one chunk
+        import torch
+        t = torch.from_numpy(tf)
+        one = (t[torch.from_numpy(r1)] * t[torch.from_numpy(r2)]).sum(1).numpy()
+        assert np.array_equal(got, one)
+
+
+def test_pair_scores_name_the_first_unknown_template():
+    t_ids = np.array([3, 8, 9, 40, 41])
+    tf = np.eye(5, dtype=np.float32)
+    for bad in (7, -1, 42, 2**40):
+        for col in (0, 1):
+            q = [np.array([3, 8, 9, 41]), np.array([40, 3, 9, 8])]
+            q[col] = q[col].copy()
+            q[col][2] = bad
+            with pytest.raises(ValueError, match=f"pairs entry 3 uses template {bad},"):
+                ijbc._pair_scores(tf, t_ids, q[0], q[1], "pairs")
+
