@@ -64,30 +64,31 @@ def cloud_backward(grad: torch.Tensor, cos_blk: torch.Tensor, std: torch.Tensor,
     return torch.where(std > 0, grad * ratio, grad) * scale
 
 
-def _noise_of_perturbed_rows(std, row_key, col_key):
-    """std * z as _perturbed_angle forms it, with z drawn only on the rows with std > 0 (often
-    a few percent of the batch) and 0 elsewhere, where the cloud's output ignores it. z is a
-    function of the hash's two 16-bit halves only (log, sqrt, cos of one of 65,536 values, then
-    a product), so a row drawn apart has the same bits as in the whole block."""
-    rows = torch.nonzero(std.view(-1) > 0).view(-1)           # a host sync: CPU path only
-    z = torch.zeros(row_key.shape[0], col_key.shape[1], dtype=torch.float32,
-                    device=row_key.device)
-    if rows.numel():
-        z.index_copy_(0, rows, _noise.gauss(row_key.index_select(0, rows), col_key))
-    return std * z
-
-
 def _forward_keep_ratio(cos_blk, std, row_key, col_key, scale):
-    """cloud_forward's output and cloud_backward's sin(theta') / sin(theta) factor from one
-    computation of the perturbed angle."""
-    theta = torch.clamp(angle(cos_blk) + _noise_of_perturbed_rows(std, row_key, col_key), 0.0,
-                        math.pi)
-    out = torch.where(std > 0, torch.cos(theta), cos_blk) * scale
-    inside = (cos_blk > -1.0 + EPS) & (cos_blk < 1.0 - EPS)
+    """cloud_forward's output, and cloud_backward's sin(theta') / sin(theta) factor on the
+    perturbed rows only ([R, C], with those rows' indices [R]), from one computation of the
+    perturbed angle.
+
+    Only the rows of perturbed samples (std > 0, often a few of the batch) change; the others
+    are s * c, and their backward factor is 1. So the angle, its cosine and sine and the factor
+    are computed on the perturbed rows alone, with the same elementwise ops on the same values
+    as over the whole block: the same bits (tests/unit/test_leap.py compares them with the
+    whole-block formulas). z is drawn for those rows only: it is a function of the hash's two
+    16-bit halves alone, so a row drawn apart has the same bits as in the whole block."""
+    rows = torch.nonzero(std.view(-1) > 0).view(-1)           # a host sync: CPU path only
+    out = cos_blk * scale
+    if not rows.numel():
+        return out, cos_blk.new_empty((0, cos_blk.shape[1])), rows
+    c = cos_blk.index_select(0, rows)
+    s_r = std.index_select(0, rows)
+    theta = torch.clamp(angle(c) + s_r * _noise.gauss(row_key.index_select(0, rows), col_key),
+                        0.0, math.pi)
+    out.index_copy_(0, rows, torch.cos(theta) * scale)
+    inside = (c > -1.0 + EPS) & (c < 1.0 - EPS)
     sin_out = torch.sin(theta)
-    sin_in = torch.sqrt(torch.clamp(1.0 - cos_blk * cos_blk, min=2.0 * EPS))
+    sin_in = torch.sqrt(torch.clamp(1.0 - c * c, min=2.0 * EPS))
     ratio = torch.where(inside, sin_out / sin_in, torch.zeros_like(sin_out))
-    return out, ratio
+    return out, ratio, rows
 
 
 class _CloudCos(torch.autograd.Function):
@@ -102,8 +103,8 @@ class _CloudCos(torch.autograd.Function):
             # and the backward's factor kept (one [B, C] tensor) instead of drawing the noise
             # again. Same ops on the same tensors as cloud_forward / cloud_backward: the same
             # bits.
-            out, ratio = _forward_keep_ratio(cos_blk, std, row_key, col_key, scale)
-            ctx.save_for_backward(ratio, std)
+            out, ratio, rows = _forward_keep_ratio(cos_blk, std, row_key, col_key, scale)
+            ctx.save_for_backward(ratio, rows)
             ctx.kept_ratio = True
             return out
         ctx.kept_ratio = False
@@ -113,8 +114,11 @@ class _CloudCos(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         if ctx.kept_ratio:
-            ratio, std = ctx.saved_tensors
-            return torch.where(std > 0, grad * ratio, grad) * ctx.scale, None, None, None, None
+            ratio, rows = ctx.saved_tensors
+            grad_in = grad * ctx.scale
+            if rows.numel():
+                grad_in.index_copy_(0, rows, (grad.index_select(0, rows) * ratio) * ctx.scale)
+            return grad_in, None, None, None, None
         cos_blk, std, row_key, col_key = ctx.saved_tensors
         grad_in = call_fused("cloud_backward", cloud_backward, grad.contiguous(), cos_blk, std,
                              row_key, col_key, ctx.scale)

@@ -8,6 +8,7 @@ import hashlib
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from facetrain.heads import feature_cloud, noise
@@ -84,3 +85,27 @@ def test_cloud_forward_backward_and_target_alpha_are_todays():
     alpha_t = feature_cloud.Cloud(std, rk, ck).target_alpha(col, 429)
     want = (std * _todays_gauss(rk, ck)).gather(1, col.view(-1, 1)).view(-1)
     assert torch.equal(alpha_t, torch.where(std.view(-1) > 0, want, torch.zeros_like(want)))
+
+
+@pytest.mark.parametrize("rows,cols,share,per_logit", [
+    (64, 2000, 0.1, True), (7, 37, 1.0, True), (5, 1001, 0.0, True), (33, 17, 0.3, False),
+    (1, 16, 1.0, True)])
+def test_cloud_on_perturbed_rows_only_has_the_whole_block_bits(rows, cols, share, per_logit):
+    """The CPU cloud computes the angle, its cosine and sine and the backward factor on the
+    perturbed rows alone; output and gradient keep the bits of the whole-block formulas, for
+    any share of perturbed rows (none, some, all), block widths that are not a multiple of the
+    vector width, the arccos clamp's edges, and one noise value per row (col_key [1, 1])."""
+    g = torch.Generator().manual_seed(rows * cols)
+    cos = torch.rand(rows, cols, generator=g) * 2 - 1
+    cos[0, :2] = torch.tensor([1.0, -1.0])[:cols]
+    std = torch.where(torch.rand(rows, 1, generator=g) < share,
+                      torch.rand(rows, 1, generator=g) + 0.01, torch.zeros(rows, 1))
+    ids = torch.arange(5, 5 + 3 * cols, 3, dtype=torch.int64)
+    rk, ck = noise.noise_keys(99, torch.tensor(3, dtype=torch.int64), rows,
+                              ids if per_logit else None)
+    grad_out = torch.rand(rows, cols, generator=g)
+    want_out, want_grad = _todays_cloud(cos, std, rk, ck, 30.0, grad_out)
+    cos.requires_grad_(True)
+    out = feature_cloud.Cloud(std, rk, ck).block_logits(cos, 30.0)
+    out.backward(grad_out)
+    assert torch.equal(out, want_out) and torch.equal(cos.grad, want_grad)
