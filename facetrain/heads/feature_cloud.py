@@ -72,8 +72,8 @@ def _forward_keep_ratio(cos_blk, std, row_key, col_key, scale):
     Only the rows of perturbed samples (std > 0, often a few of the batch) change; the others
     are s * c, and their backward factor is 1. So the angle, its cosine and sine and the factor
     are computed on the perturbed rows alone, with the same elementwise ops on the same values
-    as over the whole block: the same bits (tests/unit/test_leap.py compares them with the
-    whole-block formulas). z is drawn for those rows only: it is a function of the hash's two
+    as over the whole block: the same bits (tests/unit/test_leap_noise_pinned.py compares them
+    with the whole-block formulas). z is drawn for those rows only: it is a function of the hash's two
     16-bit halves alone, so a row drawn apart has the same bits as in the whole block."""
     rows = torch.nonzero(std.view(-1) > 0).view(-1)           # a host sync: CPU path only
     out = cos_blk * scale
@@ -99,10 +99,10 @@ class _CloudCos(torch.autograd.Function):
     def forward(ctx, cos_blk, std, row_key, col_key, scale):  # type: ignore[override]
         ctx.scale = scale
         if not cos_blk.is_cuda and cos_blk.requires_grad:
-            # Eager (CPU): each op is a pass over the block, so the angles are computed once
-            # and the backward's factor kept (one [B, C] tensor) instead of drawing the noise
-            # again. Same ops on the same tensors as cloud_forward / cloud_backward: the same
-            # bits.
+            # Eager (CPU): each op is a pass over the block, so the angles are computed once,
+            # on the perturbed rows only, and the backward's factor kept (one [R, C] tensor, R
+            # the perturbed rows) instead of drawing the noise again. Same ops on the same
+            # values as cloud_forward / cloud_backward: the same bits.
             out, ratio, rows = _forward_keep_ratio(cos_blk, std, row_key, col_key, scale)
             ctx.save_for_backward(ratio, rows)
             ctx.kept_ratio = True

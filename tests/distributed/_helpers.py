@@ -63,7 +63,6 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> 
         release_group_defaults(ctx.group)
         dist.destroy_process_group()
         raise
-    del store
     finish(ctx)
     del ctx
     gc.collect()

@@ -14,7 +14,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))
-from _helpers import run_spawn  # noqa: E402
+from _helpers import gloo_threads, run_spawn  # noqa: E402
 from test_train_data import make_tiny_rec, tiny_config  # noqa: E402
 
 import pytest  # noqa: E402
@@ -63,13 +63,7 @@ def _unsupported_precision_is_a_config_error(ctx, rec, out) -> None:
 def _comm_loops() -> int:
     """gloo's network threads in this process: one per live gloo process group that has
     connected to a peer."""
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
-        except OSError:          # the thread ended meanwhile
-            pass
-    return names.count("gloo_tcp_loop")
+    return gloo_threads().count("gloo_tcp_loop")
 
 
 def _nothing_of_deepspeed_left(ctx, loops_before: int) -> None:
