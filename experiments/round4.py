@@ -4,28 +4,44 @@
     python -m experiments.round4 tune       # grid runs, setting B seed 0, validation only
     python -m experiments.round4 pick       # the written rule -> runs/round4_B/tuning.json
     python -m experiments.round4 test       # every reported entry, B and H50, seeds 0-2, test
-    python -m experiments.round4 report     # tables and the one plot into docs/study/
+    python -m experiments.round4 archive    # every finished run's results into docs/study/round4_runs/
+    python -m experiments.round4 report     # archive, then tables and the one plot into docs/study/
 
 Every step calls the main job, which reuses finished runs and resumes a stopped training from
 its last checkpoint, so any step can be stopped and started again. `tune` never evaluates on
 the test characters; `pick` writes its choice once and refuses to change it afterwards (the
 test numbers cannot feed back into it); `test` refuses to run before `pick`.
+
+`test` trains and evaluates one (setting, seed) group per main-job call, so a stopped study
+keeps every finished group's numbers. `archive` copies the results of finished runs (the
+evaluation JSONs, `tuning.json`, and per run the CPU model, data build and code it came from)
+into the repository, where the report reads them: a study that outlives one machine continues
+on the next one from them (a run counts as done when its results are in runs/ or in the
+archive). Paired numbers only compare within one data build on one kind of CPU, so `report`
+says when a setting's runs come from more than one.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from experiments.study_report import TEST_EVAL, VALIDATION_EVAL, load_results
+
 REPO = Path(__file__).resolve().parent.parent
+ARCHIVE = REPO / "docs" / "study" / "round4_runs"     # results only (no models), committed
+GLYPHS = REPO / "data" / "glyphs"                     # the main job's default build
 BASELINE = "cosface"
 TUNE_SETTING = "B"
 TUNE_SEEDS = (0,)
 TEST_SEEDS = (0, 1, 2)
+RUN_ORIGIN = "run.json"            # archived per run: CPU model, data build, code
 METRIC = "megaface_rank1"          # the one tuning metric, on the validation characters
 TIE_POINTS = 0.2                   # validation rank-1 points within which values count as tied
 SETTINGS: Dict[str, Tuple[str, ...]] = {       # name -> main-job flags
@@ -76,10 +92,14 @@ GRIDS: Tuple[Grid, ...] = (
 )
 
 
-def validation_scores(folder: Path, seeds: Sequence[int] = TUNE_SEEDS) -> Dict[str, float]:
-    """method spec -> mean validation rank-1 (points) over `seeds`, for specs with every seed."""
-    from experiments.study_report import VALIDATION_EVAL, load_results
+def validation_scores(folder: Path, seeds: Sequence[int] = TUNE_SEEDS,
+                      archived: Optional[Path] = None) -> Dict[str, float]:
+    """method spec -> mean validation rank-1 (points) over `seeds`, for specs with every seed
+    (runs in `folder`, else the same runs in the `archived` copy)."""
     res = load_results(folder, VALIDATION_EVAL)
+    if archived is not None and archived.is_dir():
+        for m, per in load_results(archived, VALIDATION_EVAL).items():
+            res.setdefault(m, {}).update({k: v for k, v in per.items() if k not in res.get(m, {})})
     return {m: 100.0 * sum(per[s][METRIC] for s in seeds) / len(seeds)
             for m, per in res.items() if all(s in per and METRIC in per[s] for s in seeds)}
 
@@ -175,20 +195,43 @@ def _folder(setting: str) -> Path:
     return REPO / SETTINGS[setting][1]
 
 
+def _archived(setting: str) -> Path:
+    return ARCHIVE / setting
+
+
+def _tune_scores() -> Dict[str, float]:
+    return validation_scores(_folder(TUNE_SETTING), archived=_archived(TUNE_SETTING))
+
+
 def _choice_path() -> Path:
-    return _folder(TUNE_SETTING) / "tuning.json"
+    """runs/round4_B/tuning.json; restored there from the archive when only the archive has it
+    (a study continued on another machine keeps its frozen choice)."""
+    path = _folder(TUNE_SETTING) / "tuning.json"
+    saved = _archived(TUNE_SETTING) / "tuning.json"
+    if not path.is_file() and saved.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(saved, path)
+    return path
+
+
+def is_done(setting: str, spec: str, seed: int) -> bool:
+    """The test evaluation of this run exists, in runs/ or in the archive."""
+    run = f"{spec}_seed{seed}"
+    return any((root / run / TEST_EVAL).is_file()
+               for root in (_folder(setting), _archived(setting)))
 
 
 def run_tune(dry: bool = False) -> None:
     """Train and validate until every grid, open ones included, is complete."""
     while True:
-        scores = validation_scores(_folder(TUNE_SETTING))
+        scores = _tune_scores()
         specs = tuning_specs(scores)
         if all(s in scores for s in specs) or dry:
             if dry:
                 _main_job(TUNE_SETTING, specs, TUNE_SEEDS, "validation", True)
             return
-        _main_job(TUNE_SETTING, specs, TUNE_SEEDS, "validation", False)
+        _main_job(TUNE_SETTING, [s for s in specs if s not in scores or s == BASELINE],
+                  TUNE_SEEDS, "validation", False)
 
 
 def run_pick() -> Dict[str, object]:
@@ -197,10 +240,38 @@ def run_pick() -> Dict[str, object]:
     if path.is_file():
         print(f"{path} exists: the choice is frozen")
         return json.loads(path.read_text())
-    choice = make_choice(validation_scores(_folder(TUNE_SETTING)))
+    choice = make_choice(_tune_scores())
     path.write_text(json.dumps(choice, indent=1) + "\n")
     print(json.dumps({k: choice[k] for k in ("tuned", "best_margin_head")}, indent=1))
     return choice
+
+
+def _run_cpu(setting: str, spec: str, seed: int) -> str:
+    """The CPU model a finished run came from: this machine's for runs/, run.json's for a run
+    found only in the archive."""
+    run = f"{spec}_seed{seed}"
+    origin = _archived(setting) / run / RUN_ORIGIN
+    if (_folder(setting) / run / TEST_EVAL).is_file() or not origin.is_file():
+        return _cpu_model()
+    return json.loads(origin.read_text())["cpu"]
+
+
+def test_groups(specs: Sequence[str]) -> List[Tuple[str, int, List[str]]]:
+    """(setting, seed, entries to run) per group with a missing run, in the order the study
+    runs them (B first, then H50; seed by seed). The baseline is always in a group's list: the
+    main job pairs every entry with it (a finished baseline is reused, not trained again). A
+    group finished on one machine counts; one left half-done on a machine with another CPU
+    model is run again whole here, so that each seed's pairs come from one kind of CPU."""
+    groups = []
+    here = _cpu_model()
+    for setting in SETTINGS:
+        for seed in TEST_SEEDS:
+            todo = [m for m in specs if not is_done(setting, m, seed)]
+            if todo and any(_run_cpu(setting, m, seed) != here for m in specs if m not in todo):
+                todo = list(specs)
+            if todo:
+                groups.append((setting, seed, [BASELINE] + [m for m in todo if m != BASELINE]))
+    return groups
 
 
 def run_test(dry: bool = False) -> None:
@@ -209,14 +280,76 @@ def run_test(dry: bool = False) -> None:
         raise SystemExit(f"{path} is missing: run `tune` and `pick` first (no test evaluation "
                          "before the choice is written)")
     specs = test_specs(json.loads(path.read_text()))
+    for setting, seed, todo in test_groups(specs):
+        _main_job(setting, todo, (seed,), "test", dry)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _code_version() -> str:
+    """The commit the runs' code came from: FROZEN_FROM of a `git archive` copy, else git."""
+    frozen = REPO / "FROZEN_FROM"
+    if frozen.is_file():
+        return frozen.read_text().strip()
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def archive(glyphs: Optional[Path] = None) -> int:
+    """Copy every finished run's result files (and tuning.json) into ARCHIVE/<setting>/, each
+    run with where it came from (run.json: CPU model, data build, code). A run already in the
+    archive keeps its provenance. Returns the number of runs copied now."""
+    from experiments.validation import manifest_sha256
+    origin = {"cpu": _cpu_model(), "data_manifest_sha256": manifest_sha256(glyphs or GLYPHS),
+              "code": _code_version()}
+    copied = 0
     for setting in SETTINGS:
-        _main_job(setting, specs, TEST_SEEDS, "test", dry)
+        src, dst = _folder(setting), _archived(setting)
+        for run in sorted(p for p in src.glob("*_seed*") if p.is_dir()):
+            files = [run / f for f in (TEST_EVAL, VALIDATION_EVAL) if (run / f).is_file()]
+            if not files:
+                continue
+            out = dst / run.name
+            out.mkdir(parents=True, exist_ok=True)
+            new = False
+            for f in files:
+                if not (out / f.name).is_file() or (out / f.name).read_bytes() != f.read_bytes():
+                    shutil.copyfile(f, out / f.name)
+                    new = True
+            if not (out / RUN_ORIGIN).is_file():
+                (out / RUN_ORIGIN).write_text(json.dumps(origin, indent=1) + "\n")
+            copied += new
+        if (src / "tuning.json").is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / "tuning.json", dst / "tuning.json")
+    print(f"archived {copied} new or changed run(s) into {ARCHIVE}")
+    return copied
+
+
+def origins(setting_dir: Path) -> Dict[Tuple[str, str], List[str]]:
+    """(CPU model, data build) -> the archived runs of one setting that came from it."""
+    out: Dict[Tuple[str, str], List[str]] = {}
+    for p in sorted(Path(setting_dir).glob(f"*_seed*/{RUN_ORIGIN}")):
+        o = json.loads(p.read_text())
+        out.setdefault((o["cpu"], o["data_manifest_sha256"][:12]), []).append(p.parent.name)
+    return out
 
 
 def status(minutes_per_run: float) -> str:
     """Runs done and left per step, and the time left at `minutes_per_run`."""
     lines = []
-    scores = validation_scores(_folder(TUNE_SETTING))
+    scores = _tune_scores()
     tune = tuning_specs(scores)
     left_tune = [s for s in tune if s not in scores]
     lines.append(f"tune: {len(tune) - len(left_tune)}/{len(tune)} validated (open grids grow "
@@ -225,8 +358,7 @@ def status(minutes_per_run: float) -> str:
     if _choice_path().is_file():
         specs = test_specs(json.loads(_choice_path().read_text()))
         for setting in SETTINGS:
-            done = [(m, s) for m in specs for s in TEST_SEEDS
-                    if (_folder(setting) / f"{m}_seed{s}" / "eval.json").is_file()]
+            done = [(m, s) for m in specs for s in TEST_SEEDS if is_done(setting, m, s)]
             todo = len(specs) * len(TEST_SEEDS) - len(done)
             left += todo
             lines.append(f"test {setting}: {len(done)}/{len(specs) * len(TEST_SEEDS)} evaluated")
@@ -238,9 +370,24 @@ def status(minutes_per_run: float) -> str:
     return "\n".join(lines)
 
 
+def report() -> None:
+    """Archive, then the tables and the plot from the archive (what the repository holds)."""
+    from experiments import study_report
+    archive()
+    for setting in SETTINGS:
+        found = origins(_archived(setting))
+        if len(found) > 1:
+            print(f"warning: setting {setting} has runs from {len(found)} machines or data "
+                  f"builds ({'; '.join(f'{c} / {d}: {len(r)} runs' for (c, d), r in found.items())}"
+                  "): paired numbers only compare within one", file=sys.stderr)
+    folders = [str(_archived(s)) for s in SETTINGS if _archived(s).is_dir()]
+    study_report.main([*folders, "--md", str(REPO / "docs/study/round4_tables.md"),
+                       "--plot", str(REPO / "docs/study/img/round4_gains.png")])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=("status", "tune", "pick", "test", "report"))
+    p.add_argument("step", choices=("status", "tune", "pick", "test", "archive", "report"))
     p.add_argument("--dry-run", action="store_true", help="print the main-job commands only")
     p.add_argument("--minutes-per-run", type=float, default=7.5,
                    help="for `status`: training plus one evaluation (measured 7.5 on the loaded "
@@ -254,11 +401,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_pick()
     elif args.step == "test":
         run_test(args.dry_run)
+    elif args.step == "archive":
+        archive()
     else:
-        from experiments import study_report
-        folders = [str(_folder(s)) for s in SETTINGS]
-        study_report.main([*folders, "--md", str(REPO / "docs/study/round4_tables.md"),
-                           "--plot", str(REPO / "docs/study/img/round4_gains.png")])
+        report()
     return 0
 
 

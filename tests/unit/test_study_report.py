@@ -134,6 +134,7 @@ def test_pick_is_frozen_and_test_waits_for_it(tmp_path, monkeypatch, capsys):
     b, h = tmp_path / "round4_B", tmp_path / "round4_H50"
     monkeypatch.setattr(round4, "SETTINGS", {"B": ("--out", str(b)),
                                              "H50": ("--out", str(h), "--head", "50")})
+    monkeypatch.setattr(round4, "ARCHIVE", tmp_path / "archive")
     with pytest.raises(SystemExit, match="run `tune` and `pick` first"):
         round4.run_test(dry=True)
     specs = round4.tuning_specs({})
@@ -145,6 +146,77 @@ def test_pick_is_frozen_and_test_waits_for_it(tmp_path, monkeypatch, capsys):
     write_eval(b / "class_balanced-beta0.5_seed0", 0.99, name="eval_validation.json")
     assert round4.run_pick() == choice and "the choice is frozen" in capsys.readouterr().out
     round4.run_test(dry=True)
-    out = capsys.readouterr().out
-    assert out.count("--eval-on test") == 2 and f"--out {h} --head 50" in out
-    assert "," + choice["leap_on_top"] + " " in out and "--seeds 0,1,2" in out
+    out = capsys.readouterr().out.splitlines()
+    # one main-job call per (setting, seed): B's seeds, then H50's
+    assert len(out) == 6 and all("--eval-on test" in c for c in out)
+    assert [c.split("--seeds ")[1].split()[0] for c in out] == ["0", "1", "2"] * 2
+    assert all(f"--out {b} " in c for c in out[:3]) and all(f"--out {h} --head 50" in c
+                                                            for c in out[3:])
+    assert all("," + choice["leap_on_top"] + " " in c for c in out)
+
+
+def test_finished_groups_are_skipped_and_archived_results_count(tmp_path, monkeypatch, capsys):
+    """A (setting, seed) group whose runs all have test results, in runs/ or in the archive,
+    is not run again; a group with one missing run runs that run with the baseline only."""
+    b, h, arc = tmp_path / "round4_B", tmp_path / "round4_H50", tmp_path / "archive"
+    monkeypatch.setattr(round4, "SETTINGS", {"B": ("--out", str(b)),
+                                             "H50": ("--out", str(h), "--head", "50")})
+    monkeypatch.setattr(round4, "ARCHIVE", arc)
+    monkeypatch.setattr(round4, "TEST_SEEDS", (0, 1))
+    specs = ["cosface", "leap_full", "adaface"]
+    for m in specs:
+        write_eval(b / f"{m}_seed0", 0.5)              # B seed 0: done in runs/
+        write_eval(arc / "B" / f"{m}_seed1", 0.5)      # B seed 1: done in the archive only
+        write_eval(h / f"{m}_seed1", 0.5)
+    (h / "adaface_seed1" / "eval.json").unlink()       # H50 seed 1: adaface missing
+    groups = round4.test_groups(specs)
+    assert groups == [("H50", 0, specs), ("H50", 1, ["cosface", "adaface"])]
+    assert round4.is_done("B", "leap_full", 1) and not round4.is_done("H50", "adaface", 1)
+    # B seed 1 came from another CPU and is complete: it counts. Once one of its runs is
+    # missing, the half-done group is run again whole on this machine.
+    for m in specs:
+        (arc / "B" / f"{m}_seed1" / "run.json").write_text(json.dumps({"cpu": "another CPU"}))
+    assert round4.test_groups(specs)[0] == ("H50", 0, specs)
+    (arc / "B" / "adaface_seed1" / "eval.json").unlink()
+    assert round4.test_groups(specs)[0] == ("B", 1, specs)
+
+
+def test_archive_copies_results_with_their_origin_and_report_reads_it(tmp_path, monkeypatch,
+                                                                     capsys):
+    b, arc, glyphs = tmp_path / "round4_B", tmp_path / "archive", tmp_path / "glyphs"
+    monkeypatch.setattr(round4, "SETTINGS", {"B": ("--out", str(b))})
+    monkeypatch.setattr(round4, "ARCHIVE", arc)
+    glyphs.mkdir()
+    (glyphs / "manifest.json").write_text('{"settings": {}}')
+    write_eval(b / "cosface_seed0", 0.47)
+    write_eval(b / "cosface_seed0", 0.45, name="eval_validation.json")
+    write_eval(b / "leap_full_seed0", 0.49)
+    (b / "leap_full_seed0" / "export").mkdir()
+    (b / "leap_full_seed0" / "export" / "backbone.pt").write_bytes(b"model")
+    (b / "tuning.json").write_text('{"tuned": {}}')
+    assert round4.archive(glyphs) == 2
+    assert sorted(p.relative_to(arc).as_posix() for p in arc.rglob("*") if p.is_file()) == [
+        "B/cosface_seed0/eval.json", "B/cosface_seed0/eval_validation.json",
+        "B/cosface_seed0/run.json", "B/leap_full_seed0/eval.json", "B/leap_full_seed0/run.json",
+        "B/tuning.json"]                                # results only: no model file
+    origin = json.loads((arc / "B/leap_full_seed0/run.json").read_text())
+    assert origin["cpu"] == round4._cpu_model() and len(origin["data_manifest_sha256"]) == 64
+    assert round4.archive(glyphs) == 0                  # nothing new
+    # runs/ gone (another machine): the archive keeps the results, the tuning scores and the choice
+    import shutil
+    shutil.rmtree(b)
+    assert round4.is_done("B", "leap_full", 0)
+    assert round4._tune_scores() == {"cosface": pytest.approx(45.0)}
+    assert round4._choice_path().is_file()              # restored from the archive
+    # runs of one setting from two CPUs: the report says so
+    other = json.loads((arc / "B/cosface_seed0/run.json").read_text())
+    other["cpu"] = "another CPU"
+    (arc / "B/cosface_seed0/run.json").write_text(json.dumps(other))
+    assert len(round4.origins(arc / "B")) == 2
+    monkeypatch.setattr(round4, "GLYPHS", glyphs)
+    monkeypatch.setattr(round4, "REPO", tmp_path)
+    round4.report()
+    err = capsys.readouterr().err
+    assert "setting B has runs from 2 machines or data builds" in err
+    assert (tmp_path / "docs/study/round4_tables.md").is_file()
+    assert (tmp_path / "docs/study/img/round4_gains.png").is_file()
