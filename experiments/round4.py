@@ -381,8 +381,61 @@ def report() -> None:
                   f"builds ({'; '.join(f'{c} / {d}: {len(r)} runs' for (c, d), r in found.items())}"
                   "): paired numbers only compare within one", file=sys.stderr)
     folders = [str(_archived(s)) for s in SETTINGS if _archived(s).is_dir()]
-    study_report.main([*folders, "--md", str(REPO / "docs/study/round4_tables.md"),
+    md = REPO / "docs/study/round4_tables.md"
+    study_report.main([*folders, "--md", str(md),
                        "--plot", str(REPO / "docs/study/img/round4_gains.png")])
+    extra = [baseline_markdown({s: load_results(_archived(s)) for s in SETTINGS})]
+    saved = _archived(TUNE_SETTING) / "tuning.json"
+    if saved.is_file():
+        extra.append(tuning_markdown(json.loads(saved.read_text())))
+    md.write_text(md.read_text(encoding="utf-8") + "\n" + "\n".join(extra), encoding="utf-8")
+
+
+def baseline_markdown(results: Mapping[str, Mapping[str, Mapping[int, Mapping[str, float]]]]
+                      ) -> str:
+    """The baseline's own values per setting (mean [min..max] over its seeds, in percent), the
+    level every gain above is measured from."""
+    from experiments.study_report import METRICS
+    names = [s for s in results if BASELINE in results[s]]
+    lines = [f"## {BASELINE}'s own numbers", "",
+             "Mean [min..max] over its test seeds, in percent.", "",
+             "| metric | " + " | ".join(f"{n} (seeds)" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for met in METRICS:
+        cells = []
+        for n in names:
+            v = [per[met.key] * met.scale for per in results[n][BASELINE].values()
+                 if met.key in per]
+            cells.append(f"{sum(v) / len(v):.2f} [{min(v):.2f}..{max(v):.2f}] ({len(v)})"
+                         if v else "n/a")
+        lines.append(f"| {met.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def tuning_markdown(choice: Mapping[str, object]) -> str:
+    """Every grid's validation rank-1 (setting B, seed 0) with the chosen value in bold, the
+    untuned default marked, and the margin head chosen for LEAP on top."""
+    scores: Mapping[str, float] = choice["scores"]           # type: ignore[assignment]
+    lines = ["## Tuning on the validation characters", "",
+             f"Validation MegaFace-style rank-1 (%), setting {TUNE_SETTING}, seed 0. Chosen value "
+             f"in bold; (d) marks the untuned default. Rule: {choice['rule']}.", "",
+             "| method | values | chosen |", "|---|---|---|"]
+    for g in GRIDS:
+        specs = extend_open_grid(g, scores) if g.open_ended else g.specs
+        chosen = choice["tuned"][g.method]                    # type: ignore[index]
+        cells = []
+        for i, spec in enumerate(specs):
+            knob = spec[len(g.method):].lstrip("-") or "default"
+            cell = f"{knob}{' (d)' if i == g.default else ''}: {scores.get(spec, float('nan')):.2f}"
+            cells.append(f"**{cell}**" if spec == chosen else cell)
+        lines.append(f"| {g.method} | " + ", ".join(cells) + f" | {chosen} |")
+    heads = ", ".join(f"{h}: {scores[h]:.2f}" for h in
+                      [choice["tuned"].get(h, h) for h in MARGIN_HEADS]  # type: ignore[union-attr]
+                      if h in scores)
+    lines += ["", f"Margin heads (each ElasticFace at its tuned sigma): {heads}. Best: "
+              f"{choice['best_margin_head']}, so the LEAP-on-top entry is "
+              f"{choice['leap_on_top']}. {BASELINE}: {scores.get(BASELINE, float('nan')):.2f}."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -193,7 +193,8 @@ def test_archive_copies_results_with_their_origin_and_report_reads_it(tmp_path, 
     write_eval(b / "leap_full_seed0", 0.49)
     (b / "leap_full_seed0" / "export").mkdir()
     (b / "leap_full_seed0" / "export" / "backbone.pt").write_bytes(b"model")
-    (b / "tuning.json").write_text('{"tuned": {}}')
+    choice = round4.make_choice({spec: 40.0 for spec in round4.tuning_specs({})})
+    (b / "tuning.json").write_text(json.dumps(choice))
     assert round4.archive(glyphs) == 2
     assert sorted(p.relative_to(arc).as_posix() for p in arc.rglob("*") if p.is_file()) == [
         "B/cosface_seed0/eval.json", "B/cosface_seed0/eval_validation.json",
@@ -218,5 +219,18 @@ def test_archive_copies_results_with_their_origin_and_report_reads_it(tmp_path, 
     round4.report()
     err = capsys.readouterr().err
     assert "setting B has runs from 2 machines or data builds" in err
-    assert (tmp_path / "docs/study/round4_tables.md").is_file()
+    text = (tmp_path / "docs/study/round4_tables.md").read_text()
+    assert "| MegaFace-style rank-1 | 47.00 [47.00..47.00] (1) |" in text    # the baseline
+    assert "## Tuning on the validation characters" in text
     assert (tmp_path / "docs/study/img/round4_gains.png").is_file()
+
+
+def test_tuning_table_marks_the_choice_and_the_default():
+    specs = round4.tuning_specs({})
+    scores = {spec: 40.0 for spec in specs}
+    scores.update({"class_balanced-beta0.9": 41.0, "adaface": 42.5})
+    text = round4.tuning_markdown(round4.make_choice(scores))
+    row = next(line for line in text.splitlines() if line.startswith("| class_balanced |"))
+    assert row == ("| class_balanced | beta0.5: 40.00, **beta0.9: 41.00**, default (d): 40.00, "
+                   "beta0.999: 40.00 | class_balanced-beta0.9 |")
+    assert "Best: adaface, so the LEAP-on-top entry is leap_full+adaface" in text
