@@ -311,8 +311,7 @@ def archive(glyphs: Optional[Path] = None) -> int:
     run with where it came from (run.json: CPU model, data build, code). A run already in the
     archive keeps its provenance. Returns the number of runs copied now."""
     from experiments.validation import manifest_sha256
-    origin = {"cpu": _cpu_model(), "data_manifest_sha256": manifest_sha256(glyphs or GLYPHS),
-              "code": _code_version()}
+    origin: Dict[str, str] = {}                   # this machine's, computed when first needed
     copied = 0
     for setting in SETTINGS:
         src, dst = _folder(setting), _archived(setting)
@@ -328,6 +327,8 @@ def archive(glyphs: Optional[Path] = None) -> int:
                     shutil.copyfile(f, out / f.name)
                     new = True
             if not (out / RUN_ORIGIN).is_file():
+                origin = origin or {"cpu": _cpu_model(), "code": _code_version(),
+                                    "data_manifest_sha256": manifest_sha256(glyphs or GLYPHS)}
                 (out / RUN_ORIGIN).write_text(json.dumps(origin, indent=1) + "\n")
             copied += new
         if (src / "tuning.json").is_file():
@@ -384,10 +385,12 @@ def report() -> None:
     md = REPO / "docs/study/round4_tables.md"
     study_report.main([*folders, "--md", str(md),
                        "--plot", str(REPO / "docs/study/img/round4_gains.png")])
-    extra = [baseline_markdown({s: load_results(_archived(s)) for s in SETTINGS})]
+    results = {s: load_results(_archived(s)) for s in SETTINGS}
+    extra = [baseline_markdown(results)]
     saved = _archived(TUNE_SETTING) / "tuning.json"
     if saved.is_file():
-        extra.append(tuning_markdown(json.loads(saved.read_text())))
+        choice = json.loads(saved.read_text())
+        extra += [contrast_markdown(results, contrasts(choice)), tuning_markdown(choice)]
     md.write_text(md.read_text(encoding="utf-8") + "\n" + "\n".join(extra), encoding="utf-8")
 
 
@@ -409,6 +412,36 @@ def baseline_markdown(results: Mapping[str, Mapping[str, Mapping[int, Mapping[st
             cells.append(f"{sum(v) / len(v):.2f} [{min(v):.2f}..{max(v):.2f}] ({len(v)})"
                          if v else "n/a")
         lines.append(f"| {met.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def contrasts(choice: Mapping[str, object]) -> List[Tuple[str, str]]:
+    """The paired comparisons the plan asks for besides "against the baseline": does LEAP add
+    to the best margin head, and LEAP against its matched controls (untuned and each at its own
+    tuned width)."""
+    tuned: Mapping[str, str] = choice["tuned"]               # type: ignore[assignment]
+    return [(str(choice["leap_on_top"]), str(choice["best_margin_head"])),
+            ("leap_full", "uniform_control"), ("leap_full", "shuffled_control"),
+            (tuned["leap_full"], tuned["uniform_control"])]
+
+
+def contrast_markdown(results: Mapping[str, Mapping[str, Mapping[int, Mapping[str, float]]]],
+                      pairs: Sequence[Tuple[str, str]]) -> str:
+    """Per setting, `a − b` on every metric at the seeds both ran: mean [min..max] (k/n)."""
+    from experiments.study_report import METRICS, gain_cell
+    lines = ["## Paired contrasts", "",
+             "a − b in points at the seeds both ran: mean [min..max] (seeds positive / seeds).",
+             "", "| setting | a − b | " + " | ".join(m.label for m in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for setting, res in results.items():
+        for a, b in pairs:
+            if a not in res or b not in res:
+                continue
+            cells = [gain_cell({k: (res[a][k][m.key] - res[b][k][m.key]) * m.scale
+                                for k in res[a] if k in res[b]
+                                and m.key in res[a][k] and m.key in res[b][k]})
+                     for m in METRICS]
+            lines.append(f"| {setting} | {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

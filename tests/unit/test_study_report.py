@@ -203,6 +203,7 @@ def test_archive_copies_results_with_their_origin_and_report_reads_it(tmp_path, 
     origin = json.loads((arc / "B/leap_full_seed0/run.json").read_text())
     assert origin["cpu"] == round4._cpu_model() and len(origin["data_manifest_sha256"]) == 64
     assert round4.archive(glyphs) == 0                  # nothing new
+    assert round4.archive(tmp_path / "no_build") == 0   # nothing new: no data build needed
     # runs/ gone (another machine): the archive keeps the results, the tuning scores and the choice
     import shutil
     shutil.rmtree(b)
@@ -234,3 +235,15 @@ def test_tuning_table_marks_the_choice_and_the_default():
     assert row == ("| class_balanced | beta0.5: 40.00, **beta0.9: 41.00**, default (d): 40.00, "
                    "beta0.999: 40.00 | class_balanced-beta0.9 |")
     assert "Best: adaface, so the LEAP-on-top entry is leap_full+adaface" in text
+
+
+def test_contrasts_are_paired_per_seed():
+    res = {"B": {"a": {0: {"megaface_rank1": 0.50}, 1: {"megaface_rank1": 0.47}},
+                 "b": {0: {"megaface_rank1": 0.48}, 1: {"megaface_rank1": 0.48},
+                       2: {"megaface_rank1": 0.10}}}}
+    text = round4.contrast_markdown(res, [("a", "b"), ("a", "missing")])
+    # seed 2 has no `a`: not paired; +2.00 and -1.00 points
+    assert "| B | a − b | +0.50 [-1.00..+2.00] (1/2) | not run |" in text
+    assert "missing" not in text
+    choice = round4.make_choice({spec: 40.0 for spec in round4.tuning_specs({})})
+    assert round4.contrasts(choice)[0] == (choice["leap_on_top"], choice["best_margin_head"])
