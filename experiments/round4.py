@@ -475,9 +475,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("step", choices=("status", "tune", "pick", "test", "archive", "report"))
     p.add_argument("--dry-run", action="store_true", help="print the main-job commands only")
-    p.add_argument("--minutes-per-run", type=float, default=7.5,
-                   help="for `status`: training plus one evaluation (measured 7.5 on the loaded "
-                        "2-core machine, about 2.5 when it is idle)")
+    p.add_argument("--minutes-per-run", type=float, default=1.8,
+                   help="for `status`: training plus one evaluation (measured 1.5-1.7 on the "
+                        "2-core AMD EPYC machine with nothing else running, 7.5 at load 9)")
     args = p.parse_args(argv)
     if args.step == "status":
         print(status(args.minutes_per_run))
