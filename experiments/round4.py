@@ -428,7 +428,7 @@ def contrasts(choice: Mapping[str, object]) -> List[Tuple[str, str]]:
 def contrast_markdown(results: Mapping[str, Mapping[str, Mapping[int, Mapping[str, float]]]],
                       pairs: Sequence[Tuple[str, str]]) -> str:
     """Per setting, `a − b` on every metric at the seeds both ran: mean [min..max] (k/n)."""
-    from experiments.study_report import METRICS, gain_cell
+    from experiments.study_report import METRICS, gain_cell, paired_gains
     lines = ["## Paired contrasts", "",
              "a − b in points at the seeds both ran: mean [min..max] (seeds positive / seeds).",
              "", "| setting | a − b | " + " | ".join(m.label for m in METRICS) + " |",
@@ -437,10 +437,8 @@ def contrast_markdown(results: Mapping[str, Mapping[str, Mapping[int, Mapping[st
         for a, b in pairs:
             if a not in res or b not in res:
                 continue
-            cells = [gain_cell({k: (res[a][k][m.key] - res[b][k][m.key]) * m.scale
-                                for k in res[a] if k in res[b]
-                                and m.key in res[a][k] and m.key in res[b][k]})
-                     for m in METRICS]
+            gains = paired_gains({a: res[a], b: res[b]}, b)[a]     # b as the baseline
+            cells = [gain_cell(gains[m.key]) for m in METRICS]
             lines.append(f"| {setting} | {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

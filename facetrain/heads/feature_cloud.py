@@ -5,10 +5,11 @@ other logits  s * cos(clip(theta_j + alpha_j, 0, pi))    target: see margins.tar
 alpha_j = std_n * z(row key, column key)                 (z: facetrain/heads/noise.py)
 
 `Cloud` is one step's perturbation (per-sample std and noise keys). `Cloud.block_logits` runs the
-whole [B, C_s] block through `_CloudCos`, whose backward recomputes the angles and the noise
-instead of keeping them; `Cloud.target_alpha` is each sample's angle at its target column, which
-margins.margin_logits combines with the margin. On CUDA both run as compiled kernels
-(facetrain/heads/fused.py). Gradient: d/dcos = sin(theta') / sin(theta), 0 where the arccos
+whole [B, C_s] block through `_CloudCos`: on CUDA a compiled kernel (facetrain/heads/fused.py)
+whose backward recomputes the angles and the noise instead of keeping them; on CPU the angles of
+the perturbed rows only, keeping their backward factor. `Cloud.target_alpha` is each sample's
+angle at its target column, which margins.margin_logits combines with the margin (compiled on
+CUDA too). Gradient: d/dcos = sin(theta') / sin(theta), 0 where the arccos
 clamp or the [0, pi] clip bites (margins.EPS).
 """
 from __future__ import annotations
@@ -69,8 +70,9 @@ def _forward_keep_ratio(cos_blk, std, row_key, col_key, scale):
     perturbed rows only ([R, C], with those rows' indices [R]), from one computation of the
     perturbed angle.
 
-    Only the rows of perturbed samples (std > 0, often a few of the batch) change; the others
-    are s * c, and their backward factor is 1. So the angle, its cosine and sine and the factor
+    Only the rows of perturbed samples (std > 0: tail classes with statistics, about half of
+    the main job's batch late in training) change; the others are s * c, and their backward
+    factor is 1. So the angle, its cosine and sine and the factor
     are computed on the perturbed rows alone, with the same elementwise ops on the same values
     as over the whole block: the same bits (tests/unit/test_leap_noise_pinned.py compares them
     with the whole-block formulas). z is drawn for those rows only: it is a function of the hash's two
